@@ -1,0 +1,73 @@
+"""`attention()`: the one entry point the model adapters and production call."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from .config import check_feasible, default_config, default_tile
+from .spec import AttentionSpec, Mode
+from .tiling import TileLayout
+
+Backend = Literal["auto", "triton", "reference"]
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    grid: tuple[int, int, int],
+    spec: AttentionSpec,
+    scale: float | None = None,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """Attention over a (T, H, W) latent-patch grid as ``spec`` says.
+
+    q, k, v: (batch, heads, tokens, head_dim) in the model's token order (t, h, w row-major),
+    tokens == T*H*W; returns the same layout, order and dtype. ``scale`` defaults to 1/sqrt(D).
+    ``backend="auto"`` runs the Triton kernels on CUDA tensors and the PyTorch reference elsewhere;
+    ``bf16_dense`` on CUDA goes to torch SDPA (cuDNN on Hopper).
+
+    Inputs with NaN or Inf give NaN in the affected output rows (fp8 modes: in every row whose
+    q tile, or any kept kv tile, holds a non-finite value); nothing is clamped into a finite value.
+    """
+    _check_inputs(q, k, v, grid)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    use_triton = backend == "triton" or (backend == "auto" and q.is_cuda)
+    if spec.mode is Mode.BF16_DENSE:
+        if use_triton:
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        from .reference import reference_attention
+
+        return reference_attention(q, k, v, grid=grid, spec=spec, tile=(1, 1, 1), scale=scale).to(
+            q.dtype
+        )
+    tile = spec.tile or default_tile(grid)
+    if not use_triton:
+        from .reference import reference_attention
+
+        out = reference_attention(q, k, v, grid=grid, spec=spec, tile=tile, scale=scale)
+        return out.to(q.dtype)
+    config = spec.kernel or default_config(tile, q.shape[-1], spec.mode)
+    check_feasible(config, tile=tile, head_dim=q.shape[-1], mode=spec.mode)
+    from .triton_attention import triton_attention
+
+    return triton_attention(
+        q, k, v, layout=TileLayout(grid, tile), spec=spec, config=config, scale=scale
+    )
+
+
+def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int, int]) -> None:
+    shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must share one (batch, heads, tokens, head_dim) shape; got {shapes}")
+    if len(grid) != 3 or math.prod(grid) != q.shape[2]:
+        raise ValueError(f"grid {tuple(grid)} has {math.prod(grid)} tokens; inputs have {q.shape[2]}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v devices differ: {q.device}, {k.device}, {v.device}")

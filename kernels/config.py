@@ -1,0 +1,110 @@
+"""Kernel configs: documented defaults and the pure feasibility check run before any launch.
+
+The tuner owns configs (no ``@triton.autotune`` in the hot path). A config is feasible when its
+blocks tile the 3D tile exactly, fit the GPU's shared memory and leave the accumulator a sane
+register budget. `infeasibility` returns the reasons, so a search space can drop points up front.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .spec import KernelConfig, Mode, Tile
+from .tiling import TileLayout
+
+# Candidate tiles for `default_tile`, each 128 tokens (two 64-row blocks or one 128-row block).
+_DEFAULT_TILE_CANDIDATES: tuple[Tile, ...] = (
+    (1, 16, 8), (1, 8, 16), (2, 8, 8), (2, 4, 16), (2, 16, 4), (4, 4, 8), (4, 8, 4), (1, 4, 32),
+)
+
+
+@dataclass(frozen=True)
+class DeviceLimits:
+    """What feasibility needs to know of the GPU (defaults: H100 SXM, sm_90)."""
+
+    smem_per_block: int = 227 * 1024
+    registers_per_thread: int = 255
+    capability: tuple[int, int] = (9, 0)
+
+
+H100 = DeviceLimits()
+
+
+def default_tile(grid: tuple[int, int, int]) -> Tile:
+    """The 128-token tile with the least padding on ``grid`` (first candidate wins ties)."""
+    return min(_DEFAULT_TILE_CANDIDATES, key=lambda t: TileLayout(grid, t).padded_tokens)
+
+
+def default_config(tile: Tile, head_dim: int, mode: Mode) -> KernelConfig:
+    """Default launch config for a tile; benchmark evidence in docs/benchmarks.md."""
+    tokens = math.prod(tile)
+    block_m = 128 if tokens % 128 == 0 else 64
+    block_n = 128 if tokens % 128 == 0 and mode.fp8 else 64
+    return KernelConfig(block_m=block_m, block_n=block_n, num_warps=8, num_stages=3)
+
+
+def smem_bytes(config: KernelConfig, head_dim: int, mode: Mode) -> int:
+    """Shared memory the kernel's pipelined loads need: Q once, K and V per stage."""
+    elt = 1 if mode.fp8 else 2
+    q = config.block_m * head_dim * elt
+    kv = 2 * config.block_n * head_dim * elt * config.num_stages
+    return q + kv
+
+
+def infeasibility(
+    config: KernelConfig,
+    *,
+    tile: Tile,
+    head_dim: int,
+    mode: Mode,
+    limits: DeviceLimits = H100,
+) -> list[str]:
+    """Reasons ``config`` cannot run ``mode`` on ``tile`` (empty when it can)."""
+    reasons: list[str] = []
+    tokens = math.prod(tile)
+    for name in ("block_m", "block_n"):
+        b = getattr(config, name)
+        if b & (b - 1) or b < 16:
+            reasons.append(f"{name}={b} is not a power of two >= 16")
+        elif tokens % b:
+            reasons.append(f"{name}={b} does not divide the tile's {tokens} tokens {list(tile)}")
+    if head_dim not in (64, 128):
+        reasons.append(f"head_dim={head_dim} is not 64 or 128")
+    smem = smem_bytes(config, head_dim, mode)
+    if smem > limits.smem_per_block:
+        reasons.append(f"needs {smem} B of shared memory, the GPU has {limits.smem_per_block}")
+    # fp32 accumulator (block_m x head_dim) + scores (block_m x block_n) spread over the threads.
+    threads = 32 * config.num_warps
+    regs = (config.block_m * head_dim + config.block_m * config.block_n) // threads
+    if regs > limits.registers_per_thread - 32:
+        reasons.append(
+            f"accumulators need ~{regs} registers per thread with {config.num_warps} warps, "
+            f"over the {limits.registers_per_thread - 32} left after addressing"
+        )
+    if mode.fp8 and limits.capability < (8, 9):
+        reasons.append(f"fp8 needs compute capability >= 8.9, the GPU has {limits.capability}")
+    return reasons
+
+
+class InfeasibleConfig(ValueError):
+    pass
+
+
+def check_feasible(
+    config: KernelConfig, *, tile: Tile, head_dim: int, mode: Mode, limits: DeviceLimits = H100
+) -> None:
+    reasons = infeasibility(config, tile=tile, head_dim=head_dim, mode=mode, limits=limits)
+    if reasons:
+        raise InfeasibleConfig("kernel: " + "; ".join(reasons))
+
+
+def feasible_configs(
+    configs: Iterable[KernelConfig], *, tile: Tile, head_dim: int, mode: Mode,
+    limits: DeviceLimits = H100,
+) -> list[KernelConfig]:
+    return [
+        c for c in configs
+        if not infeasibility(c, tile=tile, head_dim=head_dim, mode=mode, limits=limits)
+    ]

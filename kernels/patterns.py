@@ -1,0 +1,133 @@
+"""Block-sparsity patterns at 3D-tile granularity.
+
+A pattern decides, for every q tile, which kv tiles are visited; `sparsity` is the fraction of kv
+tiles skipped. With n tiles, a q tile keeps ``n_keep = max(1, n - floor(sparsity * n))`` kv tiles
+(``cdf`` may keep fewer). Every pattern keeps the q tile's own kv tile, so no query row is empty.
+
+Patterns return `BlockIndex`: per (batch, head, q tile) the kept kv tiles in ascending order
+(the order the kernel visits them) and their count.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from .spec import Pattern
+from .tiling import TileLayout
+
+
+@dataclass(frozen=True)
+class BlockIndex:
+    """kv_index[b, h, i, :kv_count[b, h, i]]: kv tiles that q tile i visits, ascending (int32).
+
+    The batch and head dims may be 1 and broadcast (static patterns).
+    """
+
+    kv_index: torch.Tensor
+    kv_count: torch.Tensor
+
+    def dense_mask(self, n_tiles: int) -> torch.Tensor:
+        """Bool (B|1, H|1, n_tiles, n_tiles): True where q tile i visits kv tile j."""
+        b, h, nq, width = self.kv_index.shape
+        used = torch.arange(width, device=self.kv_index.device) < self.kv_count.unsqueeze(-1)
+        mask = torch.zeros(b, h, nq, n_tiles + 1, dtype=torch.bool, device=self.kv_index.device)
+        # Unused slots scatter into a spare column that is cut off below.
+        idx = torch.where(used, self.kv_index.long(), torch.full_like(self.kv_index.long(), n_tiles))
+        mask.scatter_(-1, idx, True)
+        return mask[..., :n_tiles]
+
+
+def keep_count(n_tiles: int, sparsity: float) -> int:
+    return max(1, n_tiles - math.floor(sparsity * n_tiles + 1e-9))
+
+
+def block_index(
+    layout: TileLayout,
+    pattern: Pattern,
+    sparsity: float,
+    *,
+    q_pooled: torch.Tensor | None = None,
+    k_pooled: torch.Tensor | None = None,
+) -> BlockIndex:
+    """The kv tiles each q tile keeps. ``q_pooled``/``k_pooled``: (B, H, n_tiles, D) tile means
+    (see `tile_means`), needed by the data-dependent kinds."""
+    n_keep = keep_count(layout.n_tiles, sparsity)
+    if pattern.kind == "window":
+        device = q_pooled.device if q_pooled is not None else torch.device("cpu")
+        return _window_index(layout, pattern.window, n_keep, device)
+    if q_pooled is None or k_pooled is None:
+        raise ValueError(f"pattern {pattern.kind!r} needs tile-pooled q and k")
+    scores = q_pooled.float() @ k_pooled.float().transpose(-1, -2)
+    scores = scores / math.sqrt(q_pooled.shape[-1])
+    if pattern.kind == "topk":
+        return _topk_index(scores, n_keep)
+    return _cdf_index(scores, n_keep, pattern.mass)
+
+
+def tile_means(xt: torch.Tensor, layout: TileLayout) -> torch.Tensor:
+    """(B, H, padded_tokens, D) with zero padding -> (B, H, n_tiles, D) means over real tokens."""
+    b, h, _, d = xt.shape
+    sums = xt.float().view(b, h, layout.n_tiles, layout.tile_tokens, d).sum(-2)
+    return sums / layout.tile_valid_counts(xt.device).view(1, 1, -1, 1).float()
+
+
+def _window_index(
+    layout: TileLayout, aspect: tuple[float, float, float], n_keep: int, device: torch.device
+) -> BlockIndex:
+    kv_index = _window_index_cpu(layout, aspect, n_keep).to(device)
+    count = torch.full(kv_index.shape[:-1], n_keep, dtype=torch.int32, device=device)
+    return BlockIndex(kv_index, count)
+
+
+@lru_cache(maxsize=64)
+def _window_index_cpu(
+    layout: TileLayout, aspect: tuple[float, float, float], n_keep: int
+) -> torch.Tensor:
+    """Static 3D window (Sliding-Tile style): the n_keep kv tiles nearest each q tile.
+
+    Distance is Chebyshev in tile units scaled by ``aspect`` (a box of that aspect grown until it
+    holds n_keep tiles; at the grid's borders it extends inward, like STA's shifted window). Ties
+    go to the smaller scaled L1 distance, then to the lower tile index, so the choice is stable.
+    """
+    c = layout.tile_coords().double()
+    delta = (c[:, None, :] - c[None, :, :]).abs() / torch.tensor(aspect, dtype=torch.float64)
+    cheb, l1 = delta.amax(-1), delta.sum(-1)
+    order = torch.sort(l1, dim=-1, stable=True).indices
+    order = order.gather(-1, torch.sort(cheb.gather(-1, order), dim=-1, stable=True).indices)
+    kept = order[:, :n_keep].sort(-1).values
+    return kept.to(torch.int32).view(1, 1, layout.n_tiles, n_keep)
+
+
+def _topk_index(scores: torch.Tensor, n_keep: int) -> BlockIndex:
+    """Data-dependent (SpargeAttn / VSA style): the n_keep kv tiles with the largest pooled score,
+    per batch and head, always including the diagonal tile."""
+    scores = _with_diagonal_first(scores)
+    kept = scores.topk(n_keep, dim=-1).indices.sort(-1).values.to(torch.int32)
+    count = torch.full(kept.shape[:-1], n_keep, dtype=torch.int32, device=kept.device)
+    return BlockIndex(kept, count)
+
+
+def _cdf_index(scores: torch.Tensor, n_keep: int, mass: float) -> BlockIndex:
+    """Data-dependent: the fewest top-scoring kv tiles whose pooled softmax mass reaches ``mass``
+    (at most n_keep of them), plus the diagonal tile."""
+    probs = scores.softmax(-1)
+    top = _with_diagonal_first(scores).topk(n_keep, dim=-1)
+    cum = probs.gather(-1, top.indices).cumsum(-1)
+    # Tiles before the one that crosses `mass` are kept, and that one too.
+    count = ((cum < mass).sum(-1) + 1).clamp(max=n_keep)
+    used = torch.arange(n_keep, device=scores.device) < count.unsqueeze(-1)
+    big = torch.iinfo(torch.int32).max
+    idx = torch.where(used, top.indices, torch.full_like(top.indices, big))
+    kept = idx.sort(-1).values
+    kept = torch.where(kept == big, torch.zeros_like(kept), kept)
+    return BlockIndex(kept.to(torch.int32), count.to(torch.int32))
+
+
+def _with_diagonal_first(scores: torch.Tensor) -> torch.Tensor:
+    n = scores.shape[-1]
+    eye = torch.eye(n, dtype=torch.bool, device=scores.device)
+    return scores.masked_fill(eye, float("inf"))

@@ -1,0 +1,112 @@
+"""What one attention call should compute: mode, 3D tile, sparsity, pattern and kernel config.
+
+`AttentionSpec` is exactly what one policy entry holds. It is a frozen pydantic model, so a policy
+entry with an unknown key, a wrong type or an out-of-range value is refused with the field's path.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Tile = tuple[int, int, int]
+
+
+class Mode(StrEnum):
+    BF16_DENSE = "bf16_dense"
+    FP8_DENSE = "fp8_dense"
+    FP8_SPARSE = "fp8_sparse"
+    BF16_SPARSE = "bf16_sparse"
+
+    @property
+    def fp8(self) -> bool:
+        return self in (Mode.FP8_DENSE, Mode.FP8_SPARSE)
+
+    @property
+    def sparse(self) -> bool:
+        return self in (Mode.FP8_SPARSE, Mode.BF16_SPARSE)
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Pattern(_Frozen):
+    """Which kv tiles a q tile keeps; see `fpstune.kernels.patterns` for the exact rules.
+
+    - ``window``: the kv tiles nearest the q tile in tile units (a 3D box grown around it, scaled by
+      ``window`` as the box's aspect), static, the same for every head.
+    - ``topk``: per head, the kv tiles with the largest tile-pooled q·kᵀ score.
+    - ``cdf``: per head, the fewest top-scoring kv tiles whose pooled softmax mass reaches ``mass``,
+      never more than the sparsity allows.
+    Every pattern keeps the q tile's own kv tile.
+    """
+
+    kind: Literal["window", "topk", "cdf"]
+    window: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    mass: float = Field(default=0.95, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _positive_window(self) -> Pattern:
+        if min(self.window) <= 0:
+            raise ValueError(f"window aspect must be positive, got {list(self.window)}")
+        return self
+
+
+class KernelConfig(_Frozen):
+    """Launch parameters of the Triton attention kernel; checked by `config.check_feasible`."""
+
+    block_m: int = Field(gt=0)
+    block_n: int = Field(gt=0)
+    num_warps: Literal[1, 2, 4, 8, 16] = 8
+    num_stages: int = Field(default=2, ge=1, le=8)
+
+
+class AttentionSpec(_Frozen):
+    mode: Mode
+    tile: tuple[int, int, int] | None = None
+    sparsity: float = Field(default=0.0, ge=0.0, lt=1.0)
+    pattern: Pattern | None = None
+    kernel: KernelConfig | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AttentionSpec:
+        if self.tile is not None and min(self.tile) < 1:
+            raise ValueError(f"tile sizes must be >= 1, got {list(self.tile)}")
+        if self.mode.sparse:
+            if self.pattern is None:
+                raise ValueError(f"mode {self.mode.value} needs a pattern")
+        elif self.sparsity != 0.0 or self.pattern is not None:
+            raise ValueError(f"dense mode {self.mode.value} takes no sparsity or pattern")
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AttentionSpec:
+        """Build from a policy entry; raises `SpecError` naming the offending field."""
+        try:
+            return cls.model_validate(d)
+        except ValidationError as e:
+            raise SpecError.from_validation(e) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+class SpecError(ValueError):
+    """A spec or policy that does not validate; `field` is a dotted path such as ``kernel.block_m``."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+        self.message = message
+
+    @classmethod
+    def from_validation(cls, e: ValidationError, prefix: str = "") -> SpecError:
+        err = e.errors()[0]
+        path = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        return cls(path, msg)

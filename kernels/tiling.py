@@ -1,0 +1,126 @@
+"""3D tiling: model token order (t, h, w row-major) <-> padded tile-major order.
+
+A grid (T, H, W) is cut into ceil(T/tt) x ceil(H/th) x ceil(W/tw) tiles of tt*th*tw slots each,
+tiles in (t, h, w) row-major order and slots inside a tile likewise. Edge tiles that the grid does not
+fill keep their empty slots as padding: padded keys are masked out, padded queries are computed and
+dropped, so every real token attends exactly as in dense attention when nothing is pruned.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property, lru_cache
+
+import torch
+
+Grid = tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class TileLayout:
+    grid: Grid
+    tile: Grid
+
+    def __post_init__(self) -> None:
+        if len(self.grid) != 3 or min(self.grid) < 1:
+            raise ValueError(f"grid must be three positive sizes (T, H, W), got {self.grid}")
+        if len(self.tile) != 3 or min(self.tile) < 1:
+            raise ValueError(f"tile must be three positive sizes (tt, th, tw), got {self.tile}")
+
+    @property
+    def tokens(self) -> int:
+        return math.prod(self.grid)
+
+    @property
+    def tiles_per_axis(self) -> Grid:
+        t, h, w = (math.ceil(g / s) for g, s in zip(self.grid, self.tile, strict=True))
+        return (t, h, w)
+
+    @property
+    def n_tiles(self) -> int:
+        return math.prod(self.tiles_per_axis)
+
+    @property
+    def tile_tokens(self) -> int:
+        return math.prod(self.tile)
+
+    @property
+    def padded_tokens(self) -> int:
+        return self.n_tiles * self.tile_tokens
+
+    @property
+    def padding_fraction(self) -> float:
+        return 1.0 - self.tokens / self.padded_tokens
+
+    @cached_property
+    def _slot_source(self) -> torch.Tensor:
+        """For each padded slot, the model token it holds, or -1 for padding (CPU, int64)."""
+        (T, H, W), (tt, th, tw) = self.grid, self.tile
+        nt, nh, nw = self.tiles_per_axis
+        # slot -> (tile_t, tile_h, tile_w, in_t, in_h, in_w)
+        ti = torch.arange(nt).view(nt, 1, 1, 1, 1, 1)
+        hi = torch.arange(nh).view(1, nh, 1, 1, 1, 1)
+        wi = torch.arange(nw).view(1, 1, nw, 1, 1, 1)
+        a = torch.arange(tt).view(1, 1, 1, tt, 1, 1)
+        b = torch.arange(th).view(1, 1, 1, 1, th, 1)
+        c = torch.arange(tw).view(1, 1, 1, 1, 1, tw)
+        t, h, w = ti * tt + a, hi * th + b, wi * tw + c
+        src = (t * H + h) * W + w
+        valid = (t < T) & (h < H) & (w < W)
+        return torch.where(valid, src, torch.full_like(src, -1)).reshape(-1)
+
+    def slot_source(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        return _on_device(self, "src", torch.device(device))
+
+    def token_slot(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """For each model token, the padded slot that holds it (int64, length `tokens`)."""
+        return _on_device(self, "slot", torch.device(device))
+
+    def valid(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Bool mask over padded slots: True where a real token sits."""
+        return self.slot_source(device) >= 0
+
+    def tile_valid_counts(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Real tokens in each tile (int64, length `n_tiles`)."""
+        return self.valid(device).view(self.n_tiles, self.tile_tokens).sum(-1)
+
+    def tile_coords(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """(n_tiles, 3) tile coordinates in tile units, row-major like the tile order."""
+        nt, nh, nw = self.tiles_per_axis
+        idx = torch.arange(self.n_tiles, device=device)
+        return torch.stack((idx // (nh * nw), (idx // nw) % nh, idx % nw), dim=-1)
+
+    def to_tiles(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., tokens, D) in model order -> (..., padded_tokens, D), zeros in padding slots."""
+        self._check_tokens(x)
+        out = x.new_zeros((*x.shape[:-2], self.padded_tokens, x.shape[-1]))
+        out[..., self.token_slot(x.device), :] = x
+        return out
+
+    def from_tiles(self, y: torch.Tensor) -> torch.Tensor:
+        """(..., padded_tokens, D) -> (..., tokens, D) in model order; padding slots dropped."""
+        if y.shape[-2] != self.padded_tokens:
+            raise ValueError(
+                f"expected {self.padded_tokens} padded tokens for grid {self.grid} and tile "
+                f"{self.tile}, got shape {tuple(y.shape)}"
+            )
+        return y[..., self.token_slot(y.device), :]
+
+    def _check_tokens(self, x: torch.Tensor) -> None:
+        if x.shape[-2] != self.tokens:
+            raise ValueError(
+                f"grid {self.grid} has {self.tokens} tokens but the input has {x.shape[-2]} "
+                f"(shape {tuple(x.shape)})"
+            )
+
+
+@lru_cache(maxsize=256)
+def _on_device(layout: TileLayout, what: str, device: torch.device) -> torch.Tensor:
+    src = layout._slot_source
+    if what == "src":
+        return src.to(device)
+    slot = torch.empty(layout.tokens, dtype=torch.int64)
+    real = torch.nonzero(src >= 0).squeeze(-1)
+    slot[src[real]] = real
+    return slot.to(device)
