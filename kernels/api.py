@@ -61,12 +61,18 @@ def attention(
     )
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int, int]) -> None:
+def _check_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int, int]
+) -> None:
     shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
     if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
-        raise ValueError(f"q, k, v must share one (batch, heads, tokens, head_dim) shape; got {shapes}")
+        raise ValueError(
+            f"q, k, v must share one (batch, heads, tokens, head_dim) shape; got {shapes}"
+        )
     if len(grid) != 3 or math.prod(grid) != q.shape[2]:
-        raise ValueError(f"grid {tuple(grid)} has {math.prod(grid)} tokens; inputs have {q.shape[2]}")
+        raise ValueError(
+            f"grid {tuple(grid)} has {math.prod(grid)} tokens; inputs have {q.shape[2]}"
+        )
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):

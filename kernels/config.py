@@ -16,7 +16,14 @@ from .tiling import TileLayout
 
 # Candidate tiles for `default_tile`, each 128 tokens (two 64-row blocks or one 128-row block).
 _DEFAULT_TILE_CANDIDATES: tuple[Tile, ...] = (
-    (1, 16, 8), (1, 8, 16), (2, 8, 8), (2, 4, 16), (2, 16, 4), (4, 4, 8), (4, 8, 4), (1, 4, 32),
+    (1, 16, 8),
+    (1, 8, 16),
+    (2, 8, 8),
+    (2, 4, 16),
+    (2, 16, 4),
+    (4, 4, 8),
+    (4, 8, 4),
+    (1, 4, 32),
 )
 
 
@@ -101,10 +108,15 @@ def check_feasible(
 
 
 def feasible_configs(
-    configs: Iterable[KernelConfig], *, tile: Tile, head_dim: int, mode: Mode,
+    configs: Iterable[KernelConfig],
+    *,
+    tile: Tile,
+    head_dim: int,
+    mode: Mode,
     limits: DeviceLimits = H100,
 ) -> list[KernelConfig]:
     return [
-        c for c in configs
+        c
+        for c in configs
         if not infeasibility(c, tile=tile, head_dim=head_dim, mode=mode, limits=limits)
     ]

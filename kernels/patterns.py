@@ -36,7 +36,9 @@ class BlockIndex:
         used = torch.arange(width, device=self.kv_index.device) < self.kv_count.unsqueeze(-1)
         mask = torch.zeros(b, h, nq, n_tiles + 1, dtype=torch.bool, device=self.kv_index.device)
         # Unused slots scatter into a spare column that is cut off below.
-        idx = torch.where(used, self.kv_index.long(), torch.full_like(self.kv_index.long(), n_tiles))
+        idx = torch.where(
+            used, self.kv_index.long(), torch.full_like(self.kv_index.long(), n_tiles)
+        )
         mask.scatter_(-1, idx, True)
         return mask[..., :n_tiles]
 

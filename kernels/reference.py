@@ -48,7 +48,7 @@ def channel_scales(xt: torch.Tensor) -> torch.Tensor:
 
 
 def fake_quant_tiles(xt: torch.Tensor, scales: torch.Tensor, layout: TileLayout) -> torch.Tensor:
-    b, h, n, d = xt.shape
+    b, h, n, _d = xt.shape
     s = scales.to(xt.dtype).repeat_interleave(layout.tile_tokens, dim=-1).view(b, h, n, 1)
     return fp8_round(xt / s) * s
 
@@ -73,21 +73,21 @@ def reference_attention(
 ) -> torch.Tensor:
     """Attention as ``spec`` defines it, computed in ``dtype``; returns (B, H, N, D) in ``dtype``.
 
-    ``tile`` is the resolved tile (the spec's, or the default for the grid). ``blocks`` overrides the
-    pattern's block index (tests use it to feed the Triton path's index to the reference).
+    ``tile`` is the resolved tile (the spec's, or the default for the grid). ``blocks`` overrides
+    the pattern's block index (tests use it to feed the Triton path's index to the reference).
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if spec.mode is Mode.BF16_DENSE:
-        return F.scaled_dot_product_attention(
-            q.to(dtype), k.to(dtype), v.to(dtype), scale=scale
-        )
+        return F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), scale=scale)
     layout = TileLayout(grid, tile)
     qt, kt, vt = (layout.to_tiles(x.to(dtype)) for x in (q, k, v))
     if spec.mode.sparse and blocks is None:
         assert spec.pattern is not None
         pooled = spec.pattern.kind != "window"
         blocks = block_index(
-            layout, spec.pattern, spec.sparsity,
+            layout,
+            spec.pattern,
+            spec.sparsity,
             q_pooled=tile_means(qt, layout) if pooled else None,
             k_pooled=tile_means(kt, layout) if pooled else None,
         )

@@ -95,7 +95,7 @@ class AttentionSpec(_Frozen):
 
 
 class SpecError(ValueError):
-    """A spec or policy that does not validate; `field` is a dotted path such as ``kernel.block_m``."""
+    """A spec or policy that does not validate; `field` is a dotted path (``kernel.block_m``)."""
 
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}" if field else message)

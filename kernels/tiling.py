@@ -1,9 +1,9 @@
 """3D tiling: model token order (t, h, w row-major) <-> padded tile-major order.
 
 A grid (T, H, W) is cut into ceil(T/tt) x ceil(H/th) x ceil(W/tw) tiles of tt*th*tw slots each,
-tiles in (t, h, w) row-major order and slots inside a tile likewise. Edge tiles that the grid does not
-fill keep their empty slots as padding: padded keys are masked out, padded queries are computed and
-dropped, so every real token attends exactly as in dense attention when nothing is pruned.
+tiles in (t, h, w) row-major order and slots inside a tile likewise. Edge tiles that the grid does
+not fill keep their empty slots as padding: padded keys are masked out, padded queries are computed
+and dropped, so every real token attends exactly as in dense attention when nothing is pruned.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ class TileLayout:
 
     def tile_coords(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """(n_tiles, 3) tile coordinates in tile units, row-major like the tile order."""
-        nt, nh, nw = self.tiles_per_axis
+        _nt, nh, nw = self.tiles_per_axis
         idx = torch.arange(self.n_tiles, device=device)
         return torch.stack((idx // (nh * nw), (idx // nw) % nh, idx % nw), dim=-1)
 
