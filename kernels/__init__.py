@@ -15,7 +15,9 @@ from .config import (
     default_tile,
     infeasibility,
 )
+from .fingerprint import HardwareFingerprint, current_fingerprint, same_gpu_type
 from .patterns import BlockIndex, block_index, keep_count
+from .policy import ModelShape, Policy, PolicyEntry, PolicyError, PolicyWarning, Provenance
 from .spec import AttentionSpec, KernelConfig, Mode, Pattern, SpecError
 from .tiling import TileLayout
 
@@ -23,17 +25,26 @@ __all__ = [
     "AttentionSpec",
     "BlockIndex",
     "DeviceLimits",
+    "HardwareFingerprint",
     "InfeasibleConfig",
     "KernelConfig",
     "Mode",
+    "ModelShape",
     "Pattern",
+    "Policy",
+    "PolicyEntry",
+    "PolicyError",
+    "PolicyWarning",
+    "Provenance",
     "SpecError",
     "TileLayout",
     "attention",
     "block_index",
     "check_feasible",
+    "current_fingerprint",
     "default_config",
     "default_tile",
     "infeasibility",
     "keep_count",
+    "same_gpu_type",
 ]
