@@ -1,0 +1,304 @@
+"""Schedule-level search: a few compact parameters → a `Policy` over every (step, layer).
+
+With ``n`` denoising steps and ``L`` layers, a schedule is decided by (Optuna parameter names):
+
+- ``bf16_until``, ``fp8_dense_until``: phase boundaries as fractions of ``n``. Steps
+  ``[0, s1)`` run bf16_dense (the policy's default), ``[s1, s2)`` fp8_dense and ``[s2, n)`` the
+  sparse phase, with ``s1 = round(bf16_until · n)``, ``s2 = max(s1, round(fp8_dense_until · n))``
+  (halves round up).
+
+Only when the sparse phase is not empty:
+
+- ``dense_first_layers``, ``dense_last_layers``: layers that run the space's ``dense_mode`` (default
+  fp8_dense) in the sparse phase; ``dense_last_layers`` only when some layer is left after the
+  first ones.
+
+Only when, in addition, some layer is sparse:
+
+- ``sparsity.<i>``: sparsity of run ``i`` of the sparse phase, cut into ``splits`` equal runs of
+  steps (a run with no step has no parameter);
+- ``pattern`` and, for the window pattern, ``window`` (an aspect key such as ``1x2x2``) or, for
+  cdf, ``mass``;
+- ``tile``: a tile key (``2x8x8``);
+- ``group_offset.<g>``: when the layers are cut into more than one group, each group with at least
+  one sparse layer adds this offset to the run's sparsity (clipped to the sparsity range).
+
+A parameter whose space allows one value only is fixed, never suggested. `suggest_schedule`
+suggests exactly the parameters that apply and builds the policy with `schedule_from_params`,
+which is pure: the trial's ``params`` rebuild the same policy at export time.
+
+Policies are canonical: entries are non-overlapping, adjacent layers with the same spec share an
+entry, adjacent step runs with the same layer plan share an entry, and nothing equal to the
+default (bf16_dense) is written as an entry.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, Protocol
+
+import fpstune
+from fpstune.kernels import AttentionSpec, Mode, Pattern
+from fpstune.kernels.fingerprint import HardwareFingerprint, current_fingerprint
+from fpstune.kernels.policy import ModelShape, Policy, PolicyEntry, Provenance
+from fpstune.spec.space import FloatParam, IntParam, ScheduleSpace, aspect_key, tile_key
+
+if TYPE_CHECKING:
+    import optuna
+
+    from fpstune.spec.study import ModelSpec
+
+DEFAULT_SPEC = AttentionSpec(mode=Mode.BF16_DENSE)
+_DECIMALS = 6  # sparsities and masses are rounded so float noise from the sampler never leaks
+
+
+def suggest_schedule(
+    trial: optuna.Trial,
+    space: ScheduleSpace,
+    model: ModelShape | ModelSpec,
+    *,
+    hardware: HardwareFingerprint | None = None,
+) -> Policy:
+    """Suggest the parameters that apply and return the trial's policy.
+
+    ``hardware`` defaults to this machine's fingerprint; the provenance names the trial's study
+    and number. Export re-measures and rebuilds with `schedule_from_params`.
+    """
+    _decide(_TrialDraw(trial), space, _shape(model))
+    provenance = Provenance(
+        study=trial.study.study_name,
+        trial=trial.number,
+        created=datetime.now(UTC),
+        fpstune_version=fpstune.__version__,
+    )
+    return schedule_from_params(
+        trial.params,
+        space,
+        model,
+        hardware=hardware or current_fingerprint(),
+        provenance=provenance,
+    )
+
+
+def schedule_from_params(
+    params: Mapping[str, Any],
+    space: ScheduleSpace,
+    model: ModelShape | ModelSpec,
+    *,
+    hardware: HardwareFingerprint,
+    provenance: Provenance,
+    strict: bool = True,
+) -> Policy:
+    """The policy these parameters describe (pure). Raises ValueError for a missing parameter or
+    a value outside the space, and, when ``strict``, for a parameter that does not apply (a
+    hand-written superset, as baselines use, needs ``strict=False``)."""
+    shape = _shape(model)
+    draw = _ParamsDraw(params)
+    plan = _decide(draw, space, shape)
+    extra = sorted(set(params) - draw.used)
+    if extra and strict:
+        raise ValueError(f"parameters {extra} do not apply to this schedule")
+    return Policy(
+        model=shape,
+        hardware=hardware,
+        provenance=provenance,
+        default=DEFAULT_SPEC,
+        entries=_entries(plan, shape),
+    )
+
+
+# -- deciding ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Resolved decisions: step runs with their per-layer specs, in step order."""
+
+    runs: tuple[tuple[int, int, tuple[AttentionSpec, ...]], ...]
+
+
+class _Draw(Protocol):
+    def real(self, name: str, param: FloatParam) -> float: ...
+    def integer(self, name: str, param: IntParam) -> int: ...
+    def choice(self, name: str, keys: list[str]) -> str: ...
+
+
+def _decide(draw: _Draw, space: ScheduleSpace, shape: ModelShape) -> _Plan:
+    """All of the schedule's logic; ``draw`` either suggests (a trial) or reads (params)."""
+    n, n_layers = shape.steps, shape.layers
+    s1 = _step_index(draw.real("bf16_until", space.phases.bf16_until), n)
+    s2 = max(s1, _step_index(draw.real("fp8_dense_until", space.phases.fp8_dense_until), n))
+    runs: list[tuple[int, int, tuple[AttentionSpec, ...]]] = []
+    fp8 = AttentionSpec(mode=Mode.FP8_DENSE)
+    if s1 < s2:
+        runs.append((s1, s2, (fp8,) * n_layers))
+    if s2 >= n:
+        return _Plan(tuple(runs))
+
+    ly, sp = space.layers, space.sparse
+    dense = AttentionSpec(mode=Mode(ly.dense_mode))
+    first = min(draw.integer("dense_first_layers", ly.dense_first), n_layers)
+    last = 0
+    if first < n_layers:
+        last = min(draw.integer("dense_last_layers", ly.dense_last), n_layers - first)
+    sparse_layers = range(first, n_layers - last)
+    if not sparse_layers:
+        runs.append((s2, n, (dense,) * n_layers))
+        return _Plan(tuple(runs))
+
+    splits = [
+        (s2 + i * (n - s2) // sp.splits, s2 + (i + 1) * (n - s2) // sp.splits)
+        for i in range(sp.splits)
+    ]
+    sparsity = {
+        i: draw.real(f"sparsity.{i}", sp.sparsity) for i, (a, b) in enumerate(splits) if a < b
+    }
+    pattern = _pattern(draw, space)
+    tiles = {tile_key(t): t for t in sp.tile}
+    tile = tiles[draw.choice("tile", list(tiles))]
+    groups = _groups(n_layers, ly.groups)
+    offsets = [0.0] * len(groups)
+    if len(groups) > 1:
+        for g, (a, b) in enumerate(groups):
+            if a < b and max(a, first) < min(b, n_layers - last):  # a sparse layer in the group
+                offsets[g] = draw.real(f"group_offset.{g}", ly.group_offset)
+
+    lo, hi = sp.sparsity.bounds
+    group_of = [g for g, (a, b) in enumerate(groups) for _ in range(a, b)]
+    for i, (a, b) in enumerate(splits):
+        if a >= b:
+            continue
+        specs = tuple(
+            AttentionSpec(
+                mode=Mode.FP8_SPARSE,
+                tile=tile,
+                sparsity=min(hi, max(lo, round(sparsity[i] + offsets[group_of[layer]], _DECIMALS))),
+                pattern=pattern,
+            )
+            if layer in sparse_layers
+            else dense
+            for layer in range(n_layers)
+        )
+        runs.append((a, b, specs))
+    return _Plan(tuple(runs))
+
+
+def _pattern(draw: _Draw, space: ScheduleSpace) -> Pattern:
+    sp = space.sparse
+    kind = draw.choice("pattern", list(sp.pattern))
+    if kind == "window":
+        aspects = {aspect_key(a): a for a in sp.window}
+        return Pattern(kind="window", window=aspects[draw.choice("window", list(aspects))])
+    if kind == "cdf":
+        return Pattern(kind="cdf", mass=round(draw.real("mass", sp.mass), _DECIMALS))
+    return Pattern(kind="topk")
+
+
+def _step_index(fraction: float, steps: int) -> int:
+    """round(fraction · steps), halves up, robust to float noise (0.1 · 50 is 5, not 4)."""
+    return min(steps, max(0, math.floor(fraction * steps + 0.5 + 1e-9)))
+
+
+def _groups(n_layers: int, groups: int) -> list[tuple[int, int]]:
+    """``groups`` contiguous layer ranges of near-equal size (empty ones when groups > layers)."""
+    return [(g * n_layers // groups, (g + 1) * n_layers // groups) for g in range(groups)]
+
+
+def _entries(plan: _Plan, shape: ModelShape) -> tuple[PolicyEntry, ...]:
+    merged: list[tuple[int, int, tuple[AttentionSpec, ...]]] = []
+    for a, b, specs in plan.runs:
+        if merged and merged[-1][1] == a and merged[-1][2] == specs:
+            merged[-1] = (merged[-1][0], b, specs)
+        else:
+            merged.append((a, b, specs))
+    entries: list[PolicyEntry] = []
+    for a, b, specs in merged:
+        start = 0
+        for layer in range(1, shape.layers + 1):
+            if layer == shape.layers or specs[layer] != specs[start]:
+                if specs[start] != DEFAULT_SPEC:
+                    entries.append(
+                        PolicyEntry(steps=(a, b), layers=(start, layer), spec=specs[start])
+                    )
+                start = layer
+    return tuple(entries)
+
+
+def _shape(model: ModelShape | ModelSpec) -> ModelShape:
+    return model if isinstance(model, ModelShape) else model.shape()
+
+
+# -- drawing values -----------------------------------------------------------------------------
+
+
+class _TrialDraw:
+    """Suggests through an Optuna trial; fixed parameters are not suggested."""
+
+    def __init__(self, trial: optuna.Trial) -> None:
+        self.trial = trial
+
+    def real(self, name: str, param: FloatParam) -> float:
+        if param.fixed is not None:
+            return float(param.fixed)
+        if param.choices is not None:
+            return float(self.trial.suggest_categorical(name, list(param.choices)))
+        assert param.low is not None and param.high is not None
+        return self.trial.suggest_float(name, param.low, param.high, step=param.step)
+
+    def integer(self, name: str, param: IntParam) -> int:
+        if param.fixed is not None:
+            return int(param.fixed)
+        if param.choices is not None:
+            return int(self.trial.suggest_categorical(name, list(param.choices)))
+        assert param.low is not None and param.high is not None
+        return self.trial.suggest_int(name, param.low, param.high, step=param.step or 1)
+
+    def choice(self, name: str, keys: list[str]) -> str:
+        if len(keys) == 1:
+            return keys[0]
+        return str(self.trial.suggest_categorical(name, keys))
+
+
+class _ParamsDraw:
+    """Reads values from a params mapping, checking each against the space."""
+
+    def __init__(self, params: Mapping[str, Any]) -> None:
+        self.params = params
+        self.used: set[str] = set()
+
+    def _get(self, name: str) -> Any:
+        if name not in self.params:
+            raise ValueError(f"parameter {name!r} is missing")
+        self.used.add(name)
+        return self.params[name]
+
+    def real(self, name: str, param: FloatParam) -> float:
+        if param.fixed is not None:
+            return float(param.fixed)
+        value = self._get(name)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"parameter {name}={value!r} is not a number")
+        if not param.contains(float(value)):
+            raise ValueError(f"parameter {name}={value!r} is outside its space")
+        return float(value)
+
+    def integer(self, name: str, param: IntParam) -> int:
+        if param.fixed is not None:
+            return int(param.fixed)
+        value = self._get(name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"parameter {name}={value!r} is not an integer")
+        if not param.contains(value):
+            raise ValueError(f"parameter {name}={value!r} is outside its space")
+        return value
+
+    def choice(self, name: str, keys: list[str]) -> str:
+        if len(keys) == 1:
+            return keys[0]
+        value = self._get(name)
+        if value not in keys:
+            raise ValueError(f"parameter {name}={value!r} is not one of {keys}")
+        return str(value)
