@@ -32,8 +32,11 @@ def attention(
     ``backend="auto"`` runs the Triton kernels on CUDA tensors and the PyTorch reference elsewhere;
     ``bf16_dense`` on CUDA goes to torch SDPA (cuDNN on Hopper).
 
-    Inputs with NaN or Inf give NaN in the affected output rows (fp8 modes: in every row whose
-    q tile, or any kept kv tile, holds a non-finite value); nothing is clamped into a finite value.
+    Non-finite inputs are not checked (that would cost a device sync per call); they propagate as
+    NaN and never as finite garbage. A NaN/Inf in q makes its row NaN; in k, every row that
+    visits its key NaN; in v, that channel of every row that visits it. FP8 scales widen the
+    reach: a bad q or k value spoils its whole 3D tile, a bad v value its whole channel (the
+    per-channel scale), in every row of that (batch, head).
     """
     _check_inputs(q, k, v, grid)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -69,7 +72,12 @@ def _check_inputs(
         raise ValueError(
             f"q, k, v must share one (batch, heads, tokens, head_dim) shape; got {shapes}"
         )
-    if len(grid) != 3 or math.prod(grid) != q.shape[2]:
+    if len(grid) != 3 or any(not isinstance(g, int) or g < 1 for g in grid):
+        raise ValueError(
+            f"grid must be three positive sizes (T, H, W), got {tuple(grid)} "
+            f"for {q.shape[2]} tokens"
+        )
+    if math.prod(grid) != q.shape[2]:
         raise ValueError(
             f"grid {tuple(grid)} has {math.prod(grid)} tokens; inputs have {q.shape[2]}"
         )

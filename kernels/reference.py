@@ -127,5 +127,13 @@ def _attend(
         denom = p.sum(-1, keepdim=True)
         if fp8_p:
             p = fp8_round(p * P_SCALE) / P_SCALE
-        out[..., start:stop, :] = (p @ vt) / denom
+        if tile_mask is None:
+            out[..., start:stop, :] = (p @ vt) / denom
+        else:
+            # A skipped kv tile is never read, so a non-finite value there must not leak into
+            # rows that skip it (0 * NaN would); rows that keep it get NaN in that channel.
+            bad = ~vt.isfinite()
+            pv = p @ vt.masked_fill(bad, 0.0)
+            reach = (keep.to(vt.dtype) @ bad.to(vt.dtype)) > 0
+            out[..., start:stop, :] = (pv / denom).masked_fill(reach, float("nan"))
     return out

@@ -51,7 +51,7 @@ class Pattern(_Frozen):
     @model_validator(mode="after")
     def _positive_window(self) -> Pattern:
         if min(self.window) <= 0:
-            raise ValueError(f"window aspect must be positive, got {list(self.window)}")
+            raise SpecError("window", f"window aspect must be positive, got {list(self.window)}")
         return self
 
 
@@ -73,13 +73,17 @@ class AttentionSpec(_Frozen):
 
     @model_validator(mode="after")
     def _consistent(self) -> AttentionSpec:
+        # SpecError (a ValueError) carries the field, which a model-level check otherwise loses.
         if self.tile is not None and min(self.tile) < 1:
-            raise ValueError(f"tile sizes must be >= 1, got {list(self.tile)}")
+            raise SpecError("tile", f"tile sizes must be >= 1, got {list(self.tile)}")
         if self.mode.sparse:
             if self.pattern is None:
-                raise ValueError(f"mode {self.mode.value} needs a pattern")
+                raise SpecError("pattern", f"mode {self.mode.value} needs a pattern")
         elif self.sparsity != 0.0 or self.pattern is not None:
-            raise ValueError(f"dense mode {self.mode.value} takes no sparsity or pattern")
+            raise SpecError(
+                "sparsity" if self.sparsity != 0.0 else "pattern",
+                f"dense mode {self.mode.value} takes no sparsity or pattern",
+            )
         return self
 
     @classmethod
@@ -105,8 +109,12 @@ class SpecError(ValueError):
     @classmethod
     def from_validation(cls, e: ValidationError, prefix: str = "") -> SpecError:
         err = e.errors()[0]
-        path = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
+        loc: tuple[object, ...] = (prefix, *err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, SpecError):
+            loc, msg = (*loc, cause.field), cause.message
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
+        path = ".".join(str(p) for p in loc if p != "")
         return cls(path, msg)

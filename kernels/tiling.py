@@ -9,6 +9,7 @@ and dropped, so every real token attends exactly as in dense attention when noth
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
@@ -23,6 +24,9 @@ class TileLayout:
     tile: Grid
 
     def __post_init__(self) -> None:
+        # Lists (YAML, JSON) must work too: the layout is hashed for the slot-map cache.
+        object.__setattr__(self, "grid", tuple(operator.index(g) for g in self.grid))
+        object.__setattr__(self, "tile", tuple(operator.index(s) for s in self.tile))
         if len(self.grid) != 3 or min(self.grid) < 1:
             raise ValueError(f"grid must be three positive sizes (T, H, W), got {self.grid}")
         if len(self.tile) != 3 or min(self.tile) < 1:

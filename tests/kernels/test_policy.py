@@ -14,6 +14,9 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from fpstune.kernels import (
     AttentionSpec,
     HardwareFingerprint,
@@ -31,8 +34,6 @@ from fpstune.kernels import (
 from fpstune.kernels import policy as policy_module
 from fpstune.kernels.fingerprint import describe_differences, differences
 from fpstune.kernels.spec import Mode
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 H100 = HardwareFingerprint(
     gpu="NVIDIA H100 80GB HBM3",
