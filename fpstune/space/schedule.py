@@ -6,6 +6,9 @@ With ``n`` denoising steps and ``L`` layers, a schedule is decided by (Optuna pa
   ``[0, s1)`` run bf16_dense (the policy's default), ``[s1, s2)`` fp8_dense and ``[s2, n)`` the
   sparse phase, with ``s1 = round(bf16_until · n)``, ``s2 = max(s1, round(fp8_dense_until · n))``
   (halves round up).
+- ``tile``: a tile key (``2x8x8``), when some step runs FP8: the one 3D tile that every FP8 step
+  and layer uses, for its quantisation scales and, when sparse, its blocks (FPSAttention's
+  shared granularity).
 
 Only when the sparse phase is not empty:
 
@@ -19,7 +22,6 @@ Only when, in addition, some layer is sparse:
   steps (a run with no step has no parameter);
 - ``pattern`` and, for the window pattern, ``window`` (an aspect key such as ``1x2x2``) or, for
   cdf, ``mass``;
-- ``tile``: a tile key (``2x8x8``);
 - ``group_offset.<g>``: when the layers are cut into more than one group, each group with at least
   one sparse layer adds this offset to the run's sparsity (clipped to the sparsity range).
 
@@ -132,14 +134,20 @@ def _decide(draw: _Draw, space: ScheduleSpace, shape: ModelShape) -> _Plan:
     s1 = _step_index(draw.real("bf16_until", space.phases.bf16_until), n)
     s2 = max(s1, _step_index(draw.real("fp8_dense_until", space.phases.fp8_dense_until), n))
     runs: list[tuple[int, int, tuple[AttentionSpec, ...]]] = []
-    fp8 = AttentionSpec(mode=Mode.FP8_DENSE)
+    if s1 >= n:
+        return _Plan(())
+    # One 3D tile for every FP8 step and layer: quantisation scales and sparse blocks share it.
+    sp = space.sparse
+    tiles = {tile_key(t): t for t in sp.tile}
+    tile = tiles[draw.choice("tile", list(tiles))]
+    fp8 = AttentionSpec(mode=Mode.FP8_DENSE, tile=tile)
     if s1 < s2:
         runs.append((s1, s2, (fp8,) * n_layers))
     if s2 >= n:
         return _Plan(tuple(runs))
 
-    ly, sp = space.layers, space.sparse
-    dense = AttentionSpec(mode=Mode(ly.dense_mode))
+    ly = space.layers
+    dense = fp8 if ly.dense_mode == Mode.FP8_DENSE.value else AttentionSpec(mode=Mode.BF16_DENSE)
     first = min(draw.integer("dense_first_layers", ly.dense_first), n_layers)
     last = 0
     if first < n_layers:
@@ -157,8 +165,6 @@ def _decide(draw: _Draw, space: ScheduleSpace, shape: ModelShape) -> _Plan:
         i: draw.real(f"sparsity.{i}", sp.sparsity) for i, (a, b) in enumerate(splits) if a < b
     }
     pattern = _pattern(draw, space)
-    tiles = {tile_key(t): t for t in sp.tile}
-    tile = tiles[draw.choice("tile", list(tiles))]
     groups = _groups(n_layers, ly.groups)
     offsets = [0.0] * len(groups)
     if len(groups) > 1:

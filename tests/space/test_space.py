@@ -162,15 +162,21 @@ def _oracle(
     s1, s2 = min(s1, n), max(min(s1, n), min(s2, n))
     if step < s1:
         return AttentionSpec(mode=Mode.BF16_DENSE)
-    if step < s2:
-        return AttentionSpec(mode=Mode.FP8_DENSE)
     ly, sp = space.layers, space.sparse
+    tiles = {tile_key(t): t for t in sp.tile}
+    tile = tiles[params["tile"]] if len(sp.tile) > 1 else sp.tile[0]
+    # Every FP8 cell shares the one tile.
+    dense = AttentionSpec(
+        mode=Mode(ly.dense_mode), tile=tile if ly.dense_mode == "fp8_dense" else None
+    )
+    if step < s2:
+        return AttentionSpec(mode=Mode.FP8_DENSE, tile=tile)
     first = min(_value(params, "dense_first_layers", ly.dense_first), n_layers)
     if layer < first:
-        return AttentionSpec(mode=Mode(ly.dense_mode))
+        return dense
     last = min(_value(params, "dense_last_layers", ly.dense_last), n_layers - first)
     if layer >= n_layers - last:
-        return AttentionSpec(mode=Mode(ly.dense_mode))
+        return dense
     split = max(i for i in range(sp.splits) if s2 + i * (n - s2) // sp.splits <= step)
     group = max(g for g in range(ly.groups) if g * n_layers // ly.groups <= layer)
     offset = _value(params, f"group_offset.{group}", ly.group_offset) if ly.groups > 1 else 0.0
@@ -185,8 +191,6 @@ def _oracle(
         pattern = Pattern(kind="cdf", mass=round(_value(params, "mass", sp.mass), 6))
     else:
         pattern = Pattern(kind="topk")
-    tiles = {tile_key(t): t for t in sp.tile}
-    tile = tiles[params["tile"]] if len(sp.tile) > 1 else sp.tile[0]
     return AttentionSpec(
         mode=Mode.FP8_SPARSE,
         tile=tile,
@@ -276,10 +280,16 @@ def test_no_sparse_params_without_a_sparse_phase() -> None:
         }
     )
     policy, params = _suggest(space, {"bf16_until": 0.2, "fp8_dense_until": 1.0})
-    assert set(params) == {"bf16_until", "fp8_dense_until"}
+    assert set(params) == {"bf16_until", "fp8_dense_until", "tile"}  # fp8 steps need the tile
     assert [(e.steps, e.layers, e.spec.mode) for e in policy.entries] == [
         ((2, 10), (0, 4), Mode.FP8_DENSE)
     ]
+    all_bf16 = _space(
+        phases={"bf16_until": {"choices": [1.0]}, "fp8_dense_until": {"choices": [1.0]}}
+    )
+    policy, params = _suggest(all_bf16, {})
+    assert "tile" not in params  # all steps bf16: no tile to choose
+    assert policy.entries == ()
     _, params = _suggest(space, {"bf16_until": 0.2, "fp8_dense_until": 0.5})
     assert {"tile", "pattern", "sparsity.0", "sparsity.1", "dense_first_layers"} <= set(params)
 
@@ -306,8 +316,11 @@ def test_all_layers_dense_leaves_nothing_sparse_to_choose() -> None:
     policy, params = _suggest(space, {"dense_first_layers": 4, "fp8_dense_until": 0.3})
     assert "dense_last_layers" not in params
     assert not {k for k in params if k.startswith(("sparsity", "group_offset"))}
-    assert not {"pattern", "tile", "window", "mass"} & set(params)
+    assert not {"pattern", "window", "mass"} & set(params)
     assert all(e.spec.mode is Mode.FP8_DENSE for e in policy.entries)
+    assert {e.spec.tile for e in policy.entries} == {
+        tuple(int(x) for x in params["tile"].split("x"))
+    }
     s1 = round(params["bf16_until"] * 10)  # fp8 phase and all-dense sparse phase merge
     assert [(e.steps, e.layers) for e in policy.entries] == [((s1, 10), (0, 4))]
 
@@ -370,7 +383,7 @@ def test_a_schedule_by_hand() -> None:
             pattern=Pattern(kind="window", window=(2.0, 1.0, 1.0)),
         )
 
-    fp8 = AttentionSpec(mode=Mode.FP8_DENSE)
+    fp8 = AttentionSpec(mode=Mode.FP8_DENSE, tile=(1, 4, 16))  # the one shared tile
     assert [(e.steps, e.layers, e.spec) for e in policy.entries] == [
         ((2, 4), (0, 4), fp8),
         ((4, 7), (0, 1), fp8),
@@ -401,27 +414,30 @@ def test_a_schedule_by_hand() -> None:
 
 def test_schedule_from_params_rejects_bad_params() -> None:
     space, model = MINI.schedule_space, MINI.model
-    params = {"bf16_until": 0.0, "fp8_dense_until": 1.0}
+    params = {"bf16_until": 0.0, "fp8_dense_until": 1.0, "tile": "1x4x8"}
     fixed_end = _space(phases={"fp8_dense_until": {"choices": [1.0]}})
     assert schedule_from_params(
-        {"bf16_until": 0.1}, fixed_end, model, hardware=HW, provenance=PROV
+        {"bf16_until": 0.1, "tile": "1x4x8"}, fixed_end, model, hardware=HW, provenance=PROV
     ).entries[0].steps == (1, 10)
     cases: list[tuple[dict[str, Any], str]] = [
         ({"bf16_until": 0.1}, "'fp8_dense_until' is missing"),
+        ({"bf16_until": 0.0, "fp8_dense_until": 0.5}, "'tile' is missing"),
         ({**params, "bf16_until": 0.35}, "outside its space"),  # off the 0.1 grid
         ({**params, "bf16_until": 0.9}, "outside its space"),
         ({**params, "bf16_until": "0.1"}, "not a number"),
-        ({"bf16_until": 0.0, "fp8_dense_until": 0.5, "dense_first_layers": 1.0}, "not an integer"),
+        (
+            {"bf16_until": 0.0, "fp8_dense_until": 0.5, "tile": "1x4x8", "dense_first_layers": 1.0},
+            "not an integer",
+        ),
     ]
     for bad, says in cases:
         with pytest.raises(ValueError, match=says):
             schedule_from_params(bad, space, model, hardware=HW, provenance=PROV)
+    no_sparse_phase = {"bf16_until": 0.1, "tile": "1x4x8", "pattern": "topk"}
     with pytest.raises(ValueError, match="do not apply"):
-        schedule_from_params(
-            {"bf16_until": 0.1, "tile": "1x4x8"}, fixed_end, model, hardware=HW, provenance=PROV
-        )
+        schedule_from_params(no_sparse_phase, fixed_end, model, hardware=HW, provenance=PROV)
     lenient = schedule_from_params(
-        {"bf16_until": 0.1, "tile": "1x4x8"},
+        no_sparse_phase,
         fixed_end,
         model,
         hardware=HW,
