@@ -1,0 +1,65 @@
+"""Where a stage's candidates come from: an Optuna trial in, a worker's candidate dict out."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import optuna
+
+from .space.kernel import Bucket, suggest_kernel
+from .space.schedule import suggest_schedule
+from .spec.study import StudySpec
+
+
+class CandidateSource(Protocol):
+    stage: str
+    study_name: str
+    metric_names: list[str]
+    directions: list[str]
+
+    def suggest(self, trial: optuna.Trial) -> dict[str, Any]: ...
+
+    def study_attrs(self) -> dict[str, Any]: ...
+
+
+class ScheduleSource:
+    """Schedule stage: a compact per-step / per-layer policy for the study's model."""
+
+    stage = "schedule"
+
+    def __init__(self, spec: StudySpec) -> None:
+        self.spec = spec
+        self.study_name = spec.study_name("schedule")
+        self.metric_names = spec.metric_names
+        self.directions = list(spec.directions)
+
+    def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
+        policy = suggest_schedule(trial, self.spec.schedule_space, self.spec.model)
+        return {"stage": "schedule", "policy": policy.to_dict()}
+
+    def study_attrs(self) -> dict[str, Any]:
+        return {"fpstune_stage": "schedule", "fpstune_study": self.spec.model_dump(mode="json")}
+
+
+class KernelSource:
+    """Kernel stage, one Optuna study per (mode, sparsity bucket): tile and launch config."""
+
+    stage = "kernel"
+
+    def __init__(self, spec: StudySpec, bucket: Bucket) -> None:
+        self.spec = spec
+        self.bucket = bucket
+        self.study_name = spec.study_name("kernel", bucket.key)
+        self.metric_names = ["latency_ms"]
+        self.directions = ["minimize"]
+
+    def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
+        spec = suggest_kernel(trial, self.spec.kernel_space, self.spec.model.head_dim, self.bucket)
+        return {"stage": "kernel", "spec": spec.to_dict()}
+
+    def study_attrs(self) -> dict[str, Any]:
+        return {
+            "fpstune_stage": "kernel",
+            "fpstune_bucket": self.bucket.key,
+            "fpstune_study": self.spec.model_dump(mode="json"),
+        }

@@ -1,0 +1,13 @@
+"""Errors that the CLI turns into one line on stderr and exit status 2."""
+
+from __future__ import annotations
+
+from fpstune.kernels.spec import SpecError
+
+
+class BadInput(ValueError):
+    """Input the user can fix: the message is one line, ``<file>: <field>: <what is wrong>``."""
+
+
+#: Everything the CLI reports as bad input.
+BAD_INPUT_ERRORS: tuple[type[Exception], ...] = (BadInput, SpecError)

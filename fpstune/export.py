@@ -1,0 +1,205 @@
+"""`fpstune export`: pick a feasible Pareto trial, re-check it, and write its policy YAML."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+
+from fpstune import __version__
+from fpstune.kernels.fingerprint import HardwareFingerprint
+from fpstune.kernels.policy import Policy
+from fpstune.kernels.spec import AttentionSpec
+
+from .catalog import load_study_by_ref
+from .errors import BadInput
+from .evaluation import CandidateError
+from .evaluators import build_evaluator
+from .latency.table import stored_latency_table
+from .spec.study import StudySpec
+from .storage import mask_url
+
+LATENCY = "latency_ms"
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    output: Path
+    trial: int
+    stored: dict[str, float]
+    remeasured: dict[str, float]
+    latency_source: str
+
+    def summary(self) -> str:
+        parts = [f"{self.output}: trial {self.trial}"]
+        for name, v in self.stored.items():
+            r = self.remeasured.get(name)
+            again = f" (re-measured {r:.4g}, {_pct(r, v)})" if r is not None else ""
+            parts.append(f"{name} {v:.4g}{again}")
+        parts.append(f"latency from {self.latency_source}")
+        return ", ".join(parts)
+
+
+def pick_trial(
+    study: optuna.Study,
+    *,
+    min_quality: float | None = None,
+    max_latency: float | None = None,
+) -> optuna.trial.FrozenTrial:
+    """A feasible Pareto trial: with bounds, the fastest within them (or the best quality under a
+    latency bound alone); without, the knee — the front point nearest the ideal point after
+    scaling each objective to [0, 1] over the front."""
+    names = study.metric_names or [f"objective_{i}" for i in range(len(study.directions))]
+    front = study.best_trials
+    if not front:
+        raise BadInput(f"study {study.study_name}: no feasible complete trial to export")
+    lat_i = names.index(LATENCY) if LATENCY in names else 0
+    qual_i = next(i for i in range(len(names)) if i != lat_i)
+    maximize_q = study.directions[qual_i] == optuna.study.StudyDirection.MAXIMIZE
+
+    def ok(t: optuna.trial.FrozenTrial) -> bool:
+        q, lat = t.values[qual_i], t.values[lat_i]
+        if min_quality is not None and (q < min_quality if maximize_q else q > min_quality):
+            return False
+        return max_latency is None or lat <= max_latency
+
+    cands = [t for t in front if ok(t)]
+    if not cands:
+        raise BadInput(
+            f"study {study.study_name}: no Pareto trial meets the bounds "
+            f"(--min-quality {min_quality}, --max-latency {max_latency}); the front spans "
+            f"{names[qual_i]} {_span(front, qual_i)}, {names[lat_i]} {_span(front, lat_i)}"
+        )
+    if min_quality is not None:
+        return min(cands, key=lambda t: t.values[lat_i])
+    if max_latency is not None:
+        return max(cands, key=lambda t: t.values[qual_i] * (1 if maximize_q else -1))
+    return _knee(cands, study.directions)
+
+
+def export_policy(
+    study_ref: str,
+    *,
+    storage_url: str,
+    output: Path,
+    min_quality: float | None = None,
+    max_latency: float | None = None,
+    trial_number: int | None = None,
+) -> ExportResult:
+    study, spec = load_study_by_ref(study_ref, storage_url=storage_url, stage="schedule")
+    if trial_number is None:
+        trial = pick_trial(study, min_quality=min_quality, max_latency=max_latency)
+    else:
+        trial = _trial_by_number(study, trial_number)
+    names = study.metric_names or []
+    stored = dict(zip(names, trial.values, strict=True))
+    candidate = trial.user_attrs["candidate"]
+
+    # Re-measure the pick on this machine before shipping it.
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    evaluator = build_evaluator(
+        spec, stage="schedule", device=device, latency_table=stored_latency_table(storage_url)
+    )
+    try:
+        again = evaluator.evaluate(candidate)
+    except CandidateError as e:
+        raise BadInput(f"study {study.study_name}: trial {trial.number} fails again: {e}") from e
+    remeasured = {k: again.values[k] for k in names if k in again.values}
+
+    policy = Policy.from_dict(candidate["policy"])
+    # The policy is for the GPU its latencies were measured on, with the configs measured there.
+    policy = _pin_kernels(policy, again.attrs.get("latency_lookups", []))
+    if "latency_fingerprint" in again.attrs:
+        fingerprint = HardwareFingerprint.model_validate(again.attrs["latency_fingerprint"])
+        policy = policy.replace(hardware=fingerprint)
+    policy = policy.with_provenance(
+        _provenance(study, trial, storage_url, stored, remeasured, again.attrs)
+    )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    policy.dump(output)
+    return ExportResult(
+        output=output,
+        trial=trial.number,
+        stored=stored,
+        remeasured=remeasured,
+        latency_source=str(again.attrs.get("latency_source", "?")),
+    )
+
+
+def _provenance(
+    study: optuna.Study,
+    trial: optuna.trial.FrozenTrial,
+    storage_url: str,
+    stored: dict[str, float],
+    remeasured: dict[str, float],
+    attrs: dict[str, Any],
+) -> dict[str, Any]:
+    return {
+        "study": study.study_name,
+        "trial": trial.number,
+        "storage": mask_url(storage_url),
+        "objectives": stored,
+        "remeasured": remeasured,
+        "latency_source": attrs.get("latency_source"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "fpstune_version": __version__,
+    }
+
+
+def _pin_kernels(policy: Policy, lookups: list[dict[str, Any]]) -> Policy:
+    """Give each spec the tile and kernel config its latency was composed from."""
+    used = {
+        AttentionSpec.from_dict(lk["requested"]): AttentionSpec.from_dict(lk["used"])
+        for lk in lookups
+    }
+
+    def pin(spec: AttentionSpec) -> AttentionSpec:
+        u = used.get(spec)
+        if u is None or u.kernel is None or (spec.tile is not None and u.tile != spec.tile):
+            return spec
+        return spec.model_copy(update={"tile": u.tile, "kernel": u.kernel})
+
+    entries = [e.model_copy(update={"spec": pin(e.spec)}) for e in policy.entries]
+    return policy.replace(default=pin(policy.default), entries=tuple(entries))
+
+
+def _trial_by_number(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
+    for t in study.get_trials(deepcopy=False):
+        if t.number == number:
+            if t.state != optuna.trial.TrialState.COMPLETE:
+                raise BadInput(f"--trial: trial {number} is {t.state.name}, not COMPLETE")
+            return t
+    raise BadInput(f"--trial: study {study.study_name} has no trial {number}")
+
+
+def _knee(
+    trials: list[optuna.trial.FrozenTrial], directions: list[optuna.study.StudyDirection]
+) -> optuna.trial.FrozenTrial:
+    signs = [1.0 if d == optuna.study.StudyDirection.MINIMIZE else -1.0 for d in directions]
+    vals = [[s * v for s, v in zip(signs, t.values, strict=True)] for t in trials]
+    lo = [min(col) for col in zip(*vals, strict=True)]
+    hi = [max(col) for col in zip(*vals, strict=True)]
+
+    def dist(row: list[float]) -> float:
+        return sum(
+            ((v - a) / (b - a) if b > a else 0.0) ** 2 for v, a, b in zip(row, lo, hi, strict=True)
+        )
+
+    best = min(range(len(trials)), key=lambda i: (dist(vals[i]), trials[i].number))
+    return trials[best]
+
+
+def _span(trials: list[optuna.trial.FrozenTrial], i: int) -> str:
+    vals = [t.values[i] for t in trials]
+    return f"[{min(vals):.4g}, {max(vals):.4g}]"
+
+
+def _pct(new: float, old: float) -> str:
+    return f"{(new - old) / old * 100:+.1f} %" if old else "n/a"
+
+
+__all__ = ["ExportResult", "StudySpec", "export_policy", "pick_trial"]

@@ -1,0 +1,109 @@
+"""A study end to end on a real local Ray cluster: SQLite and PostgreSQL storage, resume, export."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+from service_helpers import TEST_GPU, TINY, fill_latency_table
+
+from fpstune.candidates import ScheduleSource
+from fpstune.controller import Controller
+from fpstune.export import export_policy
+from fpstune.kernels.policy import Policy
+from fpstune.runner import run_study
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+def _trials(url: str) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name="tiny:schedule", storage=url).get_trials()
+
+
+def _check_bookkeeping(url: str, budget: int) -> list[optuna.trial.FrozenTrial]:
+    trials = _trials(url)
+    states = Counter(t.state for t in trials)
+    assert states[TrialState.COMPLETE] == budget
+    assert states[TrialState.RUNNING] == 0
+    numbers = [t.number for t in trials]
+    assert len(numbers) == len(set(numbers)) == len(trials)
+    return [t for t in trials if t.state == TrialState.COMPLETE]
+
+
+def test_sqlite_study_end_to_end(sqlite_url: str, tiny) -> None:
+    fill_latency_table(sqlite_url, tiny)
+    [summary] = run_study(TINY, storage_url=sqlite_url, workers=2, trials=5, progress=False)
+    assert summary.complete == 5 and summary.budget == 5
+    done = _check_bookkeeping(sqlite_url, 5)
+    study = optuna.load_study(study_name="tiny:schedule", storage=sqlite_url)
+    assert study.metric_names == ["latency_ms", "rel_l2"]
+    for t in done:
+        assert t.user_attrs["latency_source"] == "table"
+        assert t.user_attrs["latency_fingerprint"]["gpu"] == TEST_GPU.gpu
+        assert set(t.constraints) >= {"rel_l2"}
+        assert t.constraints["rel_l2"] == pytest.approx(t.values[1] - 0.3)
+        assert t.user_attrs["constraints"] == {"rel_l2": t.constraints["rel_l2"]}
+        Policy.from_dict(t.user_attrs["candidate"]["policy"])  # a valid policy per trial
+    assert summary.front_size >= 1
+
+
+def test_rerun_resumes_toward_the_total_budget(sqlite_url: str, tiny) -> None:
+    fill_latency_table(sqlite_url, tiny)
+    run_study(TINY, storage_url=sqlite_url, workers=1, trials=2, progress=False)
+    first = {t.number: t.values for t in _trials(sqlite_url)}
+    [summary] = run_study(TINY, storage_url=sqlite_url, workers=2, trials=4, progress=False)
+    assert summary.complete == 4
+    after = {t.number: t.values for t in _check_bookkeeping(sqlite_url, 4)}
+    assert all(after[n] == v for n, v in first.items())  # nothing redone or lost
+    # Already at the budget: a third run runs nothing.
+    run_study(TINY, storage_url=sqlite_url, workers=1, trials=4, progress=False)
+    assert len(_trials(sqlite_url)) == 4
+
+
+def test_stopped_controller_requeues_and_the_next_run_finishes(sqlite_url: str, tiny) -> None:
+    fill_latency_table(sqlite_url, tiny)
+    controller = Controller(
+        tiny, ScheduleSource(tiny), storage_url=sqlite_url, workers=2, budget=4, progress=False
+    )
+    controller.run(should_stop=lambda: True)  # stops with trials in flight
+    trials = _trials(sqlite_url)
+    stopped = [t for t in trials if t.state == TrialState.FAIL]
+    assert stopped and all("controller stopped" in t.user_attrs["fail_reason"] for t in stopped)
+    waiting = [t for t in trials if t.state == TrialState.WAITING]
+    assert {t.system_attrs["failed_trial"] for t in waiting} == {t.number for t in stopped}
+    run_study(TINY, storage_url=sqlite_url, workers=2, trials=4, progress=False)
+    done = _check_bookkeeping(sqlite_url, 4)
+    retried = [t for t in done if "failed_trial" in t.system_attrs]
+    assert {t.system_attrs["failed_trial"] for t in retried} == {t.number for t in stopped}
+    by_number = {t.number: t for t in trials}
+    for t in retried:  # re-run with the same parameters
+        assert t.params == by_number[t.system_attrs["failed_trial"]].params
+
+
+def test_postgresql_with_8_workers_loses_nothing(pg_url: str, tiny) -> None:
+    fill_latency_table(pg_url, tiny)
+    [summary] = run_study(TINY, storage_url=pg_url, workers=8, trials=24, progress=False)
+    assert summary.complete == 24
+    done = _check_bookkeeping(pg_url, 24)
+    assert all(len(t.values) == 2 and "candidate" in t.user_attrs for t in done)
+
+
+def test_export_validate_load_round_trip(sqlite_url: str, tiny, tmp_path: Path) -> None:
+    fill_latency_table(sqlite_url, tiny)
+    run_study(TINY, storage_url=sqlite_url, workers=2, trials=4, progress=False)
+    out = tmp_path / "policy.yaml"
+    result = export_policy("tiny", storage_url=sqlite_url, output=out)
+    policy = Policy.load(out, model=tiny.model.shape(), hardware=TEST_GPU)
+    prov = policy.provenance
+    assert prov is not None and prov.study == "tiny:schedule" and prov.trial == result.trial
+    assert policy.hardware == TEST_GPU  # the GPU its latencies were measured on
+    assert prov.remeasured["rel_l2"] == pytest.approx(result.stored["rel_l2"], rel=1e-6)
+    front = optuna.load_study(study_name="tiny:schedule", storage=sqlite_url).best_trials
+    assert result.trial in {t.number for t in front}
+    for step in range(tiny.model.steps):
+        for layer in range(tiny.model.layers):
+            spec = policy.spec(layer=layer, step=step)
+            assert spec.mode.value == "bf16_dense" or spec.kernel is not None  # configs pinned
