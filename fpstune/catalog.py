@@ -12,14 +12,14 @@ from fpstune.kernels.policy import Policy
 
 from .errors import BadInput
 from .spec.study import StudySpec, load_study
-from .storage import mask_url, open_storage, retry_db
+from .storage import mask_url, open_existing_storage, retry_db
 
 
 def load_study_by_ref(
     ref: str, *, storage_url: str, stage: str = "schedule"
 ) -> tuple[optuna.Study, StudySpec]:
     """``ref`` is a study YAML or a study name (``mini`` or ``mini:schedule``)."""
-    storage = open_storage(storage_url)
+    storage = _open(storage_url)
     names = {s.study_name for s in retry_db(lambda: optuna.get_all_study_summaries(storage))}
     if ref.endswith((".yaml", ".yml")) or Path(ref).is_file():
         base = load_study(Path(ref)).name
@@ -56,7 +56,7 @@ def study_status(ref: str, *, storage_url: str) -> dict[str, Any]:
 
 
 def list_studies(*, storage_url: str) -> list[dict[str, Any]]:
-    storage = open_storage(storage_url)
+    storage = _open(storage_url)
     rows = []
     for s in retry_db(lambda: optuna.get_all_study_summaries(storage)):
         rows.append(
@@ -87,3 +87,10 @@ def describe_policy(policy: Policy) -> str:
     if policy.provenance is not None:
         lines.append(f"provenance {policy.provenance.model_dump(mode='json', exclude_none=True)}")
     return "\n".join(lines)
+
+
+def _open(storage_url: str) -> optuna.storages.RDBStorage:
+    try:
+        return open_existing_storage(storage_url)
+    except (FileNotFoundError, ValueError) as e:
+        raise BadInput(str(e)) from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import optuna
@@ -63,6 +64,17 @@ def open_storage(
     return retry_db(
         lambda: optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
     )
+
+
+def open_existing_storage(url: str) -> optuna.storages.RDBStorage:
+    """For read-side commands: never creates an SQLite file that is not there."""
+    check_url(url)
+    parsed = make_url(url)
+    db = parsed.database
+    in_file = parsed.get_backend_name() == "sqlite" and db not in (None, "", ":memory:")
+    if in_file and not Path(str(db)).is_file():
+        raise FileNotFoundError(f"--storage: no study database at {parsed.database}")
+    return open_storage(url)
 
 
 def retry_db(fn: Callable[[], T], *, attempts: int = 30, delay_s: float = 1.0) -> T:

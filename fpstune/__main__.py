@@ -1,0 +1,3 @@
+from fpstune.cli import main
+
+main()

@@ -1,0 +1,56 @@
+"""The CLI as a user meets it: --help, exit statuses, one-line errors, nothing written on bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from service_helpers import DATA, TINY
+
+
+def fpstune(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fpstune", *args], cwd=cwd, capture_output=True, text=True,
+        timeout=300,
+    )
+
+
+def test_help_explains_every_command(tmp_path: Path) -> None:
+    out = fpstune("--help", cwd=tmp_path)
+    assert out.returncode == 0
+    for cmd in ("study", "export", "policy", "latency"):
+        assert cmd in out.stdout
+    run_help = fpstune("study", "run", "--help", cwd=tmp_path).stdout
+    for opt in ("--storage", "--workers", "--trials", "--stage", "--ray-address"):
+        assert opt in run_help
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["study", "run", "missing.yaml"], "missing.yaml"),
+        (["study", "run", str(TINY), "--stage", "warp"], "--stage"),
+        (["study", "run", str(TINY), "--storage", "nosuchdb://x"], "--storage"),
+        (["study", "run", str(DATA / "kernel-tiny.yaml")], "kernel-tiny.yaml"),
+        (["policy", "validate", "nope.yaml"], "nope.yaml"),
+        (["policy", "validate", str(TINY)], "tiny.yaml"),
+        (["study", "status", "nosuch"], "no study database at fpstune.db"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(
+    tmp_path: Path, args: list[str], says: str
+) -> None:
+    out = fpstune(*args, cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0], out.stderr
+    assert "Traceback" not in out.stderr
+    assert not list(tmp_path.iterdir())  # no storage file, nothing half-written
+
+
+def test_stage_kernel_without_gpu_is_refused(tmp_path: Path) -> None:
+    out = fpstune("study", "run", str(TINY), "--stage", "kernel", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "needs a GPU" in out.stderr and len(out.stderr.strip().splitlines()) == 1
