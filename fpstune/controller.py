@@ -40,6 +40,10 @@ def ensure_ray(address: str | None, workers: int) -> None:
     """Join the Ray cluster at ``address``, or start a local one with a CPU slot per worker at
     least (so CPU workers never queue for a slot)."""
     if not ray.is_initialized():
+        # Ray notes on every start that it enabled token auth (its default); keep stderr clean.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+            logging.ERROR
+        )
         ray.init(
             address=address,
             num_cpus=None if address else max(os.cpu_count() or 1, workers),
