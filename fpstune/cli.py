@@ -72,7 +72,9 @@ def study_run(
     for s in summaries:
         typer.echo(
             f"{s.study_name}: {s.complete}/{s.budget} complete, {s.failed} failed, "
-            f"front {s.front_size}, {s.elapsed_s:.1f} s"
+            f"front {s.front_size}, {s.elapsed_s:.1f} s, "
+            f"controller overhead {s.overhead_ms_per_trial:.1f} ms/trial "
+            f"(+ sampler {s.sampler_ms_per_trial:.1f} ms/trial)"
         )
 
 

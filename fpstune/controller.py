@@ -69,6 +69,10 @@ class RunSummary:
     budget: int
     front_size: int
     elapsed_s: float
+    #: the controller's own time per trial this run (suggest, submit, tell, storage writes),
+    #: not counting the wait for workers, nor the sampler (``sampler_ms_per_trial``: study.ask)
+    overhead_ms_per_trial: float = 0.0
+    sampler_ms_per_trial: float = 0.0
 
 
 @dataclass
@@ -139,29 +143,39 @@ class Controller:
         bar = StudyProgress(self.study, self.budget, enabled=self.progress)
         last_beat = 0.0
         self._streak = 0  # failures in a row
+        busy, finished = 0.0, 0
+        self._sampler_s = 0.0
         try:
             with bar:
+                complete = self._count(TrialState.COMPLETE)
                 while True:
-                    complete = self._count(TrialState.COMPLETE)
                     if complete >= self.budget and not pending:
                         break
                     idle = [a for a in actors if all(p.actor is not a for p in pending.values())]
                     want = self.budget - complete - len(pending)
+                    t0 = time.perf_counter()
                     for actor in idle[: max(0, want)]:
                         ref, p = self._submit(actor)
                         pending[ref] = p
+                    busy += time.perf_counter() - t0
                     if not pending:
                         break  # nothing left to run (the space is exhausted)
                     done, _ = ray.wait(list(pending), num_returns=1, timeout=HEARTBEAT_S)
+                    t0 = time.perf_counter()
                     for ref in done:
                         p = pending.pop(ref)
-                        actor = self._finish(ref, p)
+                        actor, ok = self._finish(ref, p)
+                        finished += 1
+                        complete += ok
                         if actor is not p.actor:
                             actors[actors.index(p.actor)] = actor
+                    busy += time.perf_counter() - t0
                     if time.monotonic() - last_beat >= HEARTBEAT_S:
                         for p in pending.values():
                             retry_db(lambda p=p: self.storage.record_heartbeat(p.trial._trial_id))
                         optuna.storages.fail_stale_trials(self.study)
+                        # Other controllers may share the study: recount now and then.
+                        complete = self._count(TrialState.COMPLETE)
                         last_beat = time.monotonic()
                     bar.update()
                     if should_stop():
@@ -182,6 +196,8 @@ class Controller:
             budget=self.budget,
             front_size=len(self.study.best_trials),  # feasible trials only
             elapsed_s=time.monotonic() - start,
+            overhead_ms_per_trial=1000 * (busy - self._sampler_s) / max(finished, 1),
+            sampler_ms_per_trial=1000 * self._sampler_s / max(finished, 1),
         )
 
     # ----------------------------------------------------------------- helpers
@@ -210,28 +226,38 @@ class Controller:
         return cls.remote(self.spec.model_dump(mode="json"), self.source.stage, self.storage_url)
 
     def _submit(self, actor: Any) -> tuple[ray.ObjectRef, _Pending]:
+        t0 = time.perf_counter()
         trial = retry_db(self.study.ask)
+        self._sampler_s += time.perf_counter() - t0
         candidate = self.source.suggest(trial)
         trial.set_user_attr("candidate", candidate)
         ref = actor.evaluate.remote(candidate)
         return ref, _Pending(trial, actor, candidate)
 
-    def _finish(self, ref: ray.ObjectRef, p: _Pending) -> Any:
-        """Record one finished evaluation; returns the actor to use next (a new one if it died)."""
+    def _finish(self, ref: ray.ObjectRef, p: _Pending) -> tuple[Any, bool]:
+        """Record one finished evaluation; returns the actor to use next (a new one if it died)
+        and whether the trial completed."""
         try:
             result = ray.get(ref)
         except ray.exceptions.RayActorError as e:
             self._fail(p.trial, f"worker died: {_first_line(e)}", retry=True)
-            return self._restart()
+            return self._restart(), False
         except ray.exceptions.RayTaskError as e:
             self._fail(p.trial, f"worker error: {_first_line(e)}", retry=True)
-            return p.actor
+            return p.actor, False
         if "error" in result:
             self._fail(p.trial, result["error"], retry=False)
-            return p.actor
+            return p.actor, False
         trial = p.trial
-        for key, value in result["attrs"].items():
-            trial.set_user_attr(key, value)
+        # Scalars as their own attributes; lists and mappings bundled into one ``details``
+        # attribute: each attribute is a storage round trip.
+        attrs = result["attrs"]
+        for key, value in attrs.items():
+            if not isinstance(value, dict | list):
+                trial.set_user_attr(key, value)
+        details = {k: v for k, v in attrs.items() if isinstance(v, dict | list)}
+        if details:
+            trial.set_user_attr("details", details)
         metrics = {**_numbers(result["attrs"]), **result["values"]}
         cons = result["constraints"] or self.spec.constraint_values(metrics)
         if cons:
@@ -251,7 +277,7 @@ class Controller:
         values = [result["values"][name] for name in self.source.metric_names]
         retry_db(lambda: self.study.tell(trial, values))
         self._streak = 0
-        return p.actor
+        return p.actor, True
 
     def _fail(self, trial: optuna.Trial, reason: str, *, retry: bool) -> None:
         log.info("trial %d failed: %s", trial.number, reason)

@@ -19,6 +19,7 @@ from .catalog import load_study_by_ref
 from .errors import BadInput
 from .evaluation import CandidateError
 from .evaluators import build_evaluator
+from .latency.e2e import measure_policy_run
 from .latency.table import stored_latency_table
 from .spec.study import StudySpec
 from .storage import mask_url
@@ -41,6 +42,11 @@ class ExportResult:
             again = f" (re-measured {r:.4g}, {_pct(r, v)})" if r is not None else ""
             parts.append(f"{name} {v:.4g}{again}")
         parts.append(f"latency from {self.latency_source}")
+        e2e, composed = self.remeasured.get("end_to_end_ms"), self.remeasured.get(LATENCY)
+        if e2e is not None and composed is not None:
+            parts.append(
+                f"end-to-end run {e2e:.4g} ms vs composed {composed:.4g} ms ({_pct(composed, e2e)})"
+            )
         return ", ".join(parts)
 
 
@@ -109,6 +115,11 @@ def export_policy(
     except CandidateError as e:
         raise BadInput(f"study {study.study_name}: trial {trial.number} fails again: {e}") from e
     remeasured = {k: again.values[k] for k in names if k in again.values}
+    if device.type == "cuda":  # check the composition against one measured end-to-end run
+        run = measure_policy_run(
+            Policy.from_dict(candidate["policy"]), device=device, batch=spec.model.batch
+        )
+        remeasured["end_to_end_ms"] = run.timing.median_ms
 
     policy = Policy.from_dict(candidate["policy"])
     # The policy is for the GPU its latencies were measured on, with the configs measured there.

@@ -12,7 +12,10 @@ from service_helpers import DATA, TINY
 
 def fpstune(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "fpstune", *args], cwd=cwd, capture_output=True, text=True,
+        [sys.executable, "-m", "fpstune", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
         timeout=300,
     )
 
