@@ -1,4 +1,4 @@
-"""The CLI as a user meets it: --help, exit statuses, one-line errors, nothing written on bad input."""
+"""The CLI as a user meets it: --help, exit statuses, one-line errors, nothing written."""
 
 from __future__ import annotations
 
