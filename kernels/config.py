@@ -45,11 +45,20 @@ def default_tile(grid: tuple[int, int, int]) -> Tile:
 
 
 def default_config(tile: Tile, head_dim: int, mode: Mode) -> KernelConfig:
-    """Default launch config for a tile; benchmark evidence in docs/benchmarks.md."""
+    """Default launch config for a tile; benchmark evidence in docs/benchmarks.md.
+
+    fp8 (H100, 1x12x75600x128 sweeps): 64-row q blocks on 4 warps, so two CTAs share an SM and
+    overlap one's softmax with the other's MMAs; 128-key blocks; 5 stages (Triton 3.6 lays out
+    3 and 4 stages alike, and 5 and 6 alike: 5 prefetches deeper, 13-16 % faster than 3).
+    About 1.2x the 128x128 / 8-warp config, whose two warpgroups wait for each other per block.
+    bf16: 128x128 on 8 warps (one CTA per SM either way; 10 % faster than 128x64).
+    """
     tokens = math.prod(tile)
-    block_m = 128 if tokens % 128 == 0 else 64
-    block_n = 128 if tokens % 128 == 0 and mode.fp8 else 64
-    return KernelConfig(block_m=block_m, block_n=block_n, num_warps=8, num_stages=3)
+    small = min(64, tokens & -tokens)  # largest power of two dividing the tile, at most 64
+    wide = 128 if tokens % 128 == 0 else small
+    if mode.fp8:
+        return KernelConfig(block_m=small, block_n=wide, num_warps=4, num_stages=5)
+    return KernelConfig(block_m=wide, block_n=wide, num_warps=8 if wide == 128 else 4, num_stages=3)
 
 
 def smem_bytes(config: KernelConfig, head_dim: int, mode: Mode) -> int:
@@ -77,6 +86,10 @@ def infeasibility(
             reasons.append(f"{name}={b} is not a power of two >= 16")
         elif tokens % b:
             reasons.append(f"{name}={b} does not divide the tile's {tokens} tokens {list(tile)}")
+    if mode.fp8 and config.block_n < 32:
+        # P·V contracts over block_n; Hopper's fp8 MMA takes K >= 32 (seen failing to compile
+        # at 16 on the H100, Triton 3.6: docs/benchmarks.md).
+        reasons.append(f"block_n={config.block_n}: fp8 P·V needs block_n >= 32")
     if head_dim not in (64, 128):
         reasons.append(f"head_dim={head_dim} is not 64 or 128")
     smem = smem_bytes(config, head_dim, mode)

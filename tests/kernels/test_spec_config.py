@@ -231,9 +231,10 @@ def reasons_for(tile=(1, 16, 8), head_dim=128, mode=Mode.FP8_DENSE, limits=None,
     ("case", "expected"),
     [
         (
-            {"tile": (1, 8, 6), "block_m": 32, "block_n": 16},
+            {"tile": (1, 8, 6), "block_m": 32, "block_n": 16, "mode": Mode.BF16_SPARSE},
             "block_m=32 does not divide the tile's 48 tokens",
         ),
+        ({"tile": (1, 4, 8), "block_m": 32, "block_n": 16}, "fp8 P·V needs block_n >= 32"),
         ({"tile": (1, 8, 6), "block_m": 16, "block_n": 32}, "block_n=32 does not divide"),
         ({"block_n": 48}, "block_n=48 is not a power of two"),
         ({"block_m": 8}, "block_m=8 is not a power of two >= 16"),
