@@ -259,7 +259,10 @@ class Controller:
         if details:
             trial.set_user_attr("details", details)
         metrics = {**_numbers(result["attrs"]), **result["values"]}
-        cons = result["constraints"] or self.spec.constraint_values(metrics)
+        # Constraints bound quality, which only the schedule stage measures.
+        cons: dict[str, float] = {}
+        if self.source.stage == "schedule":
+            cons = result["constraints"] or self.spec.constraint_values(metrics)
         if cons:
             for name, value in cons.items():
                 trial.set_constraint(name, value)
