@@ -87,8 +87,14 @@ def study_status(
     """Trials by state, the front and the best values of a study."""
     from .catalog import study_status as status
 
-    rows = status(study, storage_url=storage)
-    _emit(rows, as_json)
+    info = status(study, storage_url=storage)
+    if as_json:
+        _emit(info, as_json)
+        return
+    front = info.pop("front")
+    _emit(info, False)
+    typer.echo("Pareto front (feasible trials):")
+    _emit(front, False)
 
 
 @study_app.command("list")
@@ -195,6 +201,7 @@ def main() -> None:
     import optuna
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     from .controller import TooManyFailures, WorkerStartError
 
     try:
