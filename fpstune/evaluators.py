@@ -113,9 +113,9 @@ class KernelEvaluator:
         def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             return attention(q, k, v, grid=grid, spec=run)
 
-        out = _run_checked(lambda: call(*sets[0]), what=_describe(run))
+        out = _run_checked(lambda: call(*sets[0]), what=run.describe())
         if not bool(torch.isfinite(out).all()):
-            raise CandidateError(f"{_describe(run)}: attention output is not finite")
+            raise CandidateError(f"{run.describe()}: attention output is not finite")
         del out
         timing = _run_checked(
             lambda: measure(
@@ -126,7 +126,7 @@ class KernelEvaluator:
                 flush_l2=len(sets) == 1,
                 device=self.device,
             ),
-            what=_describe(run),
+            what=run.describe(),
         )
         return Evaluation(
             values={LATENCY: timing.median_ms},
@@ -414,18 +414,6 @@ def _constraint(c: Any, names: Sequence[str]) -> tuple[str, Callable[[float], fl
         return str(name), lambda v: v - bound
     floor = float(lo)
     return str(name), lambda v: floor - v
-
-
-def _describe(spec: AttentionSpec) -> str:
-    parts = [spec.mode.value]
-    if spec.mode.sparse and spec.pattern is not None:
-        parts.append(f"sparsity {spec.sparsity:g} {spec.pattern.kind}")
-    if spec.tile:
-        parts.append("tile " + "x".join(str(t) for t in spec.tile))
-    if spec.kernel:
-        k = spec.kernel
-        parts.append(f"m{k.block_m}_n{k.block_n}_w{k.num_warps}_s{k.num_stages}")
-    return ", ".join(parts)
 
 
 def _plain(value: Any) -> Any:

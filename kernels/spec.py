@@ -97,6 +97,18 @@ class AttentionSpec(_Frozen):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)
 
+    def describe(self) -> str:
+        """One line for messages, e.g. ``fp8_sparse, sparsity 0.9 window, tile 1x16x8``."""
+        parts = [self.mode.value]
+        if self.mode.sparse and self.pattern is not None:
+            parts.append(f"sparsity {self.sparsity:g} {self.pattern.kind}")
+        if self.tile:
+            parts.append("tile " + "x".join(str(t) for t in self.tile))
+        if self.kernel:
+            k = self.kernel
+            parts.append(f"m{k.block_m}_n{k.block_n}_w{k.num_warps}_s{k.num_stages}")
+        return ", ".join(parts)
+
 
 class SpecError(ValueError):
     """A spec or policy that does not validate; `field` is a dotted path (``kernel.block_m``)."""

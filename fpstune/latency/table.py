@@ -318,18 +318,14 @@ class LatencyTable:
         self, attrs: Mapping[str, Any], *, study: str | None = None, trial: int | None = None
     ) -> LatencyRow:
         """Store a kernel-stage trial from the attrs `KernelEvaluator` returns."""
-        row = LatencyRow(
-            fingerprint=HardwareFingerprint.model_validate(attrs["fingerprint"]),
-            shape=AttentionShape.from_dict(attrs["shape"]),
-            spec=AttentionSpec.from_dict(attrs["spec"]),
-            median_ms=float(attrs["median_ms"]),
-            iqr_ms=float(attrs["iqr_ms"]),
-            reps=int(attrs["reps"]),
-            warmup=int(attrs["warmup"]),
-            method=str(attrs["method"]),
-            source=_check_source(attrs["latency_source"]),
-            study=study,
-            trial=trial,
+        row = LatencyRow.from_dict(
+            {
+                **attrs,
+                "source": attrs["latency_source"],
+                "study": study,
+                "trial": trial,
+                "created": dt.datetime.now(dt.UTC).isoformat(),
+            }
         )
         self.add([row])
         return row

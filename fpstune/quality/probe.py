@@ -120,7 +120,7 @@ class AttentionProbe:
             return hit
         layer, step = cell
         q, k, v = self.calibration.qkv(layer, step)
-        where = f"layer {layer}, step {step} ({_describe(spec)})"
+        where = f"layer {layer}, step {step} ({spec.describe()})"
         try:
             out = self._attention(q, k, v, grid=self._grid, spec=spec)
         except (SpecError, InfeasibleConfig) as e:
@@ -137,15 +137,6 @@ class AttentionProbe:
             self._cache.clear()
         self._cache[key] = metrics
         return metrics
-
-
-def _describe(spec: AttentionSpec) -> str:
-    parts = [spec.mode.value]
-    if spec.mode.sparse and spec.pattern is not None:
-        parts.append(f"sparsity {spec.sparsity:g} {spec.pattern.kind}")
-    if spec.tile:
-        parts.append("tile " + "x".join(str(t) for t in spec.tile))
-    return ", ".join(parts)
 
 
 def _is_compile_error(e: Exception) -> bool:
