@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import optuna
 
@@ -15,7 +15,7 @@ class CandidateSource(Protocol):
     stage: str
     study_name: str
     metric_names: list[str]
-    directions: list[str]
+    directions: list[Literal["minimize", "maximize"]]
 
     def suggest(self, trial: optuna.Trial) -> dict[str, Any]: ...
 
@@ -51,7 +51,7 @@ class KernelSource:
         self.bucket = bucket
         self.study_name = spec.study_name("kernel", bucket.key)
         self.metric_names = ["latency_ms"]
-        self.directions = ["minimize"]
+        self.directions: list[Literal["minimize", "maximize"]] = ["minimize"]
 
     def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
         spec = suggest_kernel(trial, self.spec.kernel_space, self.spec.model.head_dim, self.bucket)

@@ -172,7 +172,7 @@ class Controller:
                     busy += time.perf_counter() - t0
                     if time.monotonic() - last_beat >= HEARTBEAT_S:
                         for p in pending.values():
-                            retry_db(lambda p=p: self.storage.record_heartbeat(p.trial._trial_id))
+                            self._heartbeat(p.trial)
                         optuna.storages.fail_stale_trials(self.study)
                         # Other controllers may share the study: recount now and then.
                         complete = self._count(TrialState.COMPLETE)
@@ -281,6 +281,9 @@ class Controller:
         retry_db(lambda: self.study.tell(trial, values))
         self._streak = 0
         return p.actor, True
+
+    def _heartbeat(self, trial: optuna.Trial) -> None:
+        retry_db(lambda: self.storage.record_heartbeat(trial._trial_id))
 
     def _fail(self, trial: optuna.Trial, reason: str, *, retry: bool) -> None:
         log.info("trial %d failed: %s", trial.number, reason)

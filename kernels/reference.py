@@ -95,7 +95,9 @@ def reference_attention(
         qt = fake_quant_tiles(qt, tile_scales(qt, layout), layout)
         kt = fake_quant_tiles(kt, tile_scales(kt, layout), layout)
         vt = fake_quant_channels(vt, channel_scales(vt))
-    tile_mask = blocks.dense_mask(layout.n_tiles).to(q.device) if spec.mode.sparse else None
+    tile_mask = None
+    if blocks is not None:
+        tile_mask = blocks.dense_mask(layout.n_tiles).to(q.device)
     out = _attend(qt, kt, vt, layout, scale, tile_mask, fp8_p=spec.mode.fp8, q_chunk=q_chunk)
     return layout.from_tiles(out)
 

@@ -192,7 +192,7 @@ def test_default_tile_has_least_padding(grid):
 
 def test_default_tile_on_wan_grids_and_ties():
     assert default_tile((21, 30, 52)) == (2, 16, 4)  # 286 tiles; (1, 16, 8) would need 294
-    assert default_tile((21, 45, 80)) == (1, 16, 8)  # 21 x 3 x 10 tiles
+    assert default_tile((21, 45, 80)) == (1, 8, 16)  # 21 x 6 x 5 tiles, ties with (1, 16, 8)
     # Every candidate divides (4, 16, 32) exactly: the first candidate wins the tie.
     assert default_tile((4, 16, 32)) == _DEFAULT_TILE_CANDIDATES[0]
 
