@@ -150,6 +150,7 @@ class Controller:
                 complete = self._count(TrialState.COMPLETE)
                 while True:
                     if complete >= self.budget and not pending:
+                        self._settle_orphans()
                         break
                     idle = [a for a in actors if all(p.actor is not a for p in pending.values())]
                     want = self.budget - complete - len(pending)
@@ -229,6 +230,8 @@ class Controller:
         t0 = time.perf_counter()
         trial = retry_db(self.study.ask)
         self._sampler_s += time.perf_counter() - t0
+        # A first beat at once: a trial with no heartbeat at all is never found stale.
+        self._heartbeat(trial)
         candidate = self.source.suggest(trial)
         trial.set_user_attr("candidate", candidate)
         ref = actor.evaluate.remote(candidate)
@@ -281,6 +284,18 @@ class Controller:
         retry_db(lambda: self.study.tell(trial, values))
         self._streak = 0
         return p.actor, True
+
+    def _settle_orphans(self) -> None:
+        """Trials left RUNNING by a controller that died stop sending heartbeats; wait (at most
+        one grace period) until they are stale, so they end FAIL and re-queued, not RUNNING.
+        Trials of another live controller keep beating and are left alone."""
+        grace = self.storage.grace_period or 0
+        deadline = time.monotonic() + grace + HEARTBEAT_S
+        while time.monotonic() < deadline:
+            optuna.storages.fail_stale_trials(self.study)
+            if not self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                return
+            time.sleep(1.0)
 
     def _heartbeat(self, trial: optuna.Trial) -> None:
         retry_db(lambda: self.storage.record_heartbeat(trial._trial_id))
