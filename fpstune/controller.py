@@ -208,8 +208,9 @@ class Controller:
         opts: dict[str, Any] = {"num_gpus": 1} if gpus else {"num_cpus": 1}
         if gpus and self.workers > gpus:
             log.warning("%d workers asked for but the cluster has %d GPUs", self.workers, gpus)
-        cls = ray.remote(Worker).options(**opts, max_restarts=0)
-        actors = [self._new_worker(cls) for _ in range(self.workers)]
+        self._worker_cls = ray.remote(Worker).options(**opts, max_restarts=0)
+        self._worker_args = (self.spec.model_dump(mode="json"), self.source.stage, self.storage_url)
+        actors = [self._new_worker() for _ in range(self.workers)]
         # A worker that cannot set up (no GPU, no latency table) stops the run before any trial.
         errors = {e for e in ray.get([a.ready.remote() for a in actors]) if e}
         if errors:
@@ -218,13 +219,9 @@ class Controller:
             raise WorkerStartError("workers could not start: " + "; ".join(sorted(errors)))
         return actors
 
-    def _restart(self) -> Any:
-        gpus = int(ray.cluster_resources().get("GPU", 0))
-        opts: dict[str, Any] = {"num_gpus": 1} if gpus else {"num_cpus": 1}
-        return self._new_worker(ray.remote(Worker).options(**opts, max_restarts=0))
-
-    def _new_worker(self, cls: Any) -> Any:
-        return cls.remote(self.spec.model_dump(mode="json"), self.source.stage, self.storage_url)
+    def _new_worker(self) -> Any:
+        """A worker like the others (same resources and arguments), e.g. to replace a dead one."""
+        return self._worker_cls.remote(*self._worker_args)
 
     def _submit(self, actor: Any) -> tuple[ray.ObjectRef, _Pending]:
         t0 = time.perf_counter()
@@ -244,7 +241,7 @@ class Controller:
             result = ray.get(ref)
         except ray.exceptions.RayActorError as e:
             self._fail(p.trial, f"worker died: {_first_line(e)}", retry=True)
-            return self._restart(), False
+            return self._new_worker(), False
         except ray.exceptions.RayTaskError as e:
             self._fail(p.trial, f"worker error: {_first_line(e)}", retry=True)
             return p.actor, False

@@ -115,13 +115,11 @@ def export_policy(
     except CandidateError as e:
         raise BadInput(f"study {study.study_name}: trial {trial.number} fails again: {e}") from e
     remeasured = {k: again.values[k] for k in names if k in again.values}
+    policy = Policy.from_dict(candidate["policy"])
     if device.type == "cuda":  # check the composition against one measured end-to-end run
-        run = measure_policy_run(
-            Policy.from_dict(candidate["policy"]), device=device, batch=spec.model.batch, runs=2
-        )
+        run = measure_policy_run(policy, device=device, batch=spec.model.batch, runs=2)
         remeasured["end_to_end_ms"] = run.timing.median_ms
 
-    policy = Policy.from_dict(candidate["policy"])
     # The policy is for the GPU its latencies were measured on, with the configs measured there.
     policy = _pin_kernels(policy, again.attrs.get("latency_lookups", []))
     if "latency_fingerprint" in again.attrs:
