@@ -15,7 +15,8 @@ import os
 import re
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,12 +29,11 @@ from .latency.table import LatencyTable
 from .progress import StudyProgress
 from .spec.study import StudySpec
 from .storage import open_storage, retry_db
+from .trial_writes import TrialWriter, constraint_system_attrs, tell_values
 from .worker import Worker
 
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 5
-# The optuna-dashboard reads constraints only from this older system attribute (a list).
-_DASHBOARD_CONSTRAINTS_KEY = "constraints"
 
 
 def ensure_ray(address: str | None, workers: int) -> None:
@@ -69,10 +69,32 @@ class RunSummary:
     budget: int
     front_size: int
     elapsed_s: float
-    #: the controller's own time per trial this run (suggest, submit, tell, storage writes),
-    #: not counting the wait for workers, nor the sampler (``sampler_ms_per_trial``: study.ask)
+    #: the controller's own wall time per finished trial this run: everything its loop does
+    #: (suggest, attribute writes, tell, heartbeats, progress, Ray submit and get) except waiting
+    #: for workers and the sampler; with workers on the same cores it includes time they take
     overhead_ms_per_trial: float = 0.0
+    #: the sampler's wall time per trial: ``study.ask`` and its joint (relative) sampling
     sampler_ms_per_trial: float = 0.0
+    #: the controller thread's CPU time in the same two parts (no waiting for a core or the DB)
+    overhead_cpu_ms_per_trial: float = 0.0
+    sampler_cpu_ms_per_trial: float = 0.0
+
+
+@dataclass
+class _Stopwatch:
+    """Wall and controller-thread CPU time spent inside its ``with`` blocks."""
+
+    wall: float = 0.0
+    cpu: float = 0.0
+
+    @contextmanager
+    def __call__(self) -> Iterator[None]:
+        wall, cpu = time.perf_counter(), time.thread_time()
+        try:
+            yield
+        finally:
+            self.wall += time.perf_counter() - wall
+            self.cpu += time.thread_time() - cpu
 
 
 @dataclass
@@ -107,6 +129,8 @@ class Controller:
         self.max_retries = max_retries
         self.storage_url = storage_url
         self.storage = open_storage(storage_url, heartbeat_s=HEARTBEAT_S, max_retry=max_retries)
+        # A trial's parameters, and its attributes, each in one transaction, not one per item.
+        self.writer = TrialWriter(self.storage)
         self.latency_table = (
             LatencyTable.from_url(storage_url) if source.stage == "kernel" else None
         )
@@ -140,45 +164,45 @@ class Controller:
         self.study = self._open_study()
         optuna.storages.fail_stale_trials(self.study)
         pending: dict[ray.ObjectRef, _Pending] = {}
+        # The bar is also the run's tally of COMPLETE trials (the budget counts the study's).
         bar = StudyProgress(self.study, self.budget, enabled=self.progress)
-        last_beat = 0.0
         self._streak = 0  # failures in a row
-        busy, finished = 0.0, 0
-        self._sampler_s = 0.0
+        finished = 0
+        # Overhead = the loop's time less waiting for workers, the sampler and the final wait.
+        loop, waiting, settling, self._sampler = (_Stopwatch() for _ in range(4))
         try:
-            with bar:
-                complete = self._count(TrialState.COMPLETE)
+            with bar, loop():
+                bar.sync(self._trials())
+                last_beat = time.monotonic()
                 while True:
-                    if complete >= self.budget and not pending:
-                        self._settle_orphans()
+                    if bar.complete >= self.budget and not pending:
+                        with settling():
+                            self._settle_orphans()
+                        bar.sync(self._trials())
                         break
                     idle = [a for a in actors if all(p.actor is not a for p in pending.values())]
-                    want = self.budget - complete - len(pending)
-                    t0 = time.perf_counter()
+                    want = self.budget - bar.complete - len(pending)
                     for actor in idle[: max(0, want)]:
                         ref, p = self._submit(actor)
                         pending[ref] = p
-                    busy += time.perf_counter() - t0
                     if not pending:
                         break  # nothing left to run (the space is exhausted)
-                    done, _ = ray.wait(list(pending), num_returns=1, timeout=HEARTBEAT_S)
-                    t0 = time.perf_counter()
+                    with waiting():
+                        done, _ = ray.wait(list(pending), num_returns=1, timeout=HEARTBEAT_S)
                     for ref in done:
                         p = pending.pop(ref)
                         actor, ok = self._finish(ref, p)
                         finished += 1
-                        complete += ok
+                        bar.finished(complete=ok)
                         if actor is not p.actor:
                             actors[actors.index(p.actor)] = actor
-                    busy += time.perf_counter() - t0
                     if time.monotonic() - last_beat >= HEARTBEAT_S:
                         for p in pending.values():
                             self._heartbeat(p.trial)
                         optuna.storages.fail_stale_trials(self.study)
                         # Other controllers may share the study: recount now and then.
-                        complete = self._count(TrialState.COMPLETE)
+                        bar.sync(self._trials())
                         last_beat = time.monotonic()
-                    bar.update()
                     if should_stop():
                         break
                     if self._streak >= self.max_failures_in_a_row:
@@ -187,18 +211,24 @@ class Controller:
                         )
         finally:
             for p in pending.values():
-                self._fail(p.trial, "controller stopped before the trial finished", retry=True)
+                self._fail(p, "controller stopped before the trial finished", retry=True)
             for a in actors:
                 ray.kill(a, no_restart=True)
+        trials = self._trials()
+        own_wall = loop.wall - waiting.wall - settling.wall - self._sampler.wall
+        own_cpu = loop.cpu - waiting.cpu - settling.cpu - self._sampler.cpu
+        ms = 1000 / max(finished, 1)
         return RunSummary(
             study_name=self.study.study_name,
-            complete=self._count(TrialState.COMPLETE),
-            failed=self._count(TrialState.FAIL),
+            complete=sum(t.state == TrialState.COMPLETE for t in trials),
+            failed=sum(t.state == TrialState.FAIL for t in trials),
             budget=self.budget,
             front_size=len(self.study.best_trials),  # feasible trials only
             elapsed_s=time.monotonic() - start,
-            overhead_ms_per_trial=1000 * (busy - self._sampler_s) / max(finished, 1),
-            sampler_ms_per_trial=1000 * self._sampler_s / max(finished, 1),
+            overhead_ms_per_trial=own_wall * ms,
+            sampler_ms_per_trial=self._sampler.wall * ms,
+            overhead_cpu_ms_per_trial=own_cpu * ms,
+            sampler_cpu_ms_per_trial=self._sampler.cpu * ms,
         )
 
     # ----------------------------------------------------------------- helpers
@@ -224,13 +254,17 @@ class Controller:
         return self._worker_cls.remote(*self._worker_args)
 
     def _submit(self, actor: Any) -> tuple[ray.ObjectRef, _Pending]:
-        t0 = time.perf_counter()
-        trial = retry_db(self.study.ask)
-        self._sampler_s += time.perf_counter() - t0
+        with self._sampler():
+            trial = retry_db(self.study.ask)
+            # Optuna runs the sampler's joint (relative) sampling lazily, inside the first
+            # suggest, which follows at once anyway: run it here so it counts as the sampler's.
+            _ = trial.relative_params
         # A first beat at once: a trial with no heartbeat at all is never found stale.
         self._heartbeat(trial)
-        candidate = self.source.suggest(trial)
-        trial.set_user_attr("candidate", candidate)
+        with self.writer.hold_params(trial) as params:
+            candidate = self.source.suggest(trial)
+        retry_db(lambda: self.writer.write_params(trial._trial_id, params))
+        # The candidate is stored with the result (``_finish``, ``_fail``), in the same write.
         ref = actor.evaluate.remote(candidate)
         return ref, _Pending(trial, actor, candidate)
 
@@ -240,36 +274,35 @@ class Controller:
         try:
             result = ray.get(ref)
         except ray.exceptions.RayActorError as e:
-            self._fail(p.trial, f"worker died: {_first_line(e)}", retry=True)
+            self._fail(p, f"worker died: {_first_line(e)}", retry=True)
             return self._new_worker(), False
         except ray.exceptions.RayTaskError as e:
-            self._fail(p.trial, f"worker error: {_first_line(e)}", retry=True)
+            self._fail(p, f"worker error: {_first_line(e)}", retry=True)
             return p.actor, False
         if "error" in result:
-            self._fail(p.trial, result["error"], retry=False)
+            self._fail(p, result["error"], retry=False)
             return p.actor, False
         trial = p.trial
-        # Scalars as their own attributes; lists and mappings bundled into one ``details``
-        # attribute: each attribute is a storage round trip.
         attrs = result["attrs"]
-        for key, value in attrs.items():
-            if not isinstance(value, dict | list):
-                trial.set_user_attr(key, value)
+        # Scalars as their own user attributes, lists and mappings bundled into ``details``.
+        user: dict[str, Any] = {"candidate": p.candidate}
+        user.update({k: v for k, v in attrs.items() if not isinstance(v, dict | list)})
         details = {k: v for k, v in attrs.items() if isinstance(v, dict | list)}
         if details:
-            trial.set_user_attr("details", details)
+            user["details"] = details
         metrics = {**_numbers(result["attrs"]), **result["values"]}
         # Constraints bound quality, which only the schedule stage measures.
         cons: dict[str, float] = {}
         if self.source.stage == "schedule":
             cons = result["constraints"] or self.spec.constraint_values(metrics)
+        system: dict[str, Any] = {}
         if cons:
-            for name, value in cons.items():
-                trial.set_constraint(name, value)
-            trial.set_user_attr("constraints", cons)
-            self.storage.set_trial_system_attr(
-                trial._trial_id, _DASHBOARD_CONSTRAINTS_KEY, list(cons.values())
-            )
+            # Three forms: per name as Trial.set_constraint writes them (Optuna's samplers), the
+            # older list (optuna-dashboard), and a user attribute with the names.
+            user["constraints"] = cons
+            system = constraint_system_attrs(cons)
+        # All attributes in one transaction: written one by one, each is a storage round trip.
+        retry_db(lambda: self.writer.attrs(trial._trial_id, user=user, system=system))
         if self.latency_table is not None:
             table = self.latency_table
             retry_db(
@@ -278,7 +311,7 @@ class Controller:
                 )
             )
         values = [result["values"][name] for name in self.source.metric_names]
-        retry_db(lambda: self.study.tell(trial, values))
+        retry_db(lambda: tell_values(self.study, trial, values))
         self._streak = 0
         return p.actor, True
 
@@ -297,11 +330,13 @@ class Controller:
     def _heartbeat(self, trial: optuna.Trial) -> None:
         retry_db(lambda: self.storage.record_heartbeat(trial._trial_id))
 
-    def _fail(self, trial: optuna.Trial, reason: str, *, retry: bool) -> None:
+    def _fail(self, p: _Pending, reason: str, *, retry: bool) -> None:
+        trial = p.trial
         log.info("trial %d failed: %s", trial.number, reason)
         self._streak += 1
         self._last_reason = reason
-        trial.set_user_attr("fail_reason", reason)
+        user = {"fail_reason": reason, "candidate": p.candidate}
+        retry_db(lambda: self.writer.attrs(trial._trial_id, user=user))
         frozen = retry_db(lambda: self.study.tell(trial, state=TrialState.FAIL))
         if retry:
             self._requeue(frozen)
@@ -327,8 +362,8 @@ class Controller:
             )
         )
 
-    def _count(self, state: TrialState) -> int:
-        return len(retry_db(lambda: self.study.get_trials(deepcopy=False, states=(state,))))
+    def _trials(self) -> list[optuna.trial.FrozenTrial]:
+        return retry_db(lambda: self.study.get_trials(deepcopy=False))
 
 
 def _numbers(attrs: dict[str, Any]) -> dict[str, float]:

@@ -32,7 +32,7 @@ import torch
 from fpstune.kernels import AttentionSpec, Mode, attention
 from fpstune.kernels.fingerprint import HardwareFingerprint, current_fingerprint
 
-from .measure import measure
+from .measure import MIN_SAMPLE_MS, measure, warm_gpu
 from .table import AttentionShape, LatencyTable, NoLatencyRow, Source, resolve_spec
 
 _EPS = 1e-6
@@ -248,8 +248,10 @@ class MeasuredLatency:
         reps: int = 30,
         seed: int = 0,
         allow_cpu: bool = False,
+        min_sample_ms: float = MIN_SAMPLE_MS,
     ) -> None:
         self.device = torch.device(device)
+        self.min_sample_ms = min_sample_ms
         if self.device.type != "cuda" and not allow_cpu:
             raise ValueError(
                 f"measured latency needs a CUDA GPU; device is {self.device} "
@@ -257,6 +259,7 @@ class MeasuredLatency:
             )
         self.warmup, self.reps, self.seed = warmup, reps, seed
         self.fingerprint = current_fingerprint(self.device)
+        warm_gpu(self.device)
         self._cache: dict[tuple[AttentionSpec, AttentionShape], CallCost] = {}
         self._inputs: dict[AttentionShape, tuple[torch.Tensor, ...]] = {}
 
@@ -271,6 +274,7 @@ class MeasuredLatency:
                 warmup=self.warmup,
                 reps=self.reps,
                 device=self.device,
+                min_sample_ms=self.min_sample_ms,
             )
             hit = CallCost(timing.median_ms, timing.iqr_ms, used, timing.method)
             self._cache[key] = hit

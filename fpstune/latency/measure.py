@@ -1,12 +1,19 @@
-"""Timing one GPU op the way fpstune stores it: warm-up, cold L2 (or rotating inputs), per-rep
-CUDA events, median and IQR.
+"""Timing one GPU op the way fpstune stores it: warm-up, cold L2 (or rotating inputs), CUDA events
+around each sample, median and IQR.
 
 Why our own loop rather than ``triton.testing.do_bench``: do_bench takes warm-up and repetitions
 as *milliseconds* and derives the counts itself, so the stored ``reps``/``warmup`` would be
 estimates; it cannot rotate input sets; and it imports Triton, which the bf16_dense path (torch
 SDPA) does not otherwise need. The method is the same as do_bench's: a 256 MB buffer is zeroed
-before every rep outside the timed region (H100 L2 is 50 MB), and each rep is bracketed by its own
-pair of CUDA events, with one synchronisation at the end so the CPU never stalls the stream.
+before every sample outside the timed region (H100 L2 is 50 MB), and each sample is bracketed by its
+own pair of CUDA events, with one synchronisation at the end so the CPU never stalls the stream.
+
+A sample is ``calls_per_sample`` back-to-back calls (on rotating inputs when given), its time
+divided by that count. Short ops (under ``min_sample_ms``, e.g. the mini model's 0.2 ms calls) get
+several calls per sample, chosen from a timed probe call after warm-up: a single event pair around
+one launch-bound call times the launch gap too, while a model runs its attention calls back to
+back with the host ahead of the GPU, so per-call figures summed over a policy over-estimated the
+end-to-end run (13.5 % on the mini model, H100). Long ops keep one call per sample.
 
 The timed callable must be the whole op (``attention()`` including the pre-pass and block-index
 building), so host-side work that keeps the GPU waiting is part of the figure.
@@ -17,6 +24,7 @@ That path exists for tests; its figures are never GPU latencies.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -26,10 +34,17 @@ from typing import Any
 import torch
 
 MIN_REPS = 20
+#: Seconds of sustained load before a process's first GPU measurement. Measured on the H100: from
+#: idle, SDPA at 720p ran 60.6 ms, settling at 63.0 ms after about 20 s of load (boost clocks
+#: giving way to the sustained ones); the first minutes of a study were 4-5 % fast without this.
+GPU_WARMUP_S = 20.0
+MIN_SAMPLE_MS = 5.0
+MAX_CALLS_PER_SAMPLE = 64
 L2_FLUSH_BYTES = 256 * 1024 * 1024
 CPU_METHOD = "cpu-wallclock"
 
 _flush_buffers: dict[torch.device, torch.Tensor] = {}
+_warmed: set[torch.device] = set()
 
 
 @dataclass(frozen=True)
@@ -37,7 +52,8 @@ class Timing:
     """Median and interquartile range of ``reps`` timed runs after ``warmup`` untimed ones.
 
     ``method`` says how: ``cuda-events+flush-l2``, ``cuda-events+rotate4`` (four input sets),
-    both joined with ``+``, or ``cpu-wallclock``. ``samples_ms`` keeps every rep in call order.
+    ``x8`` (eight back-to-back calls per sample), joined with ``+``, or ``cpu-wallclock``.
+    ``samples_ms`` keeps every rep (per-call time of each sample) in order.
     """
 
     median_ms: float
@@ -46,6 +62,7 @@ class Timing:
     warmup: int
     method: str
     samples_ms: tuple[float, ...] = field(default=(), repr=False)
+    calls_per_sample: int = 1
 
     @property
     def is_gpu(self) -> bool:
@@ -73,6 +90,7 @@ def measure(
     flush_l2: bool = True,
     device: torch.device | str | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    min_sample_ms: float = MIN_SAMPLE_MS,
 ) -> Timing:
     """Time ``fn``: ``fn()``, or ``fn(*rotate[i % len(rotate)])`` for rep i with ``rotate``.
 
@@ -80,6 +98,8 @@ def measure(
     flush_l2: on CUDA, zero a 256 MB buffer before every rep (untimed). With ``rotate`` the input
       sets alone keep L2 cold when together they exceed it; flushing as well costs nothing timed.
     clock: the CPU path's clock, in seconds (tests pass a fake one); unused on CUDA.
+    min_sample_ms: on CUDA, calls shorter than this are timed several back to back per sample
+      (0 times every call alone).
 
     Raises ValueError for fewer than 20 reps, negative warm-up or an empty ``rotate``.
     """
@@ -93,21 +113,26 @@ def measure(
         raise ValueError("rotate: give at least one input set (or None)")
     dev = _resolve(device)
     calls = _calls(fn, rotate)
+    per = 1
     if dev.type == "cuda":
-        samples = _cuda_samples(calls, warmup, reps, dev, flush_l2)
+        samples, per = _cuda_samples(calls, warmup, reps, dev, flush_l2, min_sample_ms)
         parts = ["cuda-events"]
         if flush_l2:
             parts.append("flush-l2")
         if rotate is not None:
             parts.append(f"rotate{len(rotate)}")
+        if per > 1:
+            parts.append(f"x{per}")
         method = "+".join(parts)
     else:
         samples = _cpu_samples(calls, warmup, reps, clock)
         method = CPU_METHOD
-    return summarize(samples, warmup=warmup, method=method)
+    return summarize(samples, warmup=warmup, method=method, calls_per_sample=per)
 
 
-def summarize(samples_ms: Sequence[float], *, warmup: int, method: str) -> Timing:
+def summarize(
+    samples_ms: Sequence[float], *, warmup: int, method: str, calls_per_sample: int = 1
+) -> Timing:
     """Median and IQR (75th - 25th percentile, linear interpolation as numpy's default)."""
     if len(samples_ms) < 2:
         raise ValueError(f"need at least two samples, got {len(samples_ms)}")
@@ -119,6 +144,7 @@ def summarize(samples_ms: Sequence[float], *, warmup: int, method: str) -> Timin
         warmup=warmup,
         method=method,
         samples_ms=tuple(float(s) for s in samples_ms),
+        calls_per_sample=calls_per_sample,
     )
 
 
@@ -130,23 +156,48 @@ def _calls(fn: Callable[..., Any], rotate: Sequence[Sequence[Any]] | None) -> Ca
 
 
 def _cuda_samples(
-    call: Callable[[int], Any], warmup: int, reps: int, dev: torch.device, flush_l2: bool
-) -> list[float]:
+    call: Callable[[int], Any],
+    warmup: int,
+    reps: int,
+    dev: torch.device,
+    flush_l2: bool,
+    min_sample_ms: float,
+) -> tuple[list[float], int]:
     with torch.cuda.device(dev):
         buf = _flush_buffer(dev) if flush_l2 else None
         for i in range(warmup):
             call(i)
+        per = _calls_per_sample(call, warmup, min_sample_ms, dev)
         torch.cuda.synchronize(dev)
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
         ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        n = warmup + 1
         for i in range(reps):
             if buf is not None:
                 buf.zero_()
             starts[i].record()
-            call(warmup + i)
+            for _ in range(per):
+                call(n)
+                n += 1
             ends[i].record()
         torch.cuda.synchronize(dev)
-        return [s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)]
+        return [s.elapsed_time(e) / per for s, e in zip(starts, ends, strict=True)], per
+
+
+def _calls_per_sample(
+    call: Callable[[int], Any], i: int, min_sample_ms: float, dev: torch.device
+) -> int:
+    """Back-to-back calls per sample so that a sample lasts at least ``min_sample_ms``."""
+    if min_sample_ms <= 0:
+        return 1
+    torch.cuda.synchronize(dev)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    call(i)
+    end.record()
+    end.synchronize()
+    once = max(start.elapsed_time(end), 1e-3)
+    return max(1, min(MAX_CALLS_PER_SAMPLE, math.ceil(min_sample_ms / once)))
 
 
 def _cpu_samples(
@@ -168,6 +219,24 @@ def _flush_buffer(dev: torch.device) -> torch.Tensor:
         buf = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=dev)
         _flush_buffers[dev] = buf
     return buf
+
+
+def warm_gpu(device: torch.device | str, *, seconds: float = GPU_WARMUP_S) -> float:
+    """Run bf16 matmuls for ``seconds`` so the GPU's clocks reach their sustained state before
+    the first measurement; once per process and device. Returns the seconds spent (0: done)."""
+    dev = _resolve(device)
+    if dev.type != "cuda" or seconds <= 0 or dev in _warmed:
+        return 0.0
+    with torch.cuda.device(dev):
+        a = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            for _ in range(20):
+                a @ a
+            torch.cuda.synchronize(dev)
+        del a
+    _warmed.add(dev)
+    return time.perf_counter() - t0
 
 
 def _resolve(device: torch.device | str | None) -> torch.device:

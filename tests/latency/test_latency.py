@@ -120,6 +120,7 @@ def test_measure_statistics_on_a_fake_clock() -> None:
         "reps": 25,
         "warmup": 3,
         "method": "cpu-wallclock",
+        "calls_per_sample": 1,
     }
 
 
