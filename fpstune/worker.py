@@ -7,6 +7,7 @@ study storage: results go back to the controller, which alone asks and tells.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -16,6 +17,7 @@ from .evaluation import CandidateError, Evaluation, Evaluator
 from .evaluators import build_evaluator
 from .latency.table import stored_latency_table
 from .spec.study import StudySpec
+from .storage import retry_db
 
 
 class Worker:
@@ -44,12 +46,20 @@ class Worker:
         if self._setup_error is not None:
             raise RuntimeError(self._setup_error)
         try:
-            ev: Evaluation = self._evaluator.evaluate(candidate)
+            # Evaluating only reads (the latency table, cached per spec); a database restart or
+            # a dropped connection meanwhile is waited out and the evaluation repeated.
+            ev: Evaluation = retry_db(lambda: self._evaluator.evaluate(candidate))
         except CandidateError as e:
             return {"error": str(e)}
         except torch.cuda.OutOfMemoryError as e:
             torch.cuda.empty_cache()
             return {"error": f"CUDA out of memory: {str(e).splitlines()[0]}"}
+        # A NaN objective would make Optuna fail the trial without a reason (and a NaN
+        # constraint is refused by the storage): say which value it was instead.
+        for kind, named in (("objective", ev.values), ("constraint", ev.constraints)):
+            bad = sorted(name for name, v in named.items() if not math.isfinite(v))
+            if bad:
+                return {"error": f"{kind} {bad[0]} is {named[bad[0]]} (not finite)"}
         return {"values": ev.values, "constraints": ev.constraints, "attrs": ev.attrs}
 
     def pid(self) -> int:

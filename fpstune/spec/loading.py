@@ -37,9 +37,10 @@ class BadInput(errors.BadInput):
 
     def __init__(self, file: str | Path, field: str, message: str) -> None:
         self.file = str(file)
-        self.field = field
+        # A key from the file may hold a line break; the error stays one line.
+        self.field = field.replace("\r", "\\r").replace("\n", "\\n")
         self.message = " ".join(message.split())
-        super().__init__(": ".join(p for p in (self.file, field, self.message) if p))
+        super().__init__(": ".join(p for p in (self.file, self.field, self.message) if p))
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.file, self.field, self.message))
