@@ -13,7 +13,6 @@ import torch
 from fpstune import __version__
 from fpstune.kernels.fingerprint import HardwareFingerprint
 from fpstune.kernels.policy import Policy
-from fpstune.kernels.spec import AttentionSpec
 
 from .catalog import load_study_by_ref
 from .errors import BadInput
@@ -21,6 +20,7 @@ from .evaluation import CandidateError
 from .evaluators import build_evaluator
 from .latency.e2e import measure_policy_run
 from .latency.table import stored_latency_table
+from .pinning import pin_kernels
 from .spec.study import StudySpec
 from .storage import mask_url
 
@@ -121,7 +121,7 @@ def export_policy(
         remeasured["end_to_end_ms"] = run.timing.median_ms
 
     # The policy is for the GPU its latencies were measured on, with the configs measured there.
-    policy = _pin_kernels(policy, again.attrs.get("latency_lookups", []))
+    policy = pin_kernels(policy, again.attrs.get("latency_lookups", []))
     if "latency_fingerprint" in again.attrs:
         fingerprint = HardwareFingerprint.model_validate(again.attrs["latency_fingerprint"])
         policy = policy.replace(hardware=fingerprint)
@@ -157,23 +157,6 @@ def _provenance(
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "fpstune_version": __version__,
     }
-
-
-def _pin_kernels(policy: Policy, lookups: list[dict[str, Any]]) -> Policy:
-    """Give each spec the tile and kernel config its latency was composed from."""
-    used = {
-        AttentionSpec.from_dict(lk["requested"]): AttentionSpec.from_dict(lk["used"])
-        for lk in lookups
-    }
-
-    def pin(spec: AttentionSpec) -> AttentionSpec:
-        u = used.get(spec)
-        if u is None or u.kernel is None or (spec.tile is not None and u.tile != spec.tile):
-            return spec
-        return spec.model_copy(update={"tile": u.tile, "kernel": u.kernel})
-
-    entries = [e.model_copy(update={"spec": pin(e.spec)}) for e in policy.entries]
-    return policy.replace(default=pin(policy.default), entries=tuple(entries))
 
 
 def _trial_by_number(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
