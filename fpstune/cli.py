@@ -11,6 +11,9 @@ from typing import Annotated, Any
 
 import typer
 
+from .cli_baselines import baselines_cmd
+from .cli_capture import capture_cmd
+from .cli_model import model_app
 from .errors import BAD_INPUT_ERRORS
 
 app = typer.Typer(
@@ -25,6 +28,9 @@ latency_app = typer.Typer(no_args_is_help=True, help="Move kernel latency tables
 app.add_typer(study_app, name="study")
 app.add_typer(policy_app, name="policy")
 app.add_typer(latency_app, name="latency")
+app.add_typer(model_app, name="model")
+app.command("baselines")(baselines_cmd)
+app.command("capture")(capture_cmd)
 
 StorageOpt = Annotated[
     str,
@@ -56,6 +62,12 @@ def study_run(
         str | None, typer.Option(help="Address of an existing Ray cluster (default: local Ray).")
     ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    max_retries: Annotated[
+        int,
+        typer.Option(
+            min=0, help="Re-runs of a trial whose worker or controller died (same parameters)."
+        ),
+    ] = 2,
 ) -> None:
     """Run (or resume) a study until it has its budget of complete trials."""
     from .runner import run_study
@@ -68,13 +80,16 @@ def study_run(
         stage=stage,
         ray_address=ray_address,
         progress=progress,
+        max_retries=max_retries,
     )
     for s in summaries:
         typer.echo(
             f"{s.study_name}: {s.complete}/{s.budget} complete, {s.failed} failed, "
             f"front {s.front_size}, {s.elapsed_s:.1f} s, "
             f"controller overhead {s.overhead_ms_per_trial:.1f} ms/trial "
-            f"(+ sampler {s.sampler_ms_per_trial:.1f} ms/trial)"
+            f"({s.overhead_cpu_ms_per_trial:.1f} ms CPU), "
+            f"sampler {s.sampler_ms_per_trial:.1f} ms/trial "
+            f"({s.sampler_cpu_ms_per_trial:.1f} ms CPU)"
         )
 
 
@@ -146,12 +161,21 @@ def policy_validate(
     hardware_check: Annotated[
         bool, typer.Option(help="Compare the policy's GPU with this machine's.")
     ] = True,
+    study: Annotated[
+        Path | None, typer.Option(help="Also check the policy fits this study's model shape.")
+    ] = None,
 ) -> None:
     """Validate a policy file as the runtime would load it."""
     from fpstune.kernels.policy import Policy
 
+    from .spec.study import load_study
+
+    model = load_study(study).model.shape() if study is not None else None
     policy = Policy.load(
-        file, hardware="auto" if hardware_check else None, allow_other_gpu=allow_other_gpu
+        file,
+        model=model,
+        hardware="auto" if hardware_check else None,
+        allow_other_gpu=allow_other_gpu,
     )
     typer.echo(f"{file}: ok ({policy.model.name}, {len(policy.entries)} entries)")
 
@@ -179,6 +203,59 @@ def latency_export(
     typer.echo(f"{output}: {n} rows")
 
 
+@app.command("dashboard")
+def dashboard(
+    storage: StorageOpt = DEFAULT_STORAGE,
+    host: Annotated[
+        str, typer.Option(help="Address to bind; loopback by default (the dashboard has no login).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port; 0 picks a free one.")] = 8080,
+    artifacts: Annotated[
+        Path | None,
+        typer.Option(
+            help="Artifact folder (schedule heatmaps, latency splits, policy previews); "
+            "default <db>-artifacts beside an SQLite file, none for a server database."
+        ),
+    ] = None,
+    annotate_every: Annotated[
+        float,
+        typer.Option(help="Seconds between attaching notes and artifacts to new trials; 0: once."),
+    ] = 30.0,
+) -> None:
+    """Open the studies in optuna-dashboard: named axes, feasibility, baselines, per-trial notes
+    and artifacts. Missing notes and artifacts are attached to complete trials first."""
+    from fpstune.dashboard.server import serve
+
+    try:
+        serve(
+            storage,
+            host=host,
+            port=port,
+            artifacts=artifacts,
+            annotate_every_s=annotate_every,
+            echo=typer.echo,
+        )
+    except KeyboardInterrupt:
+        typer.echo("dashboard stopped")
+
+
+@app.command("report")
+def report(
+    study: Annotated[str, typer.Argument(help="Study name or study YAML.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="HTML file to write.")],
+    storage: StorageOpt = DEFAULT_STORAGE,
+) -> None:
+    """Write one self-contained HTML page (plotly): Pareto front with baselines, hypervolume
+    history, knee-point schedules, the kernel latency table and the hardware fingerprint."""
+    from fpstune.dashboard.report import write_report
+
+    info = write_report(study, storage_url=storage, output=output)
+    typer.echo(
+        f"{output}: {info.study}, {len(info.front.points)} complete trials, "
+        f"front of {len(info.front.front)}"
+    )
+
+
 def _emit(rows: Any, as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps(rows, indent=2, default=str))
@@ -203,13 +280,14 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     from .controller import TooManyFailures, WorkerStartError
+    from .storage import StorageUnavailable, db_error_line
 
     try:
         app(standalone_mode=False)
     except BAD_INPUT_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except (WorkerStartError, TooManyFailures) as e:
+    except (WorkerStartError, TooManyFailures, StorageUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except (typer.Abort, KeyboardInterrupt):
@@ -218,9 +296,16 @@ def main() -> None:
     except Exception as e:
         import click
 
-        if isinstance(e, click.exceptions.Exit):
+        if isinstance(e, click.exceptions.Exit | typer.Exit):
             sys.exit(e.exit_code)
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(2 if isinstance(e, click.UsageError) else 1)
+        # click's errors, or those of the click that typer vendors: one line naming the option
+        # (usage errors exit 2, like bad input).
+        code = getattr(e, "exit_code", None)
+        if hasattr(e, "format_message") and isinstance(code, int):
+            print(f"error: {' '.join(e.format_message().split())}", file=sys.stderr)
+            sys.exit(code)
+        line = db_error_line(e)  # a database error outside the storage layer, password masked
+        if line is not None:
+            print(f"error: {line}", file=sys.stderr)
+            sys.exit(1)
         raise

@@ -35,7 +35,7 @@ from fpstune.kernels import (
 from fpstune.kernels.fingerprint import HardwareFingerprint, current_fingerprint, same_gpu_type
 
 from .latency.compose import CallLatency, MeasuredLatency, TableLatency, compose_with
-from .latency.measure import CPU_METHOD, measure
+from .latency.measure import CPU_METHOD, GPU_WARMUP_S, measure, warm_gpu
 from .latency.table import (
     AttentionShape,
     LatencyTable,
@@ -44,6 +44,7 @@ from .latency.table import (
     resolve_spec,
     shipped_tables,
 )
+from .latency.target import TargetShapeLatency
 from .quality.calibration import (
     CalibrationSet,
     check_fits,
@@ -80,12 +81,14 @@ class KernelEvaluator:
         rotate_inputs: bool = True,
         seed: int = 0,
         allow_cpu: bool = False,
+        gpu_warmup_s: float = GPU_WARMUP_S,
     ) -> None:
         self.device = torch.device(device)
         if self.device.type != "cuda" and not allow_cpu:
             raise ValueError(
                 f"the kernel stage measures GPU latency and needs a CUDA device; got {self.device}"
             )
+        warm_gpu(self.device, seconds=gpu_warmup_s)
         self.shape = shape
         self.warmup, self.reps = warmup, reps
         self.rotate_inputs = rotate_inputs
@@ -213,7 +216,7 @@ class ScheduleEvaluator:
             )
         else:
             self.latency = latency
-            if isinstance(latency, TableLatency):
+            if latency.kind == "table":
                 shape = AttentionShape.of_model(model, batch=batch)
                 try:
                     latency.cost(AttentionSpec(mode=Mode.BF16_DENSE), shape)
@@ -297,6 +300,31 @@ def build_evaluator(
             )
     else:
         source = _table_source(latency_table, device)
+    target = spec.latency.target
+    if target is not None:
+        if not isinstance(source, TableLatency):
+            source = _table_source(latency_table, device)
+        source = TargetShapeLatency(
+            source,
+            target=AttentionShape(
+                batch=model.batch, heads=target.heads, head_dim=target.head_dim, grid=target.grid
+            ),
+            scale=(target.layers * target.steps) / (model.layers * model.steps),
+        )
+    probes: list[QualityProbe] = []
+    e2e = spec.end_to_end
+    if e2e is not None:
+        from .quality.e2e import mini_probe
+
+        probes.append(
+            mini_probe(
+                seeds=e2e.seeds,
+                steps=model.steps,
+                guidance=e2e.guidance,
+                device=device,
+                weights=e2e.weights,
+            )
+        )
     return ScheduleEvaluator(
         model.shape(),
         _calibration(spec),
@@ -304,6 +332,7 @@ def build_evaluator(
         constraints=spec.constraints,
         device=device,
         batch=model.batch,
+        probes=probes,
         measure_warmup=spec.latency.warmup,
         measure_reps=spec.latency.reps,
     )

@@ -102,8 +102,9 @@ class Objective(Frozen):
     @model_validator(mode="before")
     @classmethod
     def _natural(cls, data: Any) -> Any:
-        if not isinstance(data, dict) or data.get("name") not in NATURAL_DIRECTION:
-            return data
+        name = data.get("name") if isinstance(data, dict) else None
+        if not isinstance(name, str) or name not in NATURAL_DIRECTION:
+            return data  # the name's own error comes from the field
         natural = NATURAL_DIRECTION[data["name"]]
         direction = data.get("direction")
         if direction is None:
@@ -200,7 +201,7 @@ class SamplerSpec(Frozen):
         options = data.get("options")
         if options is None:
             options = {}
-        if name not in _OPTIONS or isinstance(options, Frozen):
+        if not isinstance(name, str) or name not in _OPTIONS or isinstance(options, Frozen):
             return data  # the name's own error comes from the field
         if not isinstance(options, dict):
             raise at("options", f"expected a mapping of {name} options, got {show(options)}")
@@ -301,13 +302,60 @@ class CalibrationSpec(Frozen):
         return tuple(range(model.layers)) if self.layers == "all" else self.layers
 
 
+class TargetShape(Frozen):
+    """The deployment shape a proxy model's schedule is costed at (see `latency.target`)."""
+
+    heads: PosInt
+    head_dim: PosInt
+    grid: tuple[PosInt, PosInt, PosInt]
+    layers: Annotated[int, Strict(), Field(ge=1, le=1000)]
+    steps: Annotated[int, Strict(), Field(ge=1, le=1000)]
+
+
 class LatencySpec(Frozen):
     """How one latency is measured: ``warmup`` untimed runs, then ``reps`` timed ones (median and
-    IQR kept); ``rotate_inputs`` cycles through enough input copies to defeat the L2 cache."""
+    IQR kept); ``rotate_inputs`` cycles through enough input copies to defeat the L2 cache.
+
+    ``target``: cost the schedule at this shape instead of the model's own (a proxy model such
+    as ``mini``, whose own calls are launch-bound): per-call latencies come from a table measured
+    at the target shape, scaled to the target's layers x steps (`latency.target`).
+    """
 
     warmup: NonNegInt = 10
     reps: Annotated[int, Strict(), Field(ge=20)] = 50
     rotate_inputs: Annotated[bool, Strict()] = True
+    target: TargetShape | None = None
+
+
+class EndToEndSpec(Frozen):
+    """End-to-end quality (``psnr``, ``psnr_min``, ``ssim``): generate videos with the policy
+    and with BF16 dense from the same ``seeds`` (one video each) and compare. ``weights``: the
+    mini model's safetensors (relative to the study file; default: the packaged ones)."""
+
+    seeds: tuple[NonNegInt, ...] = (0, 1, 2, 3)
+    guidance: Annotated[float, Field(ge=1.0, le=30.0, allow_inf_nan=False)] = 5.0
+    weights: str | None = None
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v:
+            raise ValueError("empty list (give at least one seed)")
+        if len(set(v)) != len(v):
+            raise ValueError(f"duplicate seed in {list(v)}")
+        return v
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: str | None, info: ValidationInfo) -> str | None:
+        if v is None:
+            return v
+        path = (Path((info.context or {}).get("base_dir", ".")) / v).resolve()
+        if path.suffix != ".safetensors":
+            raise ValueError(f"expected a .safetensors file, got {v!r}")
+        if not path.is_file():
+            raise ValueError(f"no such file: {path}")
+        return str(path)
 
 
 # -- the study --------------------------------------------------------------------------------
@@ -331,6 +379,7 @@ class StudySpec(Frozen):
     trials: TrialBudget
     calibration: CalibrationSpec = CalibrationSpec()
     latency: LatencySpec = LatencySpec()
+    end_to_end: EndToEndSpec | None = None
 
     _source: Path | None = PrivateAttr(default=None)
 
@@ -405,6 +454,32 @@ class StudySpec(Frozen):
                 raise at(
                     f"calibration.{field}", f"index {idx[-1]} is outside the model's {n} {field}"
                 )
+        if self.end_to_end is not None and model.adapter != "mini":
+            raise at(
+                "end_to_end",
+                f"end-to-end quality runs the embedded mini model; adapter is {model.adapter} "
+                "(for a real checkpoint, capture a calibration set with `fpstune capture`)",
+            )
+        produced = {"latency_ms", "rel_l2", "cosine"} | (
+            {"psnr", "ssim"} if self.end_to_end is not None else set()
+        )
+        named: tuple[tuple[str, Sequence[Objective | Constraint]], ...] = (
+            ("objectives", self.objectives),
+            ("constraints", self.constraints),
+        )
+        for kind, items in named:
+            for i, item in enumerate(items):
+                if item.name not in produced:
+                    raise at(
+                        f"{kind}.{i}.name",
+                        f"{item.name} is not measured by this study "
+                        f"(it measures {', '.join(sorted(produced))}"
+                        + (
+                            "; add an end_to_end section for psnr/ssim)"
+                            if item.name in ("psnr", "ssim")
+                            else ")"
+                        ),
+                    )
         kfile, kprefix = _where(self.kernel_space, file, "kernel_space")
         sfile, sprefix = _where(self.schedule_space, file, "schedule_space")
         _check_kernel_space(self.kernel_space, model, file=kfile, prefix=kprefix)
@@ -540,11 +615,13 @@ def load_study(path: str | Path) -> StudySpec:
 __all__ = [
     "CalibrationSpec",
     "Constraint",
+    "EndToEndSpec",
     "LatencySpec",
     "ModelSpec",
     "Objective",
     "SamplerSpec",
     "StudySpec",
+    "TargetShape",
     "TrialBudget",
     "load_model",
     "load_space",

@@ -56,8 +56,12 @@ def test_every_study_loads(path: Path) -> None:
     assert study.source == str(path)
     assert study.name == path.stem
     assert study.kernel_space.source.endswith(".yaml")
-    assert study.metric_names == ["latency_ms", "rel_l2"]
-    assert study.directions == ["minimize", "minimize"]
+    if study.end_to_end is None:
+        assert study.metric_names == ["latency_ms", "rel_l2"]
+        assert study.directions == ["minimize", "minimize"]
+    else:  # scored end to end on the mini model
+        assert study.metric_names == ["latency_ms", "psnr"]
+        assert study.directions == ["minimize", "maximize"]
 
 
 @pytest.mark.parametrize("path", SPACES, ids=lambda p: p.stem)
@@ -132,9 +136,28 @@ def test_objective_direction_defaults_to_natural(tmp_path: Path) -> None:
     data = _mini()
     data["objectives"] = [{"name": "latency_ms"}, {"name": "psnr"}]
     data["constraints"] = [{"name": "psnr", "min": 30.0}]
+    with pytest.raises(BadInput, match=r"objectives\.1\.name: psnr is not measured"):
+        _load(tmp_path, data)
+    data["model"] = {**data["model"], "adapter": "mini"}
+    data["end_to_end"] = {"seeds": [0, 1]}
     study = _load(tmp_path, data)
     assert study.directions == ["minimize", "maximize"]
     assert study.constraint_values({"psnr": 32.0}) == {"psnr": -2.0}
+    assert study.end_to_end is not None and study.end_to_end.seeds == (0, 1)
+
+
+def test_end_to_end_needs_the_mini_adapter_and_distinct_seeds(tmp_path: Path) -> None:
+    data = _mini()
+    data["end_to_end"] = {"seeds": [0]}
+    with pytest.raises(BadInput, match=r"end_to_end: end-to-end quality runs the embedded mini"):
+        _load(tmp_path, data)
+    data["model"] = {**data["model"], "adapter": "mini"}
+    data["end_to_end"] = {"seeds": [3, 3]}
+    with pytest.raises(BadInput, match=r"end_to_end\.seeds: .*duplicate seed"):
+        _load(tmp_path, data)
+    data["end_to_end"] = {"seeds": [0], "weights": "nope.safetensors"}
+    with pytest.raises(BadInput, match=r"end_to_end\.weights: .*no such file"):
+        _load(tmp_path, data)
 
 
 def test_inline_spaces_and_calibration_file(tmp_path: Path) -> None:

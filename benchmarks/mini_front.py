@@ -1,0 +1,119 @@
+"""Issue 4's check on a finished mini-e2e run: does the front beat every baseline, and does
+the sampler beat random search?
+
+    python benchmarks/mini_front.py --storage sqlite:///mini-e2e.db \
+        [--study mini-e2e:schedule] [--random mini-e2e-random:schedule] [--at 100]
+
+For each baseline (trials marked ``baseline`` by `fpstune baselines`): the best PSNR among the
+search's trials whose latency is at most the baseline's (the front's value there), and the
+difference (goal: at least +1 dB for every baseline). Hypervolume after ``--at`` trials, for
+the study's sampler and for the random-search study, in (latency, -PSNR) space with the
+reference point (the slowest latency seen, the constraint's PSNR floor); only feasible trials
+count. Optuna's hypervolume routine is private
+(``optuna._hypervolume.compute_hypervolume``); it is the one its samplers use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna._hypervolume import compute_hypervolume
+from optuna.trial import TrialState
+
+
+def search_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if "baseline" not in t.user_attrs
+    ]
+
+
+def feasible(t: optuna.trial.FrozenTrial) -> bool:
+    cons = t.user_attrs.get("constraints") or {}
+    return all(v <= 0 for v in cons.values())
+
+
+def hypervolume(trials: list[optuna.trial.FrozenTrial], ref: tuple[float, float]) -> float:
+    pts = np.array(
+        [[t.values[0], -t.values[1]] for t in trials if feasible(t)], dtype=float
+    ).reshape(-1, 2)
+    pts = pts[(pts[:, 0] < ref[0]) & (pts[:, 1] < ref[1])]
+    if len(pts) == 0:
+        return 0.0
+    return float(compute_hypervolume(pts, np.array(ref, dtype=float)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--storage", required=True)
+    ap.add_argument("--study", default="mini-e2e:schedule")
+    ap.add_argument("--random", default="mini-e2e-random:schedule")
+    ap.add_argument("--at", type=int, default=100)
+    ap.add_argument("--psnr-floor", type=float, default=25.0)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    study = optuna.load_study(study_name=args.study, storage=args.storage)
+    trials = search_trials(study)
+    base = {
+        t.user_attrs["baseline"]: t
+        for t in study.get_trials(deepcopy=False)
+        if "baseline" in t.user_attrs
+    }
+    out: dict[str, Any] = {"trials": len(trials), "baselines": {}}
+    print(f"{args.study}: {len(trials)} search trials, {len(base)} baselines")
+    print(
+        f"{'baseline':22} {'latency ms':>11} {'PSNR':>7} | "
+        f"{'best front PSNR at <= latency':>30} {'diff':>7}"
+    )
+    for name, b in sorted(base.items()):
+        lat, psnr = b.values
+        # The front at this latency: every search trial counts (a baseline below the study's
+        # PSNR constraint is compared with the best the search found there, feasible or not).
+        cands = [t for t in trials if t.values[0] <= lat]
+        best = max(cands, key=lambda t: t.values[1]) if cands else None
+        diff = best.values[1] - psnr if best else float("nan")
+        shown = (
+            f"{best.values[1]:7.2f} (trial {best.number}, {best.values[0]:.0f} ms)"
+            if best
+            else "none"
+        )
+        print(f"{name:22} {lat:11.1f} {psnr:7.2f} | {shown:>30} {diff:+7.2f}")
+        out["baselines"][name] = {
+            "latency_ms": lat,
+            "psnr": psnr,
+            "best_psnr_at_or_below": best.values[1] if best else None,
+            "best_trial": best.number if best else None,
+            "diff_db": diff,
+        }
+    bf16 = max(t.values[0] for t in trials + list(base.values()))
+    ref = (bf16, -args.psnr_floor)
+    first = sorted(trials, key=lambda t: t.number)[: args.at]
+    hv = {"sampler": hypervolume(first, ref)}
+    try:
+        rnd = sorted(
+            search_trials(optuna.load_study(study_name=args.random, storage=args.storage)),
+            key=lambda t: t.number,
+        )[: args.at]
+        hv["random"] = hypervolume(rnd, ref)
+        hv["random_trials"] = len(rnd)
+    except KeyError:
+        pass
+    hv["sampler_trials"] = len(first)
+    out["hypervolume"] = {**hv, "reference": list(ref)}
+    print(
+        f"hypervolume after {args.at} trials "
+        f"(ref latency {ref[0]:.0f} ms, PSNR {args.psnr_floor}):",
+        hv,
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

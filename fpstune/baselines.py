@@ -1,0 +1,220 @@
+"""Hand-set schedules the search must beat, scored with the study's own evaluator.
+
+- ``fp8_dense_all``: every step and layer FP8 dense.
+- ``fpsattention_3phase``: an FPSAttention-like hand-set schedule: the first 20 % of steps BF16
+  dense (layout forms), then FP8 dense to 50 %, then FP8 + a 3D-window at 75 % sparsity.
+- ``sta_window``: STA-like: the first 25 % of steps dense (BF16), then a fixed 3D window at 90 %
+  sparsity (STA runs its window in BF16; fpstune's sparse kernels are FP8, so FP8 here).
+- ``ditfastattn_greedy``: DiTFastAttn-style plan: per step and layer, the most aggressive option
+  (window 90 / 75 / 50 %, then FP8 dense, then BF16 dense) whose attention output stays within
+  ``threshold`` relative L2 of BF16 dense on that cell's Q/K/V along the reference trajectory.
+
+`add_baselines` evaluates each through the study's `ScheduleEvaluator` (same latency accounting
+and quality probes as every trial) and stores it as a COMPLETE trial with the user attribute
+``baseline`` = its name, so the dashboard and reports show it beside the front; the search budget
+does not count them. Re-running skips baselines already stored.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+
+from fpstune.kernels import AttentionSpec, Mode, attention
+from fpstune.kernels.fingerprint import current_fingerprint
+from fpstune.kernels.policy import ModelShape, Policy, PolicyEntry
+
+from .trial_writes import constraint_system_attrs
+
+NAMES = ("fp8_dense_all", "fpsattention_3phase", "sta_window", "ditfastattn_greedy")
+BF16 = AttentionSpec(mode=Mode.BF16_DENSE)
+FP8 = AttentionSpec(mode=Mode.FP8_DENSE)
+
+
+def window(sparsity: float) -> AttentionSpec:
+    return AttentionSpec.from_dict(
+        {"mode": "fp8_sparse", "sparsity": sparsity, "pattern": {"kind": "window"}}
+    )
+
+
+GREEDY_OPTIONS = (window(0.9), window(0.75), window(0.5), FP8, BF16)
+
+Cells = Mapping[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def _phases(model: ModelShape, hardware: Any, phases: list[tuple[float, AttentionSpec]]) -> Policy:
+    """``phases``: (fraction of steps where the phase ends, spec); the last one is the default."""
+    entries, start = [], 0
+    for end, spec in phases[:-1]:
+        stop = max(start, min(model.steps, math.ceil(end * model.steps)))
+        if stop > start:
+            entries.append(PolicyEntry(steps=(start, stop), layers=(0, model.layers), spec=spec))
+        start = stop
+    return Policy(model=model, hardware=hardware, default=phases[-1][1], entries=tuple(entries))
+
+
+def fixed_baselines(model: ModelShape, hardware: Any) -> dict[str, Policy]:
+    """The three hand-set schedules (no data needed)."""
+    return {
+        "fp8_dense_all": Policy(model=model, hardware=hardware, default=FP8),
+        "fpsattention_3phase": _phases(
+            model, hardware, [(0.2, BF16), (0.5, FP8), (1.0, window(0.75))]
+        ),
+        "sta_window": _phases(model, hardware, [(0.25, BF16), (1.0, window(0.9))]),
+    }
+
+
+def greedy_plan(
+    model: ModelShape,
+    hardware: Any,
+    cells: Cells,
+    *,
+    grid: tuple[int, int, int],
+    threshold: float = 0.05,
+    options: tuple[AttentionSpec, ...] = GREEDY_OPTIONS,
+) -> tuple[Policy, dict[str, Any]]:
+    """DiTFastAttn-style greedy plan from the Q/K/V of every (layer, step) cell."""
+    entries, chosen = [], {}
+    for (layer, step), (q, k, v) in sorted(cells.items()):
+        ref = attention(q, k, v, grid=grid, spec=BF16).float()
+        pick = options[-1]
+        for spec in options:
+            out = attention(q, k, v, grid=grid, spec=spec).float()
+            err = float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+            if err <= threshold:
+                pick = spec
+                break
+        chosen[f"{layer},{step}"] = pick.describe()
+        if pick != BF16:
+            entries.append(
+                PolicyEntry(steps=(step, step + 1), layers=(layer, layer + 1), spec=pick)
+            )
+    policy = Policy(model=model, hardware=hardware, default=BF16, entries=tuple(entries))
+    return policy, {"threshold": threshold, "cells": chosen}
+
+
+def reference_cells(
+    probe: Any,
+) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Q/K/V of every self-attention call of the BF16-dense reference run of an
+    `EndToEndProbe` (its transformer, seeds and sampling)."""
+    from fpstune.models.loop import denoise
+
+    cells: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def keep(layer: int, step: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        cells[(layer, step)] = (q.detach().clone(), k.detach().clone(), v.detach().clone())
+
+    router = probe.router
+    router.reset()
+    router.policy, router.observer, tracking = None, keep, router.track_errors
+    router.track_errors = False
+    try:
+        denoise(probe.transformer, router, probe.conditions, probe.sampling)
+    finally:
+        router.observer, router.track_errors = None, tracking
+    return cells
+
+
+def add_baselines(
+    study: optuna.Study,
+    evaluator: Any,
+    policies: Mapping[str, Policy],
+    *,
+    metric_names: list[str],
+    notes: Mapping[str, dict[str, Any]] | None = None,
+) -> dict[str, dict[str, float]]:
+    """Evaluate and store each baseline as a marked COMPLETE trial (skipping stored ones);
+    returns name -> objective values."""
+    stored = {
+        t.user_attrs["baseline"]: t
+        for t in study.get_trials(deepcopy=False)
+        if "baseline" in t.user_attrs
+    }
+    out: dict[str, dict[str, float]] = {}
+    for name, policy in policies.items():
+        if name in stored:
+            t = stored[name]
+            out[name] = dict(zip(metric_names, t.values or [], strict=False))
+            continue
+        ev = evaluator.evaluate({"stage": "schedule", "policy": policy.to_dict()})
+        user: dict[str, Any] = {"baseline": name, "policy": policy.to_dict()}
+        user.update({k: v for k, v in ev.attrs.items() if not isinstance(v, dict | list)})
+        details = {k: v for k, v in ev.attrs.items() if isinstance(v, dict | list)}
+        if notes and name in notes:
+            details["baseline_notes"] = notes[name]
+        user["details"] = details
+        if ev.constraints:
+            user["constraints"] = ev.constraints
+        trial = optuna.trial.create_trial(
+            values=[ev.values[m] for m in metric_names],
+            user_attrs=user,
+            system_attrs=constraint_system_attrs(ev.constraints) if ev.constraints else {},
+        )
+        study.add_trial(trial)
+        out[name] = {m: ev.values[m] for m in metric_names}
+    return out
+
+
+def run_baselines(
+    study_file: str | Path,
+    *,
+    storage_url: str,
+    threshold: float = 0.05,
+    device: torch.device | str = "cpu",
+) -> dict[str, dict[str, float]]:
+    """`fpstune baselines`: evaluate the four baselines with the study's schedule evaluator and
+    store them in its schedule study (created if the search has not run yet)."""
+    from .evaluators import ScheduleEvaluator, build_evaluator
+    from .quality.e2e import EndToEndProbe
+    from .quality.probe import AttentionProbe
+    from .spec import load_study
+    from .storage import open_storage, retry_db
+
+    spec = load_study(study_file)
+    evaluator = build_evaluator(spec, stage="schedule", device=device)
+    assert isinstance(evaluator, ScheduleEvaluator)
+    model = spec.model.shape()
+    hardware = current_fingerprint()
+    policies = fixed_baselines(model, hardware)
+    e2e = [p for p in evaluator.probes if isinstance(p, EndToEndProbe)]
+    if e2e:
+        cells = reference_cells(e2e[0])
+    else:
+        cal = next(p for p in evaluator.probes if isinstance(p, AttentionProbe)).calibration
+        cells = {cell: cal.qkv(*cell) for cell in cal.cells}
+    greedy, notes = greedy_plan(model, hardware, cells, grid=model.grid, threshold=threshold)
+    policies["ditfastattn_greedy"] = greedy
+    storage = open_storage(storage_url)
+    study = retry_db(
+        lambda: optuna.create_study(
+            study_name=spec.study_name("schedule"),
+            storage=storage,
+            directions=list(spec.directions),
+            load_if_exists=True,
+        )
+    )
+    study.set_metric_names(spec.metric_names)
+    return add_baselines(
+        study,
+        evaluator,
+        policies,
+        metric_names=spec.metric_names,
+        notes={"ditfastattn_greedy": notes},
+    )
+
+
+__all__ = [
+    "GREEDY_OPTIONS",
+    "NAMES",
+    "add_baselines",
+    "fixed_baselines",
+    "greedy_plan",
+    "reference_cells",
+    "run_baselines",
+]

@@ -1,0 +1,77 @@
+"""Which attention spec each self-attention call runs: the (layer, step) lookup of a policy.
+
+The denoising loop sets `step` before each transformer call; every patched self-attention layer
+knows its own index and asks `spec_for(layer)`. With no policy every call runs BF16-dense (the
+reference). With ``track_errors`` each call also runs the BF16-dense reference on the same
+q, k, v and accumulates the relative L2 of the output per (layer, step): the "local" error of
+the policy along its own trajectory, stored as trial attributes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fpstune.kernels import AttentionSpec, Mode, attention
+
+DENSE = AttentionSpec(mode=Mode.BF16_DENSE)
+
+
+@dataclass
+class AttentionRouter:
+    """policy: a `fpstune.kernels.Policy` (or None: BF16-dense everywhere)."""
+
+    policy: Any = None
+    grid: tuple[int, int, int] | None = None
+    step: int = 0
+    track_errors: bool = False
+    #: called with (layer, step, q, k, v) before each call (attention-structure analysis, capture)
+    observer: Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
+    calls: dict[tuple[int, int], int] = field(default_factory=dict)
+    _err: dict[tuple[int, int], list[float]] = field(default_factory=dict)
+
+    def spec_for(self, layer: int) -> AttentionSpec:
+        if self.policy is None:
+            return DENSE
+        spec: AttentionSpec = self.policy.spec(layer=layer, step=self.step)
+        return spec
+
+    def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention for ``layer`` at the current step; q, k, v as (batch, heads, tokens, dim)."""
+        if self.grid is None:
+            raise RuntimeError("AttentionRouter.grid is not set: the loop sets it per video shape")
+        if self.observer is not None:
+            self.observer(layer, self.step, q, k, v)
+        spec = self.spec_for(layer)
+        key = (layer, self.step)
+        dtype = q.dtype
+        if q.is_cuda and dtype != torch.bfloat16:  # the GPU kernels take bf16 (autocast may not)
+            q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+        self.calls[key] = self.calls.get(key, 0) + 1
+        out = attention(q, k, v, grid=self.grid, spec=spec)
+        if self.track_errors and spec.mode is not Mode.BF16_DENSE:
+            ref = attention(q, k, v, grid=self.grid, spec=DENSE).float()
+            diff2 = (out.float() - ref).square().sum().item()
+            ref2 = ref.square().sum().item()
+            acc = self._err.setdefault(key, [0.0, 0.0])
+            acc[0] += diff2
+            acc[1] += ref2
+        return out.to(dtype)
+
+    def reset(self) -> None:
+        self.calls.clear()
+        self._err.clear()
+        self.step = 0
+
+    def cell_rel_l2(self) -> list[list[Any]]:
+        """``[[layer, step], rel_l2]`` for every tracked non-dense call (dense cells are 0)."""
+        return [
+            [[layer, step], (d2 / r2) ** 0.5 if r2 > 0 else 0.0]
+            for (layer, step), (d2, r2) in sorted(self._err.items())
+        ]
+
+
+__all__ = ["DENSE", "AttentionRouter"]

@@ -1,0 +1,267 @@
+"""The diffusers Wan adapter: a user's own checkpoint from a local diffusers-format directory.
+
+``load_wan(dir)`` reads ``dir/transformer`` (``WanTransformer3DModel.from_pretrained``) and
+``dir/scheduler/scheduler_config.json`` (the scheduler class named by its ``_class_name``). It
+never downloads: ``local_files_only=True`` and ``HF_HUB_OFFLINE=1``. Everything a user can get
+wrong (a missing directory, subfolder, config or weight shard, a truncated weight file, a
+scheduler class diffusers does not have) is a `BadInput` naming the path: one line, CLI exit 2.
+
+`model_shape` gives the attention shape (`ModelShape`, what studies and policies name) of the
+checkpoint at a video size: Wan's VAE turns (frames, height, width) pixels into
+((frames - 1) / 4 + 1, height / 8, width / 8) latents, the transformer's patches (1, 2, 2) into
+the latent-patch grid, e.g. 480 x 832 x 81 -> 21 x 30 x 52.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fpstune.errors import BadInput
+from fpstune.kernels.policy import ModelShape
+
+TRANSFORMER = "transformer"
+SCHEDULER = "scheduler"
+SCHEDULER_CONFIG = "scheduler_config.json"
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class VaeScale:
+    """Pixels per latent: ``temporal`` frames (after the first) and ``spatial`` pixels."""
+
+    temporal: int = 4
+    spatial: int = 8
+
+
+def load_wan(
+    path: str | os.PathLike[str],
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Any, Any]:
+    """(transformer in eval mode on ``device``, scheduler) from a local checkpoint directory."""
+    root = Path(path)
+    check_checkpoint(root)
+    transformer = load_transformer(root, device=device, dtype=dtype)
+    return transformer, load_scheduler(root)
+
+
+def check_checkpoint(root: Path) -> None:
+    """Every file `load_wan` reads is there and readable (so loading fails before any work)."""
+    if not root.is_dir():
+        raise BadInput(f"{root}: no such model directory")
+    if _is_two_expert(root):
+        raise BadInput(
+            f"{root / 'model_index.json'}: transformer_2: two-expert Wan 2.2 checkpoints are not "
+            "supported (one transformer per checkpoint)"
+        )
+    tdir = root / TRANSFORMER
+    transformer_config(root)
+    for shard in _weight_files(tdir):
+        _check_safetensors(shard)
+    _scheduler_config(root)
+
+
+def transformer_config(root: Path) -> dict[str, Any]:
+    """``root/transformer/config.json`` (read without building the model)."""
+    tdir = root / TRANSFORMER
+    if not tdir.is_dir():
+        raise BadInput(f"{tdir}: no transformer subfolder (expected a diffusers Wan checkpoint)")
+    config = _read_json(tdir / "config.json", what="transformer config")
+    keys = ("patch_size", "in_channels", "num_attention_heads", "attention_head_dim")
+    for key in (*keys, "num_layers", "text_dim"):
+        if key not in config:
+            raise BadInput(f"{tdir / 'config.json'}: {key}: missing (not a Wan transformer?)")
+    return config
+
+
+def load_transformer(
+    root: Path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> Any:
+    """The transformer alone (all replay needs); `check_checkpoint` first for clear errors."""
+    _offline()
+    from diffusers import WanTransformer3DModel
+
+    tdir = root / TRANSFORMER
+    if not tdir.is_dir():
+        raise BadInput(f"{tdir}: no transformer subfolder (expected a diffusers Wan checkpoint)")
+    try:
+        with warnings.catch_warnings():  # torch_dtype is "dtype" in newer diffusers only
+            warnings.simplefilter("ignore", FutureWarning)
+            model = WanTransformer3DModel.from_pretrained(
+                str(root), subfolder=TRANSFORMER, local_files_only=True, torch_dtype=dtype
+            )
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        raise BadInput(f"{tdir}: cannot load the Wan transformer: {_one_line(e)}") from None
+    return model.to(device=device).eval()
+
+
+def load_scheduler(root: Path) -> Any:
+    """The scheduler of ``root/scheduler`` (class from its config's ``_class_name``)."""
+    import diffusers
+    from diffusers import SchedulerMixin
+
+    file, config = _scheduler_config(root)
+    name = config.get("_class_name")
+    cls = getattr(diffusers, name, None) if isinstance(name, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        raise BadInput(f"{file}: _class_name: {name!r} is not a diffusers scheduler")
+    try:
+        return cls.from_config(config)
+    except (ValueError, TypeError, KeyError) as e:
+        raise BadInput(f"{file}: {_one_line(e)}") from None
+
+
+def vae_scale(root: Path) -> VaeScale:
+    """The VAE's compression from ``root/vae/config.json`` when there is one, else Wan's (4, 8)."""
+    file = root / "vae" / "config.json"
+    if not file.is_file():
+        return VaeScale()
+    cfg = _read_json(file, what="VAE config")
+    down = cfg.get("temperal_downsample")  # sic: diffusers' spelling
+    temporal = cfg.get("scale_factor_temporal") or (2 ** sum(map(bool, down)) if down else 4)
+    spatial = cfg.get("scale_factor_spatial") or (2 ** len(down) if down else 8)
+    return VaeScale(int(temporal), int(spatial))
+
+
+def latent_shape(
+    config: Mapping[str, Any],
+    *,
+    height: int,
+    width: int,
+    frames: int,
+    scale: VaeScale = VaeScale(),
+) -> tuple[int, int, int, int]:
+    """(channels, frames, height, width) of one video's latents for a transformer ``config``
+    (``transformer.config`` or `transformer_config`); BadInput naming the option when a size
+    does not fit the VAE and the patch size (the pipeline would round it silently)."""
+    p_t, p_h, p_w = config["patch_size"]
+    if frames < 1 or (frames - 1) % scale.temporal:
+        raise BadInput(f"--frames: {frames} is not 1 + a multiple of {scale.temporal}")
+    for opt, size, patch in (("--height", height, p_h), ("--width", width, p_w)):
+        if size < 1 or size % (scale.spatial * patch):
+            raise BadInput(f"{opt}: {size} is not a multiple of {scale.spatial * patch}")
+    f = (frames - 1) // scale.temporal + 1
+    if f % p_t:
+        raise BadInput(f"--frames: {f} latent frames are not a multiple of the patch {p_t}")
+    channels = int(config["in_channels"])
+    return (channels, f, height // scale.spatial, width // scale.spatial)
+
+
+def model_shape(
+    config: Mapping[str, Any],
+    *,
+    name: str,
+    height: int,
+    width: int,
+    frames: int,
+    steps: int,
+    cfg: int,
+    scale: VaeScale = VaeScale(),
+) -> ModelShape:
+    """The attention shape of a transformer ``config`` generating ``frames`` x ``height`` x
+    ``width`` videos in ``steps`` steps with ``cfg`` attention passes per step."""
+    _, f, h, w = latent_shape(config, height=height, width=width, frames=frames, scale=scale)
+    p_t, p_h, p_w = config["patch_size"]
+    return ModelShape(
+        name=name,
+        heads=int(config["num_attention_heads"]),
+        head_dim=int(config["attention_head_dim"]),
+        layers=int(config["num_layers"]),
+        grid=(f // p_t, h // p_h, w // p_w),
+        steps=steps,
+        cfg=cfg,
+    )
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _offline() -> None:
+    # Belt and braces: local_files_only already keeps diffusers off the network; this also
+    # covers huggingface_hub calls made on our behalf.
+    os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+def _is_two_expert(root: Path) -> bool:
+    file = root / "model_index.json"
+    if not file.is_file():
+        return False
+    index = _read_json(file, what="pipeline index")
+    second = index.get("transformer_2")
+    return isinstance(second, list) and any(x is not None for x in second)
+
+
+def _weight_files(tdir: Path) -> list[Path]:
+    index = tdir / WEIGHTS_INDEX
+    if index.is_file():
+        data = _read_json(index, what="weight index")
+        shards = data.get("weight_map")
+        if not isinstance(shards, dict) or not shards:
+            raise BadInput(f"{index}: weight_map: missing or empty")
+        files = [tdir / str(s) for s in sorted(set(shards.values()))]
+        for f in files:
+            if not f.is_file():
+                raise BadInput(f"{f}: weight shard listed in {index.name} is missing")
+        return files
+    single = tdir / WEIGHTS
+    if not single.is_file():
+        raise BadInput(f"{single}: no transformer weights (nor {WEIGHTS_INDEX})")
+    return [single]
+
+
+def _check_safetensors(file: Path) -> None:
+    # Reads the header only; catches truncated or foreign files before a long load starts.
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            f.keys()
+    except (SafetensorError, OSError, ValueError) as e:
+        raise BadInput(f"{file}: unreadable weights: {_one_line(e)}") from None
+
+
+def _scheduler_config(root: Path) -> tuple[Path, dict[str, Any]]:
+    sdir = root / SCHEDULER
+    if not sdir.is_dir():
+        raise BadInput(f"{sdir}: no scheduler subfolder (expected a diffusers Wan checkpoint)")
+    file = sdir / SCHEDULER_CONFIG
+    return file, _read_json(file, what="scheduler config")
+
+
+def _read_json(file: Path, *, what: str) -> dict[str, Any]:
+    if not file.is_file():
+        raise BadInput(f"{file}: no {what}")
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BadInput(f"{file}: not a JSON {what}: {_one_line(e)}") from None
+    if not isinstance(data, dict):
+        raise BadInput(f"{file}: not a JSON {what} (expected an object)")
+    return data
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+__all__ = [
+    "VaeScale",
+    "check_checkpoint",
+    "latent_shape",
+    "load_scheduler",
+    "load_transformer",
+    "load_wan",
+    "model_shape",
+    "transformer_config",
+    "vae_scale",
+]
