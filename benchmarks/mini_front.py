@@ -16,6 +16,7 @@ count. Optuna's hypervolume routine is private
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 from typing import Any
 
@@ -48,6 +49,46 @@ def hypervolume(trials: list[optuna.trial.FrozenTrial], ref: tuple[float, float]
     return float(compute_hypervolume(pts, np.array(ref, dtype=float)))
 
 
+def recomposed(study_file: str) -> Any:
+    """A function trial -> latency_ms composed again from the latency table fpstune ships now
+    (the quality values are measured and stay). For runs whose table has since gained rows."""
+    from datetime import UTC, datetime
+
+    from fpstune import __version__
+    from fpstune.evaluators import _table_source
+    from fpstune.kernels.fingerprint import current_fingerprint
+    from fpstune.kernels.policy import Policy, Provenance
+    from fpstune.latency.compose import compose_with
+    from fpstune.latency.table import AttentionShape
+    from fpstune.latency.target import TargetShapeLatency
+    from fpstune.space.schedule import schedule_from_params
+    from fpstune.spec import load_study
+
+    spec = load_study(study_file)
+    model, target = spec.model, spec.latency.target
+    assert target is not None, "recompose is for studies with a latency.target"
+    source = TargetShapeLatency(
+        _table_source(None, __import__("torch").device("cpu")),
+        target=AttentionShape(
+            batch=model.batch, heads=target.heads, head_dim=target.head_dim, grid=target.grid
+        ),
+        scale=(target.layers * target.steps) / (model.layers * model.steps),
+    )
+    prov = Provenance(study=spec.name, created=datetime.now(UTC), fpstune_version=__version__)
+    hw = current_fingerprint()
+
+    def latency(t: optuna.trial.FrozenTrial) -> float:
+        if "baseline" in t.user_attrs:
+            policy = Policy.from_dict(t.user_attrs["policy"])
+        else:
+            policy = schedule_from_params(
+                t.params, spec.schedule_space, model, hardware=hw, provenance=prov
+            )
+        return float(compose_with(policy, source, batch=model.batch).total_ms)
+
+    return latency
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--storage", required=True)
@@ -56,6 +97,12 @@ def main() -> None:
     ap.add_argument("--at", type=int, default=100)
     ap.add_argument("--psnr-floor", type=float, default=25.0)
     ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--recompose",
+        metavar="STUDY_YAML",
+        default=None,
+        help="compose every trial's latency again from the latency table shipped now",
+    )
     args = ap.parse_args()
     study = optuna.load_study(study_name=args.study, storage=args.storage)
     trials = search_trials(study)
@@ -64,6 +111,16 @@ def main() -> None:
         for t in study.get_trials(deepcopy=False)
         if "baseline" in t.user_attrs
     }
+    if args.recompose:
+        latency = recomposed(args.recompose)
+
+        def again(t: optuna.trial.FrozenTrial) -> optuna.trial.FrozenTrial:
+            t = copy.deepcopy(t)
+            t.values = [latency(t), t.values[1]]
+            return t
+
+        trials = [again(t) for t in trials]
+        base = {k: again(t) for k, t in base.items()}
     out: dict[str, Any] = {"trials": len(trials), "baselines": {}}
     print(f"{args.study}: {len(trials)} search trials, {len(base)} baselines")
     print(
@@ -99,6 +156,8 @@ def main() -> None:
             search_trials(optuna.load_study(study_name=args.random, storage=args.storage)),
             key=lambda t: t.number,
         )[: args.at]
+        if args.recompose:
+            rnd = [again(t) for t in rnd]
         hv["random"] = hypervolume(rnd, ref)
         hv["random_trials"] = len(rnd)
     except KeyError:

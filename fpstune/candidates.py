@@ -6,7 +6,7 @@ from typing import Any, Literal, Protocol
 
 import optuna
 
-from .space.kernel import Bucket, suggest_kernel
+from .space.kernel import Bucket, default_params, suggest_kernel
 from .space.schedule import suggest_schedule
 from .spec.study import StudySpec
 
@@ -56,6 +56,14 @@ class KernelSource:
     def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
         spec = suggest_kernel(trial, self.spec.kernel_space, self.spec.model.head_dim, self.bucket)
         return {"stage": "kernel", "spec": spec.to_dict()}
+
+    def first_params(self) -> list[dict[str, Any]]:
+        """Measured before the sampler's picks: the runtime's default config, when the space
+        holds it (a 3-trial table must never be slower than running without a policy)."""
+        params = default_params(
+            self.spec.kernel_space, self.spec.model.head_dim, self.bucket, self.spec.model.grid
+        )
+        return [params] if params else []
 
     def study_attrs(self) -> dict[str, Any]:
         return {

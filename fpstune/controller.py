@@ -148,6 +148,11 @@ class Controller:
         study.set_metric_names(self.source.metric_names)
         for key, value in self.source.study_attrs().items():
             study.set_user_attr(key, value)
+        first = getattr(self.source, "first_params", None)
+        if first is not None:
+            for params in first():
+                # skip_if_exists: a resumed study does not measure the default twice
+                _enqueue_once(study, params)
         return study
 
     # ------------------------------------------------------------------ public
@@ -364,6 +369,10 @@ class Controller:
 
     def _trials(self) -> list[optuna.trial.FrozenTrial]:
         return retry_db(lambda: self.study.get_trials(deepcopy=False))
+
+
+def _enqueue_once(study: optuna.Study, params: dict[str, Any]) -> None:
+    retry_db(lambda: study.enqueue_trial(params, skip_if_exists=True))
 
 
 def _numbers(attrs: dict[str, Any]) -> dict[str, float]:

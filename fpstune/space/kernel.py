@@ -151,6 +151,38 @@ def suggest_kernel(
     return plan.spec(bucket, tile, config)
 
 
+def default_params(
+    space: KernelSpace,
+    head_dim: int,
+    bucket: KernelBucket,
+    grid: tuple[int, int, int],
+    *,
+    limits: DeviceLimits = H100,
+) -> dict[str, str] | None:
+    """The parameters of the runtime's own default (`default_tile`, `default_config`) for this
+    bucket, or None when the space does not hold it. The kernel stage measures it first, so a
+    latency table is never slower than what `attention()` runs without a policy."""
+    from fpstune.kernels.config import default_config, default_tile
+
+    plan = _checked_plan(space, head_dim, bucket, limits)
+    if plan is None:
+        return None
+    tile = default_tile(grid)
+    tkey = tile_key(tile)
+    if tkey not in plan.tiles:
+        return None
+    config = default_config(tile, head_dim, bucket.mode)
+    ckey = config_key(config)
+    if ckey not in plan.configs[tkey]:
+        return None
+    params = {}
+    if len(plan.tiles) > 1:
+        params["tile"] = tkey
+    if len(plan.configs[tkey]) > 1:
+        params[plan.config_param(tkey)] = ckey
+    return params
+
+
 def kernel_from_params(
     params: Mapping[str, Any],
     space: KernelSpace,

@@ -6,6 +6,8 @@ With ``n`` denoising steps and ``L`` layers, a schedule is decided by (Optuna pa
   ``[0, s1)`` run bf16_dense (the policy's default), ``[s1, s2)`` fp8_dense and ``[s2, n)`` the
   sparse phase, with ``s1 = round(bf16_until · n)``, ``s2 = max(s1, round(fp8_dense_until · n))``
   (halves round up).
+- ``bf16_late`` (only when ``s1 < s2``): the FP8 phase's last ``round(bf16_late · n)`` steps run
+  bf16_dense instead (never before ``s1``).
 - ``tile``: a tile key (``2x8x8``), when some step runs FP8: the one 3D tile that every FP8 step
   and layer uses, for its quantisation scales and, when sparse, its blocks (FPSAttention's
   shared granularity).
@@ -136,13 +138,20 @@ def _decide(draw: _Draw, space: ScheduleSpace, shape: ModelShape) -> _Plan:
     runs: list[tuple[int, int, tuple[AttentionSpec, ...]]] = []
     if s1 >= n:
         return _Plan(())
+    # The FP8 phase's last steps may run BF16 again: [s1, s_late) FP8, [s_late, s2) BF16.
+    s_late = s2
+    if s1 < s2:
+        late = _step_index(draw.real("bf16_late", space.phases.bf16_late), n)
+        s_late = max(s1, s2 - late)
+    if s_late <= s1 and s2 >= n:
+        return _Plan(())  # no FP8 step at all: BF16 dense everywhere, no tile to choose
     # One 3D tile for every FP8 step and layer: quantisation scales and sparse blocks share it.
     sp = space.sparse
     tiles = {tile_key(t): t for t in sp.tile}
     tile = tiles[draw.choice("tile", list(tiles))]
     fp8 = AttentionSpec(mode=Mode.FP8_DENSE, tile=tile)
-    if s1 < s2:
-        runs.append((s1, s2, (fp8,) * n_layers))
+    if s1 < s_late:
+        runs.append((s1, s_late, (fp8,) * n_layers))
     if s2 >= n:
         return _Plan(tuple(runs))
 

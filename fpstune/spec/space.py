@@ -271,12 +271,16 @@ class PhaseSpace(Frozen):
 
     Step ``s`` (0-based, of ``n``) runs bf16_dense while ``s < round(bf16_until * n)``, fp8_dense
     while ``s < round(max(bf16_until, fp8_dense_until) * n)``, and the sparse phase after that.
+    ``bf16_late``: the last ``round(bf16_late * n)`` steps before the sparse phase run bf16_dense
+    instead of fp8_dense (taken from the FP8 phase: for models whose FP8 error comes from the
+    late steps, as the mini model's does; fixed at 0 unless the space gives it a range).
     """
 
     bf16_until: FloatParam = FloatParam(choices=(0.0,))
     fp8_dense_until: FloatParam = FloatParam(choices=(0.0,))
+    bf16_late: FloatParam = FloatParam(choices=(0.0,))
 
-    @field_validator("bf16_until", "fp8_dense_until")
+    @field_validator("bf16_until", "fp8_dense_until", "bf16_late")
     @classmethod
     def _fraction(cls, v: FloatParam) -> FloatParam:
         v.check_bounds(0.0, 1.0)
@@ -370,7 +374,8 @@ class ScheduleSpace(_SourcedFrozen):
         ph, ly = self.phases, self.layers
         dense_layers = ly.dense_first.bounds[1] > 0 or ly.dense_last.bounds[1] > 0
         out: set[Mode] = set()
-        if ph.bf16_until.bounds[1] > 0 or (dense_layers and ly.dense_mode == "bf16_dense"):
+        bf16 = ph.bf16_until.bounds[1] > 0 or ph.bf16_late.bounds[1] > 0
+        if bf16 or (dense_layers and ly.dense_mode == "bf16_dense"):
             out.add(Mode.BF16_DENSE)
         if ph.fp8_dense_until.bounds[1] > ph.bf16_until.bounds[0] or (
             dense_layers and ly.dense_mode == "fp8_dense"

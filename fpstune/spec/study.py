@@ -594,7 +594,7 @@ def load_space(
     if "kind" not in data:
         raise BadInput(path, "kind", "required key is missing (kernel or schedule)")
     found = data["kind"]
-    if found not in models:
+    if not isinstance(found, str) or found not in models:
         raise BadInput(path, "kind", f"expected kernel or schedule, got {show(found)}")
     if kind is not None and found != kind:
         raise BadInput(path, "kind", f"expected a {kind} space here, got a {found} space")

@@ -160,7 +160,10 @@ def _oracle(
         _value(params, "fp8_dense_until", space.phases.fp8_dense_until) * n + 0.5 + 1e-9
     )
     s1, s2 = min(s1, n), max(min(s1, n), min(s2, n))
-    if step < s1:
+    late = 0
+    if s1 < s2:
+        late = math.floor(_value(params, "bf16_late", space.phases.bf16_late) * n + 0.5 + 1e-9)
+    if step < s1 or s2 - late <= step < s2:
         return AttentionSpec(mode=Mode.BF16_DENSE)
     ly, sp = space.layers, space.sparse
     tiles = {tile_key(t): t for t in sp.tile}
@@ -292,6 +295,33 @@ def test_no_sparse_params_without_a_sparse_phase() -> None:
     assert policy.entries == ()
     _, params = _suggest(space, {"bf16_until": 0.2, "fp8_dense_until": 0.5})
     assert {"tile", "pattern", "sparsity.0", "sparsity.1", "dense_first_layers"} <= set(params)
+
+
+def test_bf16_late_takes_the_last_fp8_steps_back_to_bf16() -> None:
+    space = _space(
+        phases={
+            "bf16_until": {"choices": [0.0]},
+            "fp8_dense_until": {"choices": [0.9, 1.0]},
+            "bf16_late": {"low": 0.0, "high": 1.0, "step": 0.1},
+        }
+    )
+    policy, params = _suggest(space, {"fp8_dense_until": 1.0, "bf16_late": 0.2})
+    assert set(params) == {"fp8_dense_until", "bf16_late", "tile"}
+    assert [(e.steps, e.spec.mode) for e in policy.entries] == [((0, 8), Mode.FP8_DENSE)]
+    assert policy.spec(layer=0, step=8).mode is Mode.BF16_DENSE
+    # the late BF16 run sits just before the sparse phase
+    policy, params = _suggest(space, {"fp8_dense_until": 0.9, "bf16_late": 0.3})
+    modes = [policy.spec(layer=1, step=s).mode for s in range(10)]
+    assert modes[:6] == [Mode.FP8_DENSE] * 6 and modes[6:9] == [Mode.BF16_DENSE] * 3
+    assert modes[9] in (Mode.FP8_SPARSE, Mode.FP8_DENSE)  # layer 1: sparse unless kept dense
+    # covering the whole FP8 phase leaves no FP8 step, hence no tile
+    policy, params = _suggest(space, {"fp8_dense_until": 1.0, "bf16_late": 1.0})
+    assert "tile" not in params and policy.entries == ()
+
+
+def test_bf16_late_is_fixed_at_zero_unless_the_space_ranges_it() -> None:
+    _, params = _suggest(MINI.schedule_space, {})
+    assert "bf16_late" not in params
 
 
 @pytest.mark.parametrize(
@@ -564,3 +594,24 @@ def test_kernel_buckets_with_head_dim_checks_feasibility() -> None:
     assert kernel_buckets(MINI.kernel_space, 64) == kernel_buckets(MINI.kernel_space)
     with pytest.raises(BadInput, match=r"kernel-mini\.yaml: kernel space is empty"):
         kernel_buckets(MINI.kernel_space, 96)
+
+
+def test_kernel_stage_measures_the_runtime_default_first() -> None:
+    from fpstune.candidates import KernelSource
+    from fpstune.kernels.config import default_config, default_tile
+    from fpstune.space.kernel import kernel_buckets, kernel_from_params
+
+    model = WAN.model
+    for bucket in kernel_buckets(WAN.kernel_space, model.head_dim):
+        first = KernelSource(WAN, bucket).first_params()
+        if bucket.mode is Mode.BF16_DENSE:
+            assert first == []  # SDPA: nothing to choose
+            continue
+        (params,) = first
+        spec = kernel_from_params(params, WAN.kernel_space, model.head_dim, bucket)
+        tile = default_tile(model.grid)
+        assert spec.tile == tile
+        assert spec.kernel == default_config(tile, model.head_dim, bucket.mode)
+    # a space without the default has nothing to measure first
+    fp8 = next(b for b in kernel_buckets(MINI.kernel_space, 64) if b.mode is Mode.FP8_DENSE)
+    assert KernelSource(MINI, fp8).first_params() == []
