@@ -54,26 +54,22 @@ def recomposed(study_file: str) -> Any:
     (the quality values are measured and stay). For runs whose table has since gained rows."""
     from datetime import UTC, datetime
 
+    import torch
+
     from fpstune import __version__
-    from fpstune.evaluators import _table_source
+    from fpstune.evaluators import schedule_latency
     from fpstune.kernels.fingerprint import current_fingerprint
     from fpstune.kernels.policy import Policy, Provenance
-    from fpstune.latency.compose import compose_with
-    from fpstune.latency.table import AttentionShape
-    from fpstune.latency.target import TargetShapeLatency
+    from fpstune.latency.compose import CallLatency, compose_with
     from fpstune.space.schedule import schedule_from_params
     from fpstune.spec import load_study
 
     spec = load_study(study_file)
-    model, target = spec.model, spec.latency.target
-    assert target is not None, "recompose is for studies with a latency.target"
-    source = TargetShapeLatency(
-        _table_source(None, __import__("torch").device("cpu")),
-        target=AttentionShape(
-            batch=model.batch, heads=target.heads, head_dim=target.head_dim, grid=target.grid
-        ),
-        scale=(target.layers * target.steps) / (model.layers * model.steps),
-    )
+    model = spec.model
+    assert spec.latency.target is not None, "recompose is for studies with a latency.target"
+    source = schedule_latency(spec, device=torch.device("cpu"))
+    assert not isinstance(source, str)
+    per_call: CallLatency = source
     prov = Provenance(study=spec.name, created=datetime.now(UTC), fpstune_version=__version__)
     hw = current_fingerprint()
 
@@ -84,7 +80,7 @@ def recomposed(study_file: str) -> Any:
             policy = schedule_from_params(
                 t.params, spec.schedule_space, model, hardware=hw, provenance=prov
             )
-        return float(compose_with(policy, source, batch=model.batch).total_ms)
+        return float(compose_with(policy, per_call, batch=model.batch).total_ms)
 
     return latency
 

@@ -29,7 +29,7 @@ from fpstune.kernels import AttentionSpec, Mode, attention
 from fpstune.kernels.fingerprint import current_fingerprint
 from fpstune.kernels.policy import ModelShape, Policy, PolicyEntry
 
-from .trial_writes import constraint_system_attrs
+from .trial_writes import constraint_system_attrs, user_attrs_of
 
 NAMES = ("fp8_dense_all", "fpsattention_3phase", "sta_window", "ditfastattn_greedy")
 BF16 = AttentionSpec(mode=Mode.BF16_DENSE)
@@ -143,12 +143,14 @@ def add_baselines(
             out[name] = dict(zip(metric_names, t.values or [], strict=False))
             continue
         ev = evaluator.evaluate({"stage": "schedule", "policy": policy.to_dict()})
-        user: dict[str, Any] = {"baseline": name, "policy": policy.to_dict()}
-        user.update({k: v for k, v in ev.attrs.items() if not isinstance(v, dict | list)})
-        details = {k: v for k, v in ev.attrs.items() if isinstance(v, dict | list)}
+        attrs = dict(ev.attrs)
         if notes and name in notes:
-            details["baseline_notes"] = notes[name]
-        user["details"] = details
+            attrs["baseline_notes"] = notes[name]
+        user: dict[str, Any] = {
+            "baseline": name,
+            "policy": policy.to_dict(),
+            **user_attrs_of(attrs),
+        }
         if ev.constraints:
             user["constraints"] = ev.constraints
         trial = optuna.trial.create_trial(

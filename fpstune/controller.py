@@ -29,7 +29,13 @@ from .latency.table import LatencyTable
 from .progress import StudyProgress
 from .spec.study import StudySpec
 from .storage import open_storage, retry_db
-from .trial_writes import TrialWriter, constraint_system_attrs, tell_values
+from .trial_writes import (
+    TrialWriter,
+    constraint_system_attrs,
+    counts_toward_budget,
+    tell_values,
+    user_attrs_of,
+)
 from .worker import Worker
 
 log = logging.getLogger(__name__)
@@ -225,7 +231,7 @@ class Controller:
         ms = 1000 / max(finished, 1)
         return RunSummary(
             study_name=self.study.study_name,
-            complete=sum(t.state == TrialState.COMPLETE for t in trials),
+            complete=sum(counts_toward_budget(t) for t in trials),
             failed=sum(t.state == TrialState.FAIL for t in trials),
             budget=self.budget,
             front_size=len(self.study.best_trials),  # feasible trials only
@@ -289,12 +295,7 @@ class Controller:
             return p.actor, False
         trial = p.trial
         attrs = result["attrs"]
-        # Scalars as their own user attributes, lists and mappings bundled into ``details``.
-        user: dict[str, Any] = {"candidate": p.candidate}
-        user.update({k: v for k, v in attrs.items() if not isinstance(v, dict | list)})
-        details = {k: v for k, v in attrs.items() if isinstance(v, dict | list)}
-        if details:
-            user["details"] = details
+        user: dict[str, Any] = {"candidate": p.candidate, **user_attrs_of(attrs)}
         metrics = {**_numbers(result["attrs"]), **result["values"]}
         # Constraints bound quality, which only the schedule stage measures.
         cons: dict[str, float] = {}

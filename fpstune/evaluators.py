@@ -288,29 +288,7 @@ def build_evaluator(
         )
     if stage != "schedule":
         raise ValueError(f"stage must be kernel or schedule, got {stage!r}")
-    source: CallLatency | Literal["measure"]
-    if latency == "measure" or (
-        latency == "auto" and latency_table is None and device.type == "cuda"
-    ):
-        if device.type == "cuda":
-            source = "measure"
-        else:
-            source = MeasuredLatency(
-                device, warmup=spec.latency.warmup, reps=spec.latency.reps, allow_cpu=True
-            )
-    else:
-        source = _table_source(latency_table, device)
-    target = spec.latency.target
-    if target is not None:
-        if not isinstance(source, TableLatency):
-            source = _table_source(latency_table, device)
-        source = TargetShapeLatency(
-            source,
-            target=AttentionShape(
-                batch=model.batch, heads=target.heads, head_dim=target.head_dim, grid=target.grid
-            ),
-            scale=(target.layers * target.steps) / (model.layers * model.steps),
-        )
+    source = schedule_latency(spec, device=device, latency_table=latency_table, latency=latency)
     probes: list[QualityProbe] = []
     e2e = spec.end_to_end
     if e2e is not None:
@@ -336,6 +314,29 @@ def build_evaluator(
         measure_warmup=spec.latency.warmup,
         measure_reps=spec.latency.reps,
     )
+
+
+def schedule_latency(
+    spec: StudySpec,
+    *,
+    device: torch.device,
+    latency_table: LatencyTable | None = None,
+    latency: Literal["auto", "table", "measure"] = "auto",
+) -> CallLatency | Literal["measure"]:
+    """Where a schedule study's per-call latencies come from (see `build_evaluator`); with
+    ``latency.target``, always a table at the target shape (`TargetShapeLatency`)."""
+    model, target = spec.model, spec.latency.target
+    if target is not None:
+        return TargetShapeLatency.for_model(_table_source(latency_table, device), model, target)
+    if latency == "measure" or (
+        latency == "auto" and latency_table is None and device.type == "cuda"
+    ):
+        if device.type == "cuda":
+            return "measure"
+        return MeasuredLatency(
+            device, warmup=spec.latency.warmup, reps=spec.latency.reps, allow_cpu=True
+        )
+    return _table_source(latency_table, device)
 
 
 # -- helpers --------------------------------------------------------------------------------------
@@ -453,4 +454,10 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-__all__ = ["CPU_METHOD", "KernelEvaluator", "ScheduleEvaluator", "build_evaluator"]
+__all__ = [
+    "CPU_METHOD",
+    "KernelEvaluator",
+    "ScheduleEvaluator",
+    "build_evaluator",
+    "schedule_latency",
+]

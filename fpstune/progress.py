@@ -23,6 +23,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from .trial_writes import counts_toward_budget
+
 # Redraws run on rich's thread and hold the GIL the controller needs; twice a second is plenty.
 _REFRESH_PER_S = 2
 # Reading the front costs two storage reads (~10 ms); once a second cost ~8 ms per trial on 2 cores.
@@ -74,10 +76,7 @@ class StudyProgress:
     def sync(self, trials: Sequence[FrozenTrial]) -> None:
         """Take the counts from ``trials`` (all the study's trials, just read), and the front
         size (feasible trials only) from the study."""
-        # Baseline trials (`fpstune baselines`) sit beside the search; they are not its budget.
-        self.complete = sum(
-            t.state == TrialState.COMPLETE and "baseline" not in t.user_attrs for t in trials
-        )
+        self.complete = sum(counts_toward_budget(t) for t in trials)
         self.failed = sum(t.state == TrialState.FAIL for t in trials)
         self._front_stale, self._front_at = True, 0.0
         self._show()

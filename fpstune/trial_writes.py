@@ -63,6 +63,21 @@ except ImportError:  # an Optuna without this layout: the public API path
     _RDB_LAYER = False
 
 
+def user_attrs_of(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """An evaluation's attributes as trial user attributes: scalars each on their own, lists and
+    mappings bundled into one ``details`` attribute (one value to write, not one per key)."""
+    user = {k: v for k, v in attrs.items() if not isinstance(v, dict | list)}
+    details = {k: v for k, v in attrs.items() if isinstance(v, dict | list)}
+    if details:
+        user["details"] = details
+    return user
+
+
+def counts_toward_budget(trial: optuna.trial.FrozenTrial) -> bool:
+    """A COMPLETE trial of the search; baseline trials (`fpstune baselines`) sit beside it."""
+    return trial.state == TrialState.COMPLETE and "baseline" not in trial.user_attrs
+
+
 def constraint_system_attrs(constraints: Mapping[str, float]) -> dict[str, Any]:
     """The system attributes of a trial's constraints (feasible when every value <= 0): one per
     name, as ``Trial.set_constraint`` writes them (what Optuna's samplers read), and the list the

@@ -11,7 +11,7 @@ target model under the same schedule proportions. Trials say so in ``latency_met
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from fpstune.kernels import AttentionSpec
 from fpstune.kernels.fingerprint import HardwareFingerprint
@@ -32,6 +32,18 @@ class TargetShapeLatency:
         self.target = target
         self.scale = scale
         self.source = inner.source
+
+    @classmethod
+    def for_model(cls, inner: TableLatency, model: Any, target: Any) -> TargetShapeLatency:
+        """``model``: the proxy (batch, layers, steps); ``target``: heads, head_dim, grid,
+        layers, steps of the shape it stands in for (a study's ``latency.target``)."""
+        return cls(
+            inner,
+            target=AttentionShape(
+                batch=model.batch, heads=target.heads, head_dim=target.head_dim, grid=target.grid
+            ),
+            scale=(target.layers * target.steps) / (model.layers * model.steps),
+        )
 
     @property
     def fingerprint(self) -> HardwareFingerprint:

@@ -36,6 +36,7 @@ from fpstune.quality.calibration import (
     Cell,
     Grid,
     cap_grid,
+    read_safetensors,
     save_calibration,
     tensor_name,
 )
@@ -272,17 +273,8 @@ def save_record(record: ReplayRecord, path: str | os.PathLike[str]) -> None:
 
 def load_record(path: str | os.PathLike[str]) -> ReplayRecord:
     """Read a replay record; `BadInput` (one line naming the file) when it is not one."""
-    from safetensors import SafetensorError, safe_open
-
     where = str(path)
-    if not Path(path).is_file():
-        raise BadInput(f"{where}: no such replay record")
-    try:
-        with safe_open(where, framework="pt") as f:
-            header = f.metadata() or {}
-            t = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError) as e:
-        raise BadInput(f"{where}: not a safetensors file: {' '.join(str(e).split())}") from None
+    header, t = read_safetensors(path, what="replay record", error=BadInput)
     try:
         meta = json.loads(header[RECORD_KEY])
         if meta.get("format_version") != RECORD_VERSION:

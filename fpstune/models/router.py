@@ -31,7 +31,9 @@ class AttentionRouter:
     #: called with (layer, step, q, k, v) before each call (attention-structure analysis, capture)
     observer: Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
     calls: dict[tuple[int, int], int] = field(default_factory=dict)
-    _err: dict[tuple[int, int], list[float]] = field(default_factory=dict)
+    #: (layer, step) -> [sum of squared error, sum of squared reference], kept on the device so
+    #: tracking costs no host sync per call; read once by `cell_rel_l2`
+    _err: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
 
     def spec_for(self, layer: int) -> AttentionSpec:
         if self.policy is None:
@@ -54,11 +56,9 @@ class AttentionRouter:
         out = attention(q, k, v, grid=self.grid, spec=spec)
         if self.track_errors and spec.mode is not Mode.BF16_DENSE:
             ref = attention(q, k, v, grid=self.grid, spec=DENSE).float()
-            diff2 = (out.float() - ref).square().sum().item()
-            ref2 = ref.square().sum().item()
-            acc = self._err.setdefault(key, [0.0, 0.0])
-            acc[0] += diff2
-            acc[1] += ref2
+            sums = torch.stack(((out.float() - ref).square().sum(), ref.square().sum())).double()
+            prev = self._err.get(key)
+            self._err[key] = sums if prev is None else prev + sums
         return out.to(dtype)
 
     def reset(self) -> None:
@@ -68,9 +68,13 @@ class AttentionRouter:
 
     def cell_rel_l2(self) -> list[list[Any]]:
         """``[[layer, step], rel_l2]`` for every tracked non-dense call (dense cells are 0)."""
+        cells = sorted(self._err)
+        if not cells:
+            return []
+        sums = torch.stack([self._err[c] for c in cells]).tolist()  # one host sync
         return [
             [[layer, step], (d2 / r2) ** 0.5 if r2 > 0 else 0.0]
-            for (layer, step), (d2, r2) in sorted(self._err.items())
+            for (layer, step), (d2, r2) in zip(cells, sums, strict=True)
         ]
 
 

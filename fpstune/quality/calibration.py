@@ -357,17 +357,8 @@ def load_calibration(path: str | os.PathLike[str], *, model: Any = None) -> Cali
     Raises `CalibrationError` (one line, naming the file and, where one is at fault, the tensor)
     for a missing or unreadable file, bad metadata, a missing/extra/misshapen tensor, or NaN/Inf.
     """
-    from safetensors import SafetensorError, safe_open
-
     where = str(path)
-    if not Path(path).is_file():
-        raise CalibrationError(f"{where}: no such calibration file")
-    try:
-        with safe_open(where, framework="pt") as f:
-            header = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CalibrationError(f"{where}: not a safetensors file: {_one_line(e)}") from None
+    header, tensors = read_safetensors(path, what="calibration file", error=CalibrationError)
     if META_KEY not in header:
         raise CalibrationError(f"{where}: no {META_KEY!r} metadata in the safetensors header")
     try:
@@ -435,6 +426,25 @@ def _grid(g: Sequence[int]) -> Grid:
 
 def _show(value: Any) -> str:
     return str(list(value)) if isinstance(value, tuple) else str(value)
+
+
+def read_safetensors(
+    path: str | os.PathLike[str], *, what: str, error: type[Exception]
+) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The metadata and every tensor of a safetensors file a user handed in; ``error`` (one
+    line naming the file, e.g. ``x: no such calibration file``) when it is missing or not one."""
+    from safetensors import SafetensorError, safe_open
+
+    where = str(path)
+    if not Path(path).is_file():
+        raise error(f"{where}: no such {what}")
+    try:
+        with safe_open(where, framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError) as e:
+        raise error(f"{where}: not a safetensors file: {_one_line(e)}") from None
+    return header, tensors
 
 
 def _one_line(e: BaseException) -> str:
