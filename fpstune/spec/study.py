@@ -422,7 +422,12 @@ class StudySpec(Frozen):
             kind: Literal["kernel", "schedule"] = (
                 "kernel" if info.field_name == "kernel_space" else "schedule"
             )
-            return load_space(os.path.normpath(base / v), kind=kind)
+            path = os.path.normpath(base / v)
+            # A reference that cannot name a file is the study's fault (its field); what is
+            # wrong inside, or a file that is missing, is said of the space file's path.
+            if not v.strip() or Path(path).is_dir():
+                raise ValueError(f"expected a path to a search space file, got {show(v)}")
+            return load_space(path, kind=kind)
         if not isinstance(v, dict):
             raise ValueError(f"expected a path to a search space file or a mapping, got {show(v)}")
         return v

@@ -737,3 +737,16 @@ def test_sampler_options_default_per_sampler() -> None:
     spec = SamplerSpec.model_validate({"name": "nsgaii", "seed": 1})
     assert isinstance(spec.options, NSGAIIOptions)
     assert spec.kwargs()["population_size"] == 50
+
+
+@pytest.mark.parametrize("ref", ["", "  ", ".", "../search_spaces"])
+def test_a_space_reference_that_names_no_file_blames_the_study_field(
+    tmp_path: Path, ref: str
+) -> None:
+    data = _mini()
+    data["kernel_space"] = ref
+    with pytest.raises(BadInput) as err:
+        _load(tmp_path, data)
+    assert err.value.file == str(tmp_path / "studies" / "s.yaml")
+    assert err.value.field == "kernel_space"
+    assert "expected a path to a search space file" in err.value.message
