@@ -6,7 +6,7 @@
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"
 rm -rf /tmp/site/huggingface_hub*
-python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/site "${PKGS:-.whl}"/*.whl \
   && python3 -m pip install -q --upgrade --no-index --no-deps --no-build-isolation --target /tmp/site . \
   || exit 1
 export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1

@@ -279,7 +279,8 @@ def main() -> None:
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    from .controller import TooManyFailures, WorkerStartError
+    from .controller import TooManyFailures
+    from .pool import WorkerStartError
     from .storage import StorageUnavailable, db_error_line
 
     try:

@@ -26,6 +26,7 @@ from optuna.trial import TrialState
 
 from .candidates import CandidateSource
 from .latency.table import LatencyTable
+from .pool import WorkerPool
 from .progress import StudyProgress
 from .spec.study import StudySpec
 from .storage import open_storage, retry_db
@@ -36,7 +37,6 @@ from .trial_writes import (
     tell_values,
     user_attrs_of,
 )
-from .worker import Worker
 
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 5
@@ -57,10 +57,6 @@ def ensure_ray(address: str | None, workers: int) -> None:
             log_to_driver=False,
             configure_logging=False,
         )
-
-
-class WorkerStartError(RuntimeError):
-    """Workers failed in their set-up (no GPU, no latency table, ...): nothing was run."""
 
 
 class TooManyFailures(RuntimeError):
@@ -122,8 +118,12 @@ class Controller:
         ray_address: str | None = None,
         max_retries: int = 2,
         progress: bool = True,
+        pool: WorkerPool | None = None,
     ) -> None:
+        """``pool``: workers shared with other controllers of the run (left running at the
+        end); without one the controller starts its own and stops them when it ends."""
         self.spec = spec
+        self.pool = pool
         self.source = source
         self.budget = budget
         self.workers = workers
@@ -171,7 +171,10 @@ class Controller:
 
     def _run(self, should_stop: Callable[[], bool]) -> RunSummary:
         start = time.monotonic()
-        actors = self._start_workers()  # before the study exists: a failed start writes nothing
+        # Before the study exists: a failed start writes nothing.
+        own_pool = self.pool is None
+        self._workers = pool = self._start_workers() if self.pool is None else self.pool
+        actors = pool.actors  # the pool replaces a dead actor in this list
         self.study = self._open_study()
         optuna.storages.fail_stale_trials(self.study)
         pending: dict[ray.ObjectRef, _Pending] = {}
@@ -205,8 +208,6 @@ class Controller:
                         actor, ok = self._finish(ref, p)
                         finished += 1
                         bar.finished(complete=ok)
-                        if actor is not p.actor:
-                            actors[actors.index(p.actor)] = actor
                     if time.monotonic() - last_beat >= HEARTBEAT_S:
                         for p in pending.values():
                             self._heartbeat(p.trial)
@@ -223,8 +224,8 @@ class Controller:
         finally:
             for p in pending.values():
                 self._fail(p, "controller stopped before the trial finished", retry=True)
-            for a in actors:
-                ray.kill(a, no_restart=True)
+            if own_pool:
+                pool.close()
         trials = self._trials()
         own_wall = loop.wall - waiting.wall - settling.wall - self._sampler.wall
         own_cpu = loop.cpu - waiting.cpu - settling.cpu - self._sampler.cpu
@@ -243,26 +244,9 @@ class Controller:
         )
 
     # ----------------------------------------------------------------- helpers
-    def _start_workers(self) -> list[Any]:
+    def _start_workers(self) -> WorkerPool:
         ensure_ray(self.ray_address, self.workers)
-        gpus = int(ray.cluster_resources().get("GPU", 0))
-        opts: dict[str, Any] = {"num_gpus": 1} if gpus else {"num_cpus": 1}
-        if gpus and self.workers > gpus:
-            log.warning("%d workers asked for but the cluster has %d GPUs", self.workers, gpus)
-        self._worker_cls = ray.remote(Worker).options(**opts, max_restarts=0)
-        self._worker_args = (self.spec.model_dump(mode="json"), self.source.stage, self.storage_url)
-        actors = [self._new_worker() for _ in range(self.workers)]
-        # A worker that cannot set up (no GPU, no latency table) stops the run before any trial.
-        errors = {e for e in ray.get([a.ready.remote() for a in actors]) if e}
-        if errors:
-            for a in actors:
-                ray.kill(a, no_restart=True)
-            raise WorkerStartError("workers could not start: " + "; ".join(sorted(errors)))
-        return actors
-
-    def _new_worker(self) -> Any:
-        """A worker like the others (same resources and arguments), e.g. to replace a dead one."""
-        return self._worker_cls.remote(*self._worker_args)
+        return WorkerPool(self.spec, self.source.stage, self.storage_url, self.workers)
 
     def _submit(self, actor: Any) -> tuple[ray.ObjectRef, _Pending]:
         with self._sampler():
@@ -286,7 +270,7 @@ class Controller:
             result = ray.get(ref)
         except ray.exceptions.RayActorError as e:
             self._fail(p, f"worker died: {_first_line(e)}", retry=True)
-            return self._new_worker(), False
+            return self._workers.replace(p.actor), False
         except ray.exceptions.RayTaskError as e:
             self._fail(p, f"worker error: {_first_line(e)}", retry=True)
             return p.actor, False

@@ -9,6 +9,7 @@ import ray
 from .candidates import CandidateSource, KernelSource, ScheduleSource
 from .controller import Controller, RunSummary, ensure_ray
 from .errors import BadInput
+from .pool import WorkerPool
 from .quality.calibration import CalibrationError, load_calibration
 from .space.kernel import kernel_buckets
 from .spec.study import SYNTHETIC, StudySpec, load_study
@@ -60,20 +61,26 @@ def run_study(
                 f"{study_file}: --stage kernel measures kernel latency and needs a GPU; "
                 "the Ray cluster has none"
             )
-        summaries = []
-        for source in sources:
-            controller = Controller(
-                spec,
-                source,
-                storage_url=storage_url,
-                workers=workers,
-                budget=budget,
-                ray_address=ray_address,
-                max_retries=max_retries,
-                progress=progress,
-            )
-            summaries.append(controller.run())
-    return summaries
+        # One pool of workers for all the stage's controllers (a kernel stage has one per
+        # bucket): each worker sets up, and warms its GPU, once per run.
+        pool = WorkerPool(spec, stage, storage_url, workers)
+        try:
+            return [
+                Controller(
+                    spec,
+                    source,
+                    storage_url=storage_url,
+                    workers=workers,
+                    budget=budget,
+                    ray_address=ray_address,
+                    max_retries=max_retries,
+                    progress=progress,
+                    pool=pool,
+                ).run()
+                for source in sources
+            ]
+        finally:
+            pool.close()
 
 
 def check_calibration(spec: StudySpec, study_file: Path) -> None:

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from fpstune.kernels.fingerprint import device_identity
+
 from .evaluation import CandidateError, Evaluation, Evaluator
 from .evaluators import build_evaluator
 from .latency.table import stored_latency_table
@@ -24,6 +26,8 @@ class Worker:
     def __init__(self, study: dict[str, Any], stage: str, storage_url: str) -> None:
         self._spec = StudySpec.model_validate(study)
         self._device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        # Which card this worker measures on, stored with every result it returns.
+        self._identity = device_identity(self._device)
         self._setup_error: str | None = None
         try:
             self._evaluator = self._build(stage, storage_url)
@@ -60,7 +64,8 @@ class Worker:
             bad = sorted(name for name, v in named.items() if not math.isfinite(v))
             if bad:
                 return {"error": f"{kind} {bad[0]} is {named[bad[0]]} (not finite)"}
-        return {"values": ev.values, "constraints": ev.constraints, "attrs": ev.attrs}
+        attrs = {**ev.attrs, **self._identity}
+        return {"values": ev.values, "constraints": ev.constraints, "attrs": attrs}
 
     def pid(self) -> int:
         return os.getpid()

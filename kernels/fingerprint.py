@@ -8,6 +8,7 @@ may move latency but not correctness, so a difference there is worth a warning, 
 from __future__ import annotations
 
 import importlib.metadata
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any
@@ -61,6 +62,21 @@ def current_fingerprint(device: torch.device | str | int | None = None) -> Hardw
         driver=_driver_version(),
         **versions,
     )
+
+
+def device_identity(device: torch.device | str | int | None = None) -> dict[str, Any]:
+    """Which physical GPU ``device`` is: ``{"gpu_uuid": "GPU-…", "gpu_index": n}``, the index as
+    the host numbers it (the first ``CUDA_VISIBLE_DEVICES`` entry the device maps to, as Ray
+    sets it for an actor with one GPU); empty for a CPU. Two GPUs of one fingerprint differ
+    here, so a measurement can be traced to the card it ran on."""
+    dev = _resolve(device)
+    if dev.type != "cuda":
+        return {}
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")]
+    host_index = int(visible[index]) if index < len(visible) and visible[index].isdigit() else index
+    uuid = str(torch.cuda.get_device_properties(dev).uuid)
+    return {"gpu_uuid": uuid if uuid.startswith("GPU-") else f"GPU-{uuid}", "gpu_index": host_index}
 
 
 def differences(a: HardwareFingerprint, b: HardwareFingerprint) -> dict[str, tuple[Any, Any]]:

@@ -9,7 +9,14 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_serializer,
+    model_validator,
+)
 
 Tile = tuple[int, int, int]
 
@@ -62,6 +69,23 @@ class KernelConfig(_Frozen):
     block_n: int = Field(gt=0)
     num_warps: Literal[1, 2, 4, 8, 16] = 8
     num_stages: int = Field(default=2, ge=1, le=8)
+    #: fp8 modes: the softmax's exponentials as fp32 (one MUFU op each) or as packed fp16 pairs
+    #: (``ex2.approx.f16x2``: one MUFU op per two, P is cast to e4m3 anyway); bf16 ignores it
+    exp2: Literal["f32", "f16x2"] = "f32"
+
+    @model_serializer(mode="wrap")
+    def _without_default_exp2(self, handler: Any) -> dict[str, Any]:
+        # Configs written before the knob existed keep their stored form (table keys, YAML).
+        d: dict[str, Any] = handler(self)
+        if d.get("exp2") == "f32":
+            del d["exp2"]
+        return d
+
+    @property
+    def key(self) -> str:
+        """Stable short name: ``m64_n128_w4_s5`` (``_e16`` added for packed fp16 exponentials)."""
+        e16 = "_e16" if self.exp2 == "f16x2" else ""
+        return f"m{self.block_m}_n{self.block_n}_w{self.num_warps}_s{self.num_stages}{e16}"
 
 
 class AttentionSpec(_Frozen):
@@ -105,8 +129,7 @@ class AttentionSpec(_Frozen):
         if self.tile:
             parts.append("tile " + "x".join(str(t) for t in self.tile))
         if self.kernel:
-            k = self.kernel
-            parts.append(f"m{k.block_m}_n{k.block_n}_w{k.num_warps}_s{k.num_stages}")
+            parts.append(self.kernel.key)
         return ", ".join(parts)
 
 

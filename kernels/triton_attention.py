@@ -83,6 +83,23 @@ def _to_e4m3(x, EXACT: tl.constexpr):
 
 
 @triton.jit
+def _exp2_f16(x, EXACT: tl.constexpr):
+    """exp2 of fp32 ``x`` as fp16, two per MUFU op: ``x`` rounded to fp16 pairs, then
+    ``ex2.approx.f16x2``. Off the GPU (EXACT) the same roundings in fp32 arithmetic."""
+    if EXACT:
+        return tl.math.exp2(x.to(tl.float16).to(tl.float32)).to(tl.float16)
+    else:
+        return tl.inline_asm_elementwise(
+            asm="{ .reg .b32 t; cvt.rn.f16x2.f32 t, $2, $1; ex2.approx.f16x2 $0, t; }",
+            constraints="=r,r,r",
+            args=[x],
+            dtype=tl.float16,
+            is_pure=True,
+            pack=2,
+        )
+
+
+@triton.jit
 def _load_rows(X, base, src, offs_d, stride_n, stride_d):
     """Rows ``src`` (model token ids, -1 = padding -> zeros) of one (batch, head), as fp32."""
     ptrs = X + base + src[:, None].to(tl.int64) * stride_n + offs_d[None, :] * stride_d
@@ -323,6 +340,7 @@ def _attn_inner(
     BLOCK_N: tl.constexpr,
     TILE_TOKENS: tl.constexpr,
     EXACT: tl.constexpr,
+    EXP16: tl.constexpr,
 ):
     """Online softmax over the kv blocks of list entries [lo, hi); MASKED adds the padding bias."""
     NB: tl.constexpr = TILE_TOKENS // BLOCK_N
@@ -345,10 +363,12 @@ def _attn_inner(
             m_ij = tl.maximum(m_i, tl.max(qk, 1) * c)
         # fp8: exp2(s - m + log2 448) = 448 * P, ready for e4m3 without another multiply.
         shift = m_ij - 8.807354922057604 if FP8 else m_ij
-        if MASKED:
-            p = tl.math.exp2(qk - shift[:, None])
+        x = qk - shift[:, None] if MASKED else qk * c[:, None] - shift[:, None]
+        if EXP16:
+            p16 = _exp2_f16(x, EXACT)
+            p = p16.to(tl.float32)
         else:
-            p = tl.math.exp2(qk * c[:, None] - shift[:, None])
+            p = tl.math.exp2(x)
         alpha = tl.math.exp2(m_i - m_ij)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -359,7 +379,13 @@ def _attn_inner(
             v = tl.load(v_base + (start + offs_n)[:, None] * HEAD_DIM + offs_d[None, :])
         # P·V accumulates inside the tensor core; accumulating each block's product in fp32
         # registers instead measured no more accurate at 75,600 keys, and slower.
-        acc = tl.dot(_to_e4m3(p, EXACT) if FP8 else p.to(v.dtype), v, acc)
+        if EXP16 and not EXACT:
+            p8 = p16.to(tl.float8e4nv)  # cvt.rn.satfinite.e4m3x2.f16x2: one op per pair
+        elif FP8:
+            p8 = _to_e4m3(p, EXACT)
+        else:
+            p8 = p.to(v.dtype)
+        acc = tl.dot(p8, v, acc)
         m_i = m_ij
     return acc, l_i, m_i
 
@@ -406,6 +432,7 @@ def _attn_kernel(
     BLOCK_N: tl.constexpr,
     TILE_TOKENS: tl.constexpr,
     EXACT: tl.constexpr,
+    EXP16: tl.constexpr,
 ):
     """Grid (q blocks, batch*heads). Sparse: q rows are padded slots of one q tile, whose kv list
     is KV_INDEX[b, h, q_tile]. Dense: q rows are model tokens and every q block shares list 0."""
@@ -446,11 +473,11 @@ def _attn_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     acc, l_i, m_i = _attn_inner(
         acc, l_i, m_i, q, c_q, KC, VC, KS, KV_BIAS, idx_ptr, bh, 0, n_full, N_PAD, N_TILES,
-        FP8, False, HEAD_DIM, BLOCK_N, TILE_TOKENS, EXACT,
+        FP8, False, HEAD_DIM, BLOCK_N, TILE_TOKENS, EXACT, EXP16,
     )  # fmt: skip
     acc, l_i, m_i = _attn_inner(
         acc, l_i, m_i, q, c_q, KC, VC, KS, KV_BIAS, idx_ptr, bh, n_full, count, N_PAD, N_TILES,
-        FP8, True, HEAD_DIM, BLOCK_N, TILE_TOKENS, EXACT,
+        FP8, True, HEAD_DIM, BLOCK_N, TILE_TOKENS, EXACT, EXP16,
     )  # fmt: skip
 
     out = acc * (1.0 / l_i)[:, None]
@@ -664,6 +691,7 @@ def attend(
     scale: float,
     out_dtype: torch.dtype,
     out: torch.Tensor | None = None,
+    exp2: str = "f32",
 ) -> torch.Tensor:
     """Run the attention kernel on a `Prepared`; returns (B, H, N, D) in model order."""
     B, H, N, D = prep.shape
@@ -689,7 +717,7 @@ def attend(
         *layout.tile, *_list_strides(kv.index), *_list_strides(kv.count), *out.stride()[:3],
         FP8=fp8, SPARSE=sparse, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
         TILE_TOKENS=layout.tile_tokens, EXACT=not prep.q.is_cuda,
-        num_warps=num_warps, num_stages=num_stages,
+        EXP16=fp8 and exp2 == "f16x2", num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
 
@@ -724,4 +752,5 @@ def triton_attention(
         scale=scale,
         out_dtype=q.dtype,
         out=out,
+        exp2=config.exp2,
     )

@@ -125,6 +125,9 @@ class LatencyRow:
     study: str | None = None
     trial: int | None = None
     created: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
+    #: the physical card (`device_identity`): rows of one fingerprint may come from several GPUs
+    gpu_uuid: str | None = None
+    gpu_index: int | None = None
 
     @property
     def mode(self) -> Mode:
@@ -160,6 +163,8 @@ class LatencyRow:
             "study": self.study,
             "trial": self.trial,
             "created": _utc(self.created).isoformat(),
+            "gpu_uuid": self.gpu_uuid,
+            "gpu_index": self.gpu_index,
         }
 
     @classmethod
@@ -177,6 +182,8 @@ class LatencyRow:
             study=d.get("study"),
             trial=d.get("trial"),
             created=_utc(dt.datetime.fromisoformat(d["created"])),
+            gpu_uuid=d.get("gpu_uuid"),
+            gpu_index=d.get("gpu_index"),
         )
 
 
@@ -227,6 +234,8 @@ class LatencyRecord(Base):
     study: Mapped[str | None] = mapped_column(sa.String(512))
     trial: Mapped[int | None]
     created: Mapped[dt.datetime] = mapped_column(sa.DateTime(timezone=True))
+    gpu_uuid: Mapped[str | None] = mapped_column(sa.String(64))
+    gpu_index: Mapped[int | None]
 
 
 def create_engine(url: str) -> sa.Engine:
@@ -243,6 +252,7 @@ def create_tables(engine: sa.Engine, *, attempts: int = 5) -> None:
     for attempt in range(1, attempts + 1):
         try:
             Base.metadata.create_all(engine, checkfirst=True)
+            _add_new_columns(engine)
             return
         except (
             sqlalchemy.exc.OperationalError,
@@ -256,6 +266,25 @@ def create_tables(engine: sa.Engine, *, attempts: int = 5) -> None:
             if attempt == attempts:
                 raise
             time.sleep(0.05 * attempt)
+
+
+#: columns added after the table's first release, with their SQL types: a database made by an
+#: older fpstune gets them (NULL in old rows) when it is next opened
+_NEW_COLUMNS = {"gpu_uuid": "VARCHAR(64)", "gpu_index": "INTEGER"}
+
+
+def _add_new_columns(engine: sa.Engine) -> None:
+    table = LatencyRecord.__tablename__
+    for name, sql_type in _NEW_COLUMNS.items():
+        if name in {c["name"] for c in sa.inspect(engine).get_columns(table)}:
+            continue
+        try:
+            with engine.begin() as conn:
+                conn.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN {name} {sql_type}"))
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.ProgrammingError):
+            # another process added it first
+            if name not in {c["name"] for c in sa.inspect(engine).get_columns(table)}:
+                raise
 
 
 class LatencyTable:
@@ -567,6 +596,8 @@ def _to_record(r: LatencyRow) -> LatencyRecord:
         study=r.study,
         trial=r.trial,
         created=_utc(r.created),
+        gpu_uuid=r.gpu_uuid,
+        gpu_index=r.gpu_index,
     )
 
 
@@ -597,6 +628,8 @@ def _from_record(rec: LatencyRecord) -> LatencyRow:
         study=rec.study,
         trial=rec.trial,
         created=_utc(rec.created),
+        gpu_uuid=rec.gpu_uuid,
+        gpu_index=rec.gpu_index,
     )
 
 

@@ -79,7 +79,7 @@ class KernelPoint(NamedTuple):
 
 def config_key(config: KernelConfig) -> str:
     """Stable string for a launch config: ``m128_n64_w8_s3``."""
-    return f"m{config.block_m}_n{config.block_n}_w{config.num_warps}_s{config.num_stages}"
+    return config.key
 
 
 def kernel_buckets(
@@ -264,11 +264,13 @@ def _plan(
     tiles: dict[str, Tile] = {}
     configs: dict[str, dict[str, KernelConfig]] = {}
     candidates = [
-        KernelConfig(block_m=m, block_n=n, num_warps=w, num_stages=s)
+        KernelConfig(block_m=m, block_n=n, num_warps=w, num_stages=s, exp2=e)
         for m in space.block_m
         for n in space.block_n
         for w in space.num_warps
         for s in space.num_stages
+        # the exponential's precision is an fp8 knob: bf16 configs keep the default
+        for e in (space.exp2 if mode.fp8 else ["f32"])
     ]
     for tile in space.tiles:
         ok: dict[str, KernelConfig] = {}

@@ -225,6 +225,8 @@ class KernelSpace(_SourcedFrozen):
     block_n: tuple[PosInt, ...]
     num_warps: tuple[Literal[1, 2, 4, 8, 16], ...]
     num_stages: tuple[Annotated[int, Strict(), Field(ge=1, le=8)], ...]
+    #: fp8 softmax exponentials: fp32, or packed fp16 pairs (see `KernelConfig.exp2`)
+    exp2: tuple[Literal["f32", "f16x2"], ...] = ("f32",)
 
     @field_validator("patterns", mode="before")
     @classmethod
@@ -233,7 +235,9 @@ class KernelSpace(_SourcedFrozen):
             return [{"kind": p} if isinstance(p, str) else p for p in v]
         return v
 
-    @field_validator("modes", "tiles", "block_m", "block_n", "num_warps", "num_stages", "patterns")
+    @field_validator(
+        "modes", "tiles", "block_m", "block_n", "num_warps", "num_stages", "exp2", "patterns"
+    )
     @classmethod
     def _non_empty_unique(cls, v: tuple[Any, ...]) -> tuple[Any, ...]:
         return unique(non_empty(v))

@@ -108,6 +108,25 @@ def test_other_configs(mode: str, tile: tuple[int, int, int], config: KernelConf
     _check(MODES[mode], (7, 15, 26), 128, "structured", tile=tile, config=config)
 
 
+@pytest.mark.parametrize("exp2", ["f32", "f16x2"])
+@pytest.mark.parametrize(
+    ("tile", "config"),
+    [
+        ((1, 8, 16), KernelConfig(block_m=64, block_n=128, num_warps=4, num_stages=5)),
+        ((2, 8, 8), KernelConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)),
+    ],
+    ids=["t128-64x128s5", "t128-128x64s3"],
+)
+@pytest.mark.parametrize("mode", ["fp8_dense", "fp8_window"])
+@pytest.mark.parametrize("kind", ["random", "structured"])
+def test_fp8_exp2(
+    kind: str, mode: str, tile: tuple[int, int, int], config: KernelConfig, exp2: str
+) -> None:
+    """The fp8 softmax's exponentials in fp32 or as packed fp16 pairs (`KernelConfig.exp2`)."""
+    config = KernelConfig.model_validate({**config.model_dump(), "exp2": exp2})
+    _check(MODES[mode], (7, 15, 26), 128, kind, tile=tile, config=config)
+
+
 @pytest.mark.parametrize("mode", ["fp8_window", "bf16_window"])
 def test_fp16_inputs(mode: str) -> None:
     _check(MODES[mode], (5, 9, 13), 64, "random", dtype=torch.float16)

@@ -209,6 +209,10 @@ def _cases() -> Iterator[tuple[str, dict[str, Any], str, torch.dtype, KernelConf
     yield "fp8_topk", {**sp, "pattern": {"kind": "topk"}, "sparsity": 0.5}, "structured", bf16, c16
     cdf = {"kind": "cdf", "mass": 0.6}
     yield "fp8_cdf", {**sp, "pattern": cdf, "sparsity": 0.75}, "random", bf16, c16
+    # Packed fp16 exponentials (KernelConfig.exp2): held to the same rule as fp32 ones.
+    e16 = c16.model_copy(update={"exp2": "f16x2"})
+    yield "fp8_dense_e16", {"mode": "fp8_dense", "tile": t16}, "structured", bf16, e16
+    yield "fp8_window_e16", {**sp, "pattern": win, "sparsity": 0.5}, "random", bf16, e16
     # 48-token tiles: three kv blocks per tile, and a pre-pass that sweeps the tile twice.
     sp48 = {"mode": "fp8_sparse", "tile": (3, 4, 4), "pattern": win, "sparsity": 0.4}
     yield "fp8_window_t48", sp48, "structured", bf16, c16

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import multiprocessing
@@ -444,3 +445,34 @@ def test_compose_with_measured_latency_on_the_cpu_test_path() -> None:
     by_spec = {lk.requested: lk.cost.median_ms for lk in got.lookups}
     assert got.total_ms == pytest.approx(2 * by_spec[BF16] + 4 * by_spec[fp8((1, 4, 8))])
     assert compose_with(policy, per_call).total_ms == got.total_ms  # cached, not re-measured
+
+
+def test_a_table_made_before_the_gpu_columns_gets_them(tmp_path) -> None:
+    """A database whose latency table predates ``gpu_uuid``/``gpu_index`` keeps its rows (the
+    new fields NULL) and stores new rows with them."""
+    from fpstune.latency.table import LatencyRecord, LatencyTable, _to_record, create_engine
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = create_engine(url)
+    old = sa.Table(
+        LatencyRecord.__tablename__,
+        sa.MetaData(),
+        *(
+            sa.Column(c.name, c.type, primary_key=c.primary_key)
+            for c in LatencyRecord.__table__.columns
+            if c.name not in ("gpu_uuid", "gpu_index")
+        ),
+    )
+    old.create(engine)
+    row = LatencyTable.in_memory().record(
+        fingerprint=H100, shape=SHAPE, spec=BF16, timing=gpu_timing(2.0)
+    )
+    record = _to_record(row)
+    with engine.begin() as conn:
+        conn.execute(old.insert().values({c.name: getattr(record, c.name) for c in old.columns}))
+    table = LatencyTable.from_url(url)
+    [kept] = table.rows()
+    assert "gpu_uuid" in {c["name"] for c in sa.inspect(engine).get_columns(old.name)}
+    assert kept.gpu_uuid is None and kept.gpu_index is None and kept.median_ms == row.median_ms
+    table.add([dataclasses.replace(row, gpu_uuid="GPU-1234", gpu_index=3)])
+    assert [(r.gpu_uuid, r.gpu_index) for r in table.rows()] == [(None, None), ("GPU-1234", 3)]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import ray
 from optuna.trial import TrialState
 from service_helpers import TEST_GPU, TINY, fill_latency_table
 
@@ -109,3 +110,31 @@ def test_export_validate_load_round_trip(sqlite_url: str, tiny, tmp_path: Path) 
         for layer in range(tiny.model.layers):
             spec = policy.spec(layer=layer, step=step)
             assert spec.mode.value == "bf16_dense" or spec.kernel is not None  # configs pinned
+
+
+def test_controllers_of_one_run_share_the_pool(sqlite_url: str, tiny) -> None:
+    """Controllers given one pool (a kernel stage: one per bucket) use the same worker processes
+    and leave them running; a controller without a pool stops its own."""
+    from fpstune.pool import WorkerPool
+
+    fill_latency_table(sqlite_url, tiny)
+    pool = WorkerPool(tiny, "schedule", sqlite_url, 2)
+    try:
+        pids = sorted(ray.get([a.pid.remote() for a in pool.actors]))
+        for budget in (2, 4):  # a second controller of the same run resumes to 4
+            Controller(
+                tiny,
+                ScheduleSource(tiny),
+                storage_url=sqlite_url,
+                workers=2,
+                budget=budget,
+                progress=False,
+                pool=pool,
+            ).run()
+            assert sorted(ray.get([a.pid.remote() for a in pool.actors])) == pids
+        _check_bookkeeping(sqlite_url, 4)
+    finally:
+        actors = list(pool.actors)
+        pool.close()
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(actors[0].pid.remote(), timeout=60)

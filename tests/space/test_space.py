@@ -615,3 +615,35 @@ def test_kernel_stage_measures_the_runtime_default_first() -> None:
     # a space without the default has nothing to measure first
     fp8 = next(b for b in kernel_buckets(MINI.kernel_space, 64) if b.mode is Mode.FP8_DENSE)
     assert KernelSource(MINI, fp8).first_params() == []
+
+
+def test_exp2_knob_doubles_the_fp8_configs_only() -> None:
+    """``exp2: [f32, f16x2]`` in a kernel space: every fp8 config twice (keys ``..._e16``), bf16
+    configs once; the chosen config survives the spec's round trip through a policy dict."""
+    base = WAN.kernel_space
+    both = base.model_copy(update={"exp2": ("f32", "f16x2")})
+    for mode in (Mode.FP8_DENSE, Mode.FP8_SPARSE):
+        one = [p for p in feasible_kernel_points(base, 128) if p.bucket.mode is mode]
+        two = [p for p in feasible_kernel_points(both, 128) if p.bucket.mode is mode]
+        assert len(two) == 2 * len(one)
+        assert {p.config.exp2 for p in two if p.config} == {"f32", "f16x2"}
+    opt = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    seen = set()
+    for _ in range(40):
+        trial = opt.ask()
+        spec = suggest_kernel(trial, both, 128, KernelBucket(Mode.FP8_DENSE))
+        assert spec.kernel is not None
+        seen.add(spec.kernel.exp2)
+        assert spec.kernel.key.endswith("_e16") == (spec.kernel.exp2 == "f16x2")
+        assert AttentionSpec.from_dict(spec.to_dict()) == spec
+        opt.tell(trial, 1.0)
+    assert seen == {"f32", "f16x2"}
+
+
+def test_default_exp2_is_left_out_of_stored_configs() -> None:
+    """Configs stored before the knob (latency-table keys, policy YAML) keep their form."""
+    k = KernelConfig(block_m=64, block_n=128, num_warps=4, num_stages=5)
+    assert k.model_dump() == {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 5}
+    e16 = KernelConfig(block_m=64, block_n=128, num_warps=4, num_stages=5, exp2="f16x2")
+    assert e16.model_dump()["exp2"] == "f16x2"
+    assert KernelConfig.model_validate(e16.model_dump()) == e16 != k
