@@ -79,13 +79,14 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--gpus", type=int, default=None, help="default: every GPU torch sees")
     p.add_argument("--out", type=Path, default=Path("."))
-    p.add_argument("--child", type=Path, help=argparse.SUPPRESS)  # internal: measure one GPU
+    # internal: a child process measuring the configs of file CHILD on its one GPU into OUT
+    p.add_argument(
+        "--child", type=Path, nargs=2, metavar=("CONFIGS", "OUT"), help=argparse.SUPPRESS
+    )
     args = p.parse_args()
     if args.child:
-        configs = json.loads(args.child.read_text())
-        args.child.with_suffix(".out.json").write_text(
-            json.dumps(measure_here(configs, args.repeats))
-        )
+        todo, out = args.child
+        out.write_text(json.dumps(measure_here(json.loads(todo.read_text()), args.repeats)))
         return
     import torch
 
@@ -98,17 +99,16 @@ def main() -> None:
     todo.write_text(json.dumps(configs))
     procs = []
     for g in range(gpus):
-        child = args.out / f"spread-gpu{g}.json"
-        child.write_text(todo.read_text())
+        result = args.out / f"spread-gpu{g}.json"
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(g)}
         cmd = [sys.executable, __file__, "--storage", args.storage, "--study", args.study,
-               "--repeats", str(args.repeats), "--child", str(child)]  # fmt: skip
-        procs.append((g, child, subprocess.Popen(cmd, env=env)))
+               "--repeats", str(args.repeats), "--child", str(todo), str(result)]  # fmt: skip
+        procs.append((g, result, subprocess.Popen(cmd, env=env)))
     per_gpu = {}
-    for g, child, proc in procs:
+    for g, result, proc in procs:
         if proc.wait() != 0:
             sys.exit(f"GPU {g}: the measuring process exited {proc.returncode}")
-        per_gpu[g] = json.loads(child.with_suffix(".out.json").read_text())
+        per_gpu[g] = json.loads(result.read_text())
     rows = []
     for i, c in enumerate(configs):
         med = {g: statistics.median(r["ms"][i]) for g, r in per_gpu.items()}

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import html
-import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ import plotly.offline
 from fpstune.catalog import load_study_by_ref
 from fpstune.errors import BadInput
 from fpstune.kernels import HardwareFingerprint
+from fpstune.kernels.atomic import write_text
 from fpstune.latency.table import AttentionShape
 from fpstune.storage import mask_url
 
@@ -186,14 +185,5 @@ def write_report(study_ref: str, *, storage_url: str, output: Path) -> ReportInf
     info = report_info(study_ref, storage_url=storage_url)
     text = render_html(info)
     output.parent.mkdir(parents=True, exist_ok=True)
-    # Atomically: a reader never sees half a page.
-    fd, tmp = tempfile.mkstemp(dir=output.parent, prefix=f".{output.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text(output, text)  # atomically: a reader never sees half a page
     return info

@@ -11,3 +11,8 @@ class BadInput(ValueError):
 
 #: Everything the CLI reports as bad input.
 BAD_INPUT_ERRORS: tuple[type[Exception], ...] = (BadInput, SpecError)
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (whitespace runs collapsed), for one-line errors."""
+    return " ".join(str(e).split()) or type(e).__name__

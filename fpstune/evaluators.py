@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from fpstune.errors import one_line
 from fpstune.evaluation import CandidateError, Evaluation
 from fpstune.kernels import (
     AttentionSpec,
@@ -412,10 +413,10 @@ def _run_checked(fn: Any, *, what: str) -> Any:
     try:
         return fn()
     except (SpecError, InfeasibleConfig) as e:
-        raise CandidateError(f"{what}: {_one_line(e)}") from None
+        raise CandidateError(f"{what}: {one_line(e)}") from None
     except Exception as e:
         if type(e).__module__.startswith("triton"):
-            raise CandidateError(f"{what}: kernel failed: {_one_line(e)}") from None
+            raise CandidateError(f"{what}: kernel failed: {one_line(e)}") from None
         raise
 
 
@@ -448,10 +449,6 @@ def _constraint(c: Any, names: Sequence[str]) -> tuple[str, Callable[[float], fl
 
 def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 __all__ = [

@@ -18,14 +18,12 @@ Every error is a `PolicyError` whose text is one line, ``<file>: <dotted.field>:
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import hashlib
 import json
 import os
 import re
 import sys
-import tempfile
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -44,6 +42,7 @@ from pydantic import (
     model_validator,
 )
 
+from .atomic import write_text
 from .config import DeviceLimits, default_tile, infeasibility
 from .fingerprint import (
     GPU_TYPE_FIELDS,
@@ -351,20 +350,8 @@ class Policy(_Frozen):
 
     def dump(self, path: str | os.PathLike[str]) -> None:
         """Write YAML atomically (a temp file in the same folder, then `os.replace`)."""
-        path = Path(path)
         text = _HEADER + yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=False, width=100)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)  # mkstemp creates 0600
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        write_text(path, text)
 
 
 def mask_credentials(url: str) -> str:

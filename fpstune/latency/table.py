@@ -26,7 +26,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ import sqlalchemy.exc
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from fpstune.kernels import AttentionSpec, KernelConfig, Mode, default_config, default_tile
+from fpstune.kernels.atomic import write_text
 from fpstune.kernels.fingerprint import GPU_TYPE_FIELDS, HardwareFingerprint
 
 from .measure import CPU_METHOD, Timing
@@ -275,8 +275,9 @@ _NEW_COLUMNS = {"gpu_uuid": "VARCHAR(64)", "gpu_index": "INTEGER"}
 
 def _add_new_columns(engine: sa.Engine) -> None:
     table = LatencyRecord.__tablename__
+    present = {c["name"] for c in sa.inspect(engine).get_columns(table)}
     for name, sql_type in _NEW_COLUMNS.items():
-        if name in {c["name"] for c in sa.inspect(engine).get_columns(table)}:
+        if name in present:
             continue
         try:
             with engine.begin() as conn:
@@ -693,15 +694,7 @@ def _utc(t: dt.datetime) -> dt.datetime:
 
 def _write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text(path, text)
 
 
 def stored_latency_table(url: str) -> LatencyTable | None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 
 from fpstune.errors import BadInput
+from fpstune.kernels.atomic import replacing
 from fpstune.quality.calibration import (
     CalibrationMeta,
     CalibrationSet,
@@ -256,19 +256,12 @@ def save_record(record: ReplayRecord, path: str | os.PathLike[str]) -> None:
     }
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with replacing(p) as tmp:
         save_file(
             {n: t.detach().cpu().contiguous() for n, t in tensors.items()},
-            tmp,
+            str(tmp),
             metadata={RECORD_KEY: json.dumps(meta, sort_keys=True)},
         )
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_record(path: str | os.PathLike[str]) -> ReplayRecord:

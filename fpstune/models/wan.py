@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from fpstune.errors import BadInput
+from fpstune.errors import BadInput, one_line
 from fpstune.kernels.policy import ModelShape
 
 TRANSFORMER = "transformer"
@@ -101,7 +101,7 @@ def load_transformer(
                 str(root), subfolder=TRANSFORMER, local_files_only=True, torch_dtype=dtype
             )
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
-        raise BadInput(f"{tdir}: cannot load the Wan transformer: {_one_line(e)}") from None
+        raise BadInput(f"{tdir}: cannot load the Wan transformer: {one_line(e)}") from None
     return model.to(device=device).eval()
 
 
@@ -118,7 +118,7 @@ def load_scheduler(root: Path) -> Any:
     try:
         return cls.from_config(config)
     except (ValueError, TypeError, KeyError) as e:
-        raise BadInput(f"{file}: {_one_line(e)}") from None
+        raise BadInput(f"{file}: {one_line(e)}") from None
 
 
 def vae_scale(root: Path) -> VaeScale:
@@ -227,7 +227,7 @@ def _check_safetensors(file: Path) -> None:
         with safe_open(str(file), framework="pt") as f:
             f.keys()
     except (SafetensorError, OSError, ValueError) as e:
-        raise BadInput(f"{file}: unreadable weights: {_one_line(e)}") from None
+        raise BadInput(f"{file}: unreadable weights: {one_line(e)}") from None
 
 
 def _scheduler_config(root: Path) -> tuple[Path, dict[str, Any]]:
@@ -244,14 +244,10 @@ def _read_json(file: Path, *, what: str) -> dict[str, Any]:
     try:
         data = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BadInput(f"{file}: not a JSON {what}: {_one_line(e)}") from None
+        raise BadInput(f"{file}: not a JSON {what}: {one_line(e)}") from None
     if not isinstance(data, dict):
         raise BadInput(f"{file}: not a JSON {what} (expected an object)")
     return data
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
 
 
 __all__ = [

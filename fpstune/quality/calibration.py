@@ -22,13 +22,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from fpstune.errors import one_line
+from fpstune.kernels.atomic import replacing
 
 FORMAT_VERSION = 1
 META_KEY = "fpstune"
@@ -339,16 +341,9 @@ def save_calibration(cal: CalibrationSet, path: str | os.PathLike[str]) -> None:
     _check_tensors(cal, str(path))
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        tensors = {n: t.detach().cpu().contiguous() for n, t in cal.tensors.items()}
-        save_file(tensors, tmp, metadata={META_KEY: cal.meta.to_json()})
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    tensors = {n: t.detach().cpu().contiguous() for n, t in cal.tensors.items()}
+    with replacing(p) as tmp:
+        save_file(tensors, str(tmp), metadata={META_KEY: cal.meta.to_json()})
 
 
 def load_calibration(path: str | os.PathLike[str], *, model: Any = None) -> CalibrationSet:
@@ -364,7 +359,7 @@ def load_calibration(path: str | os.PathLike[str], *, model: Any = None) -> Cali
     try:
         meta = CalibrationMeta.from_json(header[META_KEY])
     except (ValueError, KeyError, TypeError, IndexError) as e:
-        raise CalibrationError(f"{where}: metadata: {_one_line(e)}") from None
+        raise CalibrationError(f"{where}: metadata: {one_line(e)}") from None
     cal = CalibrationSet(meta, tensors)
     _check_tensors(cal, where)
     if model is not None:
@@ -443,9 +438,5 @@ def read_safetensors(
             header = f.metadata() or {}
             tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, ValueError) as e:
-        raise error(f"{where}: not a safetensors file: {_one_line(e)}") from None
+        raise error(f"{where}: not a safetensors file: {one_line(e)}") from None
     return header, tensors
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import torch
 
+from fpstune.errors import one_line
 from fpstune.evaluation import CandidateError
 from fpstune.kernels import AttentionSpec, InfeasibleConfig, Mode, SpecError, attention
 
@@ -124,10 +125,10 @@ class AttentionProbe:
         try:
             out = self._attention(q, k, v, grid=self._grid, spec=spec)
         except (SpecError, InfeasibleConfig) as e:
-            raise CandidateError(f"{where}: {_one_line(e)}") from None
+            raise CandidateError(f"{where}: {one_line(e)}") from None
         except Exception as e:
             if _is_compile_error(e):
-                raise CandidateError(f"{where}: kernel failed: {_one_line(e)}") from None
+                raise CandidateError(f"{where}: kernel failed: {one_line(e)}") from None
             raise
         if not bool(torch.isfinite(out).all()):
             what = "NaN" if bool(torch.isnan(out).any()) else "Inf"
@@ -150,7 +151,3 @@ def _is_compile_error(e: Exception) -> bool:
 
 def _round(x: float) -> float:
     return float(f"{x:.6g}")
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__

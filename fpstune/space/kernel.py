@@ -77,11 +77,6 @@ class KernelPoint(NamedTuple):
         )
 
 
-def config_key(config: KernelConfig) -> str:
-    """Stable string for a launch config: ``m128_n64_w8_s3``."""
-    return config.key
-
-
 def kernel_buckets(
     space: KernelSpace, head_dim: int | None = None, *, limits: DeviceLimits = H100
 ) -> list[KernelBucket]:
@@ -172,7 +167,7 @@ def default_params(
     if tkey not in plan.tiles:
         return None
     config = default_config(tile, head_dim, bucket.mode)
-    ckey = config_key(config)
+    ckey = config.key
     if ckey not in plan.configs[tkey]:
         return None
     params = {}
@@ -279,7 +274,7 @@ def _plan(
             if why:
                 reasons.update(dict.fromkeys(why))
             else:
-                ok[config_key(c)] = c
+                ok[c.key] = c
         if ok:
             tiles[tile_key(tile)] = tile
             configs[tile_key(tile)] = ok

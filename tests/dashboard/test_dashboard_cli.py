@@ -4,27 +4,18 @@ exit status 2 and nothing written, a report page, loopback, masked credentials."
 from __future__ import annotations
 
 import hashlib
-import os
 import socket
 import subprocess
 import sys
-import uuid
-from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
+import shared_helpers
 import sqlalchemy as sa
 from dashboard_helpers import mini_study
 
-
-def fpstune(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "fpstune", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+fpstune = partial(shared_helpers.fpstune, timeout=300)
 
 
 def _digest(path: Path) -> str:
@@ -108,24 +99,6 @@ def test_report_writes_one_self_contained_page(study_db: Path, tmp_path: Path) -
         assert f"<h2>{heading}</h2>" in html
     assert "baseline fp8_dense_all" in html and "baseline fpsattention_3phase" in html
     assert _digest(study_db) == before  # the report only reads
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """A fresh database on the PostgreSQL server .ci/run starts (FPSTUNE_TEST_PG_URL)."""
-    admin = os.environ.get("FPSTUNE_TEST_PG_URL")
-    if not admin:
-        if os.environ.get("CI"):
-            pytest.fail("FPSTUNE_TEST_PG_URL is not set: .ci/run must start PostgreSQL")
-        pytest.skip("no PostgreSQL server (set FPSTUNE_TEST_PG_URL; .ci/run does)")
-    name = f"fpstune_dash_{uuid.uuid4().hex[:8]}"
-    engine = sa.create_engine(admin, isolation_level="AUTOCOMMIT")
-    with engine.connect() as c:
-        c.execute(sa.text(f"CREATE DATABASE {name}"))
-    yield sa.engine.make_url(admin).set(database=name).render_as_string(hide_password=False)
-    with engine.connect() as c:
-        c.execute(sa.text(f"DROP DATABASE {name} WITH (FORCE)"))
-    engine.dispose()
 
 
 def test_dashboard_on_postgresql_binds_loopback_and_never_prints_the_password(

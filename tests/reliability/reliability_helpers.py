@@ -29,25 +29,21 @@ CHEAP = DATA / "cheap.yaml"
 sys.path.insert(0, str(HERE.parent / "service"))  # the service tests' tiny study and table
 
 from service_helpers import TINY, fill_latency_table  # noqa: E402
+from shared_helpers import descends_from, evaluating_workers, fpstune  # noqa: E402
 
-__all__ = ["CHEAP", "DATA", "ROOT", "TINY", "fill_latency_table"]
+__all__ = [
+    "CHEAP",
+    "DATA",
+    "ROOT",
+    "TINY",
+    "descends_from",
+    "evaluating_workers",
+    "fill_latency_table",
+    "fpstune",
+]
 
 
 # -- the CLI --------------------------------------------------------------------------------------
-
-
-def fpstune(
-    *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 600
-) -> subprocess.CompletedProcess[str]:
-    """``python -m fpstune ARGS`` as a user runs it."""
-    return subprocess.run(
-        [sys.executable, "-m", "fpstune", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, **(env or {})},
-    )
 
 
 def run_main(
@@ -88,44 +84,6 @@ def start_fpstune(*args: str, cwd: Path) -> subprocess.Popen[str]:
         text=True,
         start_new_session=True,
     )
-
-
-# -- Ray workers of one run -----------------------------------------------------------------------
-
-
-def _parent(pid: int) -> int:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return 0
-    return int(stat.rsplit(")", 1)[1].split()[1])
-
-
-def descends_from(pid: int, root: int) -> bool:
-    for _ in range(64):
-        if pid == root:
-            return True
-        if pid <= 1:
-            return False
-        pid = _parent(pid)
-    return False
-
-
-def evaluating_workers(root: int) -> list[int]:
-    """Ray actor processes under ``root`` (a CLI run, or this test process) currently inside
-    Worker.evaluate: Ray names the process after the task it runs. Other engineers' runs on the
-    same machine are not ``root``'s descendants and are left alone."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"ray::Worker.evaluate" in cmdline and descends_from(int(entry.name), root):
-            pids.append(int(entry.name))
-    return pids
 
 
 # -- bookkeeping ----------------------------------------------------------------------------------

@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
+import shared_helpers
 from service_helpers import DATA, TINY
 
-
-def fpstune(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "fpstune", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+fpstune = partial(shared_helpers.fpstune, timeout=300)
 
 
 def test_help_explains_every_command(tmp_path: Path) -> None:

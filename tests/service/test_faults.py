@@ -9,28 +9,13 @@ import sys
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
 from service_helpers import TINY, fill_latency_table
+from shared_helpers import evaluating_workers
 
 from fpstune.runner import run_study
-
-
-def _evaluating_worker_pids() -> list[int]:
-    """Ray actor processes currently inside Worker.evaluate (Ray sets their process title)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"ray::Worker.evaluate" in cmdline:
-            pids.append(int(entry.name))
-    return pids
 
 
 def test_worker_killed_mid_trial_is_replaced_and_its_trial_rerun(ray_cluster, sqlite_url, tiny):
@@ -40,7 +25,7 @@ def test_worker_killed_mid_trial_is_replaced_and_its_trial_rerun(ray_cluster, sq
     def assassin() -> None:
         deadline = time.monotonic() + 120
         while not killed and time.monotonic() < deadline:
-            pids = _evaluating_worker_pids()
+            pids = evaluating_workers(os.getpid())  # this test's own workers only
             if pids:
                 os.kill(pids[0], signal.SIGKILL)
                 killed.append(pids[0])
