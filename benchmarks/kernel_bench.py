@@ -346,11 +346,12 @@ def host_check(budget_s: float) -> list[dict[str, Any]]:
 
 
 def accuracy_at_scale(
-    rows_per_head: int = 256, exp2: tuple[str, ...] = ("f32",)
+    rows_per_head: int = 256, knobs: tuple[dict[str, str], ...] = ({},)
 ) -> list[dict[str, Any]]:
     """FlashAttention's rule at 1x12x75600x128 on sampled query rows: error of the Triton output
     and of the fp32 emulation of the same fp8 semantics, both against fp64 unquantised attention
-    with the same block mask; once per ``exp2`` setting of the default kernel config."""
+    with the same block mask; once per ``knobs`` (softmax knobs set on the default kernel config,
+    e.g. ``{"exp2": "f16x2"}``)."""
     from fpstune.kernels import default_config, default_tile
     from fpstune.kernels.reference import (
         P_SCALE,
@@ -414,10 +415,11 @@ def accuracy_at_scale(
                 torch.bfloat16
             )
             e_ref = (emu.double() - truth).abs()
-            for ex in exp2:
-                res: dict[str, Any] = {"kind": kind, "mode": mode, "sparsity": sp, "exp2": ex}
+            for knob in knobs:
+                cfg = type(kc).model_validate({**kc.model_dump(), **knob})
+                res: dict[str, Any] = {"kind": kind, "mode": mode, "sparsity": sp}
+                res["config"] = cfg.key
                 res["ref_max"], res["ref_mean"] = e_ref.max().item(), e_ref.mean().item()
-                cfg = kc.model_copy(update={"exp2": ex})
                 out = torch.full_like(q, float("nan"))  # poisoned: every element is written
                 attend(prep, **cfg.model_dump(), scale=scale, out_dtype=q.dtype, out=out)
                 e = (out[:, :, rows].double() - truth).abs()

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 4's H100 run: the mini-e2e study (TPE, 200 trials), the same study with random search
-# (100 trials), the four baselines; then benchmarks/mini_front.py on the storage. Run on the GPU
+# (100 trials; it starts from the same baseline schedules as TPE does, so that the hypervolume
+# comparison is fair), the four baselines; then benchmarks/mini_front.py on the storage. Run on the GPU
 # machine from the repo root with the wheels of ../shared/gpu/pack-wheels.sh (+ diffusers,
 # huggingface_hub<2, importlib_metadata, zipp, pydantic...) under .whl/. Writes under $OUT.
 set -uo pipefail
@@ -17,7 +18,7 @@ import sys, yaml, pathlib
 root = pathlib.Path(sys.argv[1])
 d = yaml.safe_load((root / "studies/mini-e2e.yaml").read_text())
 d["name"] = "mini-e2e-random"
-d["sampler"] = {"name": "random", "seed": 0}
+d["sampler"] = {"name": "random", "seed": 0, "start_from_baselines": True}
 for k in ("kernel_space", "schedule_space"):
     d[k] = str(root / "studies" / d[k])
 pathlib.Path("mini-e2e-random.yaml").write_text(yaml.safe_dump(d))

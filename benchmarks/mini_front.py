@@ -6,11 +6,13 @@ the sampler beat random search?
 
 For each baseline (trials marked ``baseline`` by `fpstune baselines`): the best PSNR among the
 search's trials whose latency is at most the baseline's (the front's value there), and the
-difference (goal: at least +1 dB for every baseline). Hypervolume after ``--at`` trials, for
+difference (goal: at least +1 dB for every baseline); and, for a study that started from the
+baselines (``sampler.start_from_baselines``), the search trial that ran the baseline's own
+schedule, whose values must match the stored baseline's. Hypervolume after ``--at`` trials, for
 the study's sampler and for the random-search study, in (latency, -PSNR) space with the
-reference point (the slowest latency seen, the constraint's PSNR floor); only feasible trials
-count. Optuna's hypervolume routine is private
-(``optuna._hypervolume.compute_hypervolume``); it is the one its samplers use.
+reference point (the slowest latency seen, each ``--psnr-floor``); only feasible trials count.
+Optuna's hypervolume routine is private (``optuna._hypervolume.compute_hypervolume``); it is the
+one its samplers use.
 """
 
 from __future__ import annotations
@@ -37,6 +39,22 @@ def search_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 def feasible(t: optuna.trial.FrozenTrial) -> bool:
     cons = t.user_attrs.get("constraints") or {}
     return all(v <= 0 for v in cons.values())
+
+
+def own_schedules(
+    study: optuna.Study, trials: list[optuna.trial.FrozenTrial]
+) -> dict[str, optuna.trial.FrozenTrial]:
+    """Baseline name -> the first search trial that ran its schedule (`baseline_params`)."""
+    from fpstune.baselines import baseline_params
+    from fpstune.spec.study import StudySpec
+
+    spec = StudySpec.model_validate(study.user_attrs["fpstune_study"])
+    params = baseline_params(spec.schedule_space, spec.model.shape())
+    return {
+        name: min((t for t in trials if t.params == p), key=lambda t: t.number)
+        for name, p in params.items()
+        if any(t.params == p for t in trials)
+    }
 
 
 def hypervolume(trials: list[optuna.trial.FrozenTrial], ref: tuple[float, float]) -> float:
@@ -91,7 +109,7 @@ def main() -> None:
     ap.add_argument("--study", default="mini-e2e:schedule")
     ap.add_argument("--random", default="mini-e2e-random:schedule")
     ap.add_argument("--at", type=int, default=100)
-    ap.add_argument("--psnr-floor", type=float, default=25.0)
+    ap.add_argument("--psnr-floor", type=float, nargs="+", default=[12.0, 25.0])
     ap.add_argument("--json", default=None)
     ap.add_argument(
         "--recompose",
@@ -123,6 +141,7 @@ def main() -> None:
         f"{'baseline':22} {'latency ms':>11} {'PSNR':>7} | "
         f"{'best front PSNR at <= latency':>30} {'diff':>7}"
     )
+    own = own_schedules(study, trials)
     for name, b in sorted(base.items()):
         lat, psnr = b.values
         # The front at this latency: every search trial counts (a baseline below the study's
@@ -143,28 +162,33 @@ def main() -> None:
             "best_trial": best.number if best else None,
             "diff_db": diff,
         }
+        if name in own:
+            t = own[name]
+            print(f"{'':22} its own schedule in the search: trial {t.number}, "
+                  f"{t.values[0]:.1f} ms, {t.values[1]:.2f} dB")  # fmt: skip
+            out["baselines"][name]["own_schedule"] = {"trial": t.number, "values": t.values}
     bf16 = max(t.values[0] for t in trials + list(base.values()))
-    ref = (bf16, -args.psnr_floor)
     first = sorted(trials, key=lambda t: t.number)[: args.at]
-    hv = {"sampler": hypervolume(first, ref)}
     try:
-        rnd = sorted(
+        rnd: list[optuna.trial.FrozenTrial] | None = sorted(
             search_trials(optuna.load_study(study_name=args.random, storage=args.storage)),
             key=lambda t: t.number,
         )[: args.at]
         if args.recompose:
             rnd = [again(t) for t in rnd]
-        hv["random"] = hypervolume(rnd, ref)
-        hv["random_trials"] = len(rnd)
     except KeyError:
-        pass
-    hv["sampler_trials"] = len(first)
-    out["hypervolume"] = {**hv, "reference": list(ref)}
-    print(
-        f"hypervolume after {args.at} trials "
-        f"(ref latency {ref[0]:.0f} ms, PSNR {args.psnr_floor}):",
-        hv,
-    )
+        rnd = None
+    out["hypervolume"] = []
+    for floor in args.psnr_floor:
+        ref = (bf16, -floor)
+        hv: dict[str, Any] = {"reference": list(ref), "sampler": hypervolume(first, ref)}
+        hv["sampler_trials"] = len(first)
+        if rnd is not None:
+            hv["random"], hv["random_trials"] = hypervolume(rnd, ref), len(rnd)
+        out["hypervolume"].append(hv)
+        print(
+            f"hypervolume after {args.at} trials (ref latency {ref[0]:.0f} ms, PSNR {floor}):", hv
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

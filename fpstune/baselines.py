@@ -13,6 +13,10 @@
 and quality probes as every trial) and stores it as a COMPLETE trial with the user attribute
 ``baseline`` = its name, so the dashboard and reports show it beside the front; the search budget
 does not count them. Re-running skips baselines already stored.
+
+`baseline_params` gives the three hand-set schedules as schedule-space parameters where the space
+holds them exactly; with ``sampler.start_from_baselines`` the search evaluates those first, so
+its front starts at the baselines and can only move past them.
 """
 
 from __future__ import annotations
@@ -25,10 +29,12 @@ from typing import Any
 import optuna
 import torch
 
-from fpstune.kernels import AttentionSpec, Mode, attention
+from fpstune.kernels import AttentionSpec, Mode, attention, default_tile
 from fpstune.kernels.fingerprint import current_fingerprint
 from fpstune.kernels.policy import ModelShape, Policy, PolicyEntry
 
+from .space.schedule import phase_params
+from .spec.space import ScheduleSpace
 from .trial_writes import constraint_system_attrs, user_attrs_of
 
 NAMES = ("fp8_dense_all", "fpsattention_3phase", "sta_window", "ditfastattn_greedy")
@@ -47,26 +53,58 @@ GREEDY_OPTIONS = (window(0.9), window(0.75), window(0.5), FP8, BF16)
 Cells = Mapping[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
-def _phases(model: ModelShape, hardware: Any, phases: list[tuple[float, AttentionSpec]]) -> Policy:
-    """``phases``: (fraction of steps where the phase ends, spec); the last one is the default."""
-    entries, start = [], 0
-    for end, spec in phases[:-1]:
-        stop = max(start, min(model.steps, math.ceil(end * model.steps)))
-        if stop > start:
-            entries.append(PolicyEntry(steps=(start, stop), layers=(0, model.layers), spec=spec))
+Phases = tuple[tuple[float, AttentionSpec], ...]
+
+#: The hand-set schedules: (fraction of the steps where the phase ends, spec), in step order.
+PHASES: dict[str, Phases] = {
+    "fp8_dense_all": ((1.0, FP8),),
+    "fpsattention_3phase": ((0.2, BF16), (0.5, FP8), (1.0, window(0.75))),
+    "sta_window": ((0.25, BF16), (1.0, window(0.9))),
+}
+
+
+def _runs(steps: int, phases: Phases) -> list[tuple[int, int, AttentionSpec]]:
+    """(start, stop, spec) of each phase; a phase ends at ``ceil(end · steps)``."""
+    runs, start = [], 0
+    for i, (end, spec) in enumerate(phases):
+        stop = steps if i == len(phases) - 1 else max(start, min(steps, math.ceil(end * steps)))
+        runs.append((start, stop, spec))
         start = stop
+    return runs
+
+
+def _phases(model: ModelShape, hardware: Any, phases: Phases) -> Policy:
+    """The policy of ``phases``; the last phase is the default."""
+    entries = [
+        PolicyEntry(steps=(a, b), layers=(0, model.layers), spec=spec)
+        for a, b, spec in _runs(model.steps, phases)[:-1]
+        if b > a
+    ]
     return Policy(model=model, hardware=hardware, default=phases[-1][1], entries=tuple(entries))
 
 
 def fixed_baselines(model: ModelShape, hardware: Any) -> dict[str, Policy]:
     """The three hand-set schedules (no data needed)."""
-    return {
-        "fp8_dense_all": Policy(model=model, hardware=hardware, default=FP8),
-        "fpsattention_3phase": _phases(
-            model, hardware, [(0.2, BF16), (0.5, FP8), (1.0, window(0.75))]
-        ),
-        "sta_window": _phases(model, hardware, [(0.25, BF16), (1.0, window(0.9))]),
-    }
+    return {name: _phases(model, hardware, phases) for name, phases in PHASES.items()}
+
+
+def baseline_params(space: ScheduleSpace, model: ModelShape) -> dict[str, dict[str, Any]]:
+    """The hand-set schedules that ``space`` expresses exactly, as its parameters (what
+    ``study.enqueue_trial`` takes). Their FP8 steps use the runtime's default tile for the
+    model's grid, so the space's tiles must include it."""
+    tile = default_tile(model.grid)
+    out = {}
+    for name, phases in PHASES.items():
+        runs = {spec.mode: (a, b) for a, b, spec in _runs(model.steps, phases)}
+        bf16 = runs.get(Mode.BF16_DENSE, (0, 0))[1]
+        fp8_until = runs.get(Mode.FP8_DENSE, (bf16, bf16))[1]
+        sparse = next((spec for _, spec in phases if spec.mode is Mode.FP8_SPARSE), None)
+        params = phase_params(
+            space, model, bf16_steps=bf16, fp8_until=fp8_until, sparse=sparse, tile=tile
+        )
+        if params is not None:
+            out[name] = params
+    return out
 
 
 def greedy_plan(
@@ -214,7 +252,9 @@ def run_baselines(
 __all__ = [
     "GREEDY_OPTIONS",
     "NAMES",
+    "PHASES",
     "add_baselines",
+    "baseline_params",
     "fixed_baselines",
     "greedy_plan",
     "reference_cells",

@@ -37,6 +37,15 @@ class ScheduleSource:
         policy = suggest_schedule(trial, self.spec.schedule_space, self.spec.model)
         return {"stage": "schedule", "policy": policy.to_dict()}
 
+    def first_params(self) -> list[dict[str, Any]]:
+        """With ``sampler.start_from_baselines``: the hand-set baselines' schedules that the
+        space holds, evaluated before the sampler's picks."""
+        if not self.spec.sampler.start_from_baselines:
+            return []
+        from .baselines import baseline_params
+
+        return list(baseline_params(self.spec.schedule_space, self.spec.model.shape()).values())
+
     def study_attrs(self) -> dict[str, Any]:
         return {"fpstune_stage": "schedule", "fpstune_study": self.spec.model_dump(mode="json")}
 

@@ -8,7 +8,6 @@ import zlib
 from collections.abc import Iterator
 
 import pytest
-import sqlalchemy as sa
 import torch
 
 
@@ -27,6 +26,8 @@ def rng(request: pytest.FixtureRequest) -> torch.Generator:
 @pytest.fixture
 def pg_url() -> Iterator[str]:
     """A fresh database on the PostgreSQL server .ci/run starts (FPSTUNE_TEST_PG_URL)."""
+    import sqlalchemy as sa  # here, not at the top: the GPU host runs the kernel tests without it
+
     admin = os.environ.get("FPSTUNE_TEST_PG_URL")
     if not admin:
         if os.environ.get("CI"):

@@ -12,7 +12,7 @@ from .kernel import (
     kernel_from_params,
     suggest_kernel,
 )
-from .schedule import schedule_from_params, suggest_schedule
+from .schedule import phase_params, schedule_from_params, suggest_schedule
 
 __all__ = [
     "Bucket",
@@ -22,6 +22,7 @@ __all__ = [
     "feasible_kernel_points",
     "kernel_buckets",
     "kernel_from_params",
+    "phase_params",
     "schedule_from_params",
     "suggest_kernel",
     "suggest_schedule",

@@ -29,7 +29,9 @@ Only when, in addition, some layer is sparse:
 
 A parameter whose space allows one value only is fixed, never suggested. `suggest_schedule`
 suggests exactly the parameters that apply and builds the policy with `schedule_from_params`,
-which is pure: the trial's ``params`` rebuild the same policy at export time.
+which is pure: the trial's ``params`` rebuild the same policy at export time. `phase_params`
+goes the other way for plain phase schedules (the hand-set baselines): the parameters that
+rebuild one exactly, when the space holds them.
 
 Policies are canonical: entries are non-overlapping, adjacent layers with the same spec share an
 entry, adjacent step runs with the same layer plan share an entry, and nothing equal to the
@@ -112,6 +114,75 @@ def schedule_from_params(
         default=DEFAULT_SPEC,
         entries=_entries(plan, shape),
     )
+
+
+def phase_params(
+    space: ScheduleSpace,
+    model: ModelShape | ModelSpec,
+    *,
+    bf16_steps: int,
+    fp8_until: int,
+    sparse: AttentionSpec | None,
+    tile: tuple[int, int, int],
+) -> dict[str, Any] | None:
+    """Parameters that rebuild the plain phase schedule — BF16 dense on steps ``[0, bf16_steps)``,
+    FP8 dense with ``tile`` on ``[bf16_steps, fp8_until)``, then ``sparse`` (an fp8_sparse spec
+    on ``tile``; None: nothing after ``fp8_until``) on every layer — or None when the space
+    cannot express it exactly (a boundary off its grid, a tile, sparsity or pattern it lacks, a
+    fixed non-zero offset...). The result is checked by rebuilding it."""
+    shape = _shape(model)
+    n, sp, ly = shape.steps, space.sparse, space.layers
+    s1, s2 = bf16_steps, max(bf16_steps, fp8_until)
+    phase3 = None if sparse is None else sparse.model_copy(update={"tile": tile})
+    params: dict[str, Any] = {
+        "bf16_until": _fraction_for(space.phases.bf16_until, n, lambda v: v == s1),
+        "fp8_dense_until": _fraction_for(
+            space.phases.fp8_dense_until, n, lambda v: max(s1, v) == s2
+        ),
+        "bf16_late": _fraction_for(space.phases.bf16_late, n, lambda v: v == 0),
+        "tile": tile_key(tile),
+        "dense_first_layers": 0,
+        "dense_last_layers": 0,
+    }
+    if phase3 is not None:
+        pattern = phase3.pattern or Pattern(kind="window")
+        params |= {f"sparsity.{i}": phase3.sparsity for i in range(sp.splits)}
+        params |= {f"group_offset.{g}": 0.0 for g in range(ly.groups)}
+        params["pattern"] = pattern.kind
+        params["window"] = aspect_key(pattern.window)
+        params["mass"] = pattern.mass
+    expected = [(0, s1, (DEFAULT_SPEC,) * shape.layers)]
+    fp8 = AttentionSpec(mode=Mode.FP8_DENSE, tile=tile)
+    expected.append((s1, s2, (fp8,) * shape.layers))
+    if s2 < n:
+        if phase3 is None:
+            return None
+        expected.append((s2, n, (phase3,) * shape.layers))
+    draw = _ParamsDraw({k: v for k, v in params.items() if v is not None})
+    try:
+        plan = _decide(draw, space, shape)
+    except ValueError:
+        return None  # a value the space does not hold
+    runs = tuple((a, b, specs) for a, b, specs in expected if a < b)
+    if _entries(plan, shape) != _entries(_Plan(runs), shape):
+        return None
+    return {k: params[k] for k in params if k in draw.used}
+
+
+def _fraction_for(param: FloatParam, steps: int, accept: Any) -> float | None:
+    """A value of ``param`` whose step index (`_step_index`) ``accept`` takes, or None."""
+    if param.fixed is not None:
+        values: list[float] = [float(param.fixed)]
+    elif param.choices is not None:
+        values = [float(c) for c in param.choices]
+    else:
+        assert param.low is not None and param.high is not None
+        if param.step is None:
+            values = [k / steps for k in range(steps + 1) if param.contains(k / steps)]
+        else:
+            count = math.floor((param.high - param.low) / param.step + 1e-9)
+            values = [round(param.low + k * param.step, _DECIMALS) for k in range(count + 1)]
+    return next((v for v in values if accept(_step_index(v, steps))), None)
 
 
 # -- deciding ---------------------------------------------------------------------------------

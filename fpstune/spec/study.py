@@ -190,6 +190,10 @@ class SamplerSpec(Frozen):
     name: Literal["tpe", "nsgaii", "gp", "random"] = "tpe"
     seed: NonNegInt | None = 0
     options: TPEOptions | NSGAIIOptions | GPOptions | RandomOptions = TPEOptions()
+    #: schedule stage: evaluate the hand-set baselines' schedules that the schedule space holds
+    #: exactly (`fpstune.baselines.baseline_params`) before the sampler's own picks; they count
+    #: toward the budget
+    start_from_baselines: Annotated[bool, Strict()] = False
 
     @model_validator(mode="before")
     @classmethod
@@ -496,6 +500,8 @@ class StudySpec(Frozen):
             sprefix=sprefix,
             kfile=kfile,
             kprefix=kprefix,
+            # at a latency.target shape the proxy's tiles are not costed (the target's best is)
+            check_tiles=self.latency.target is None,
         )
         return self
 
@@ -531,6 +537,7 @@ def _check_schedule_space(
     sprefix: str,
     kfile: str,
     kprefix: str,
+    check_tiles: bool = True,
 ) -> None:
     """Everything a schedule can run must be in the latency table the kernel stage fills."""
     from fpstune.kernels import Mode
@@ -557,7 +564,7 @@ def _check_schedule_space(
     points = feasible_kernel_points(kernel, model.head_dim, file=kfile)
     sparse_tiles = {p.tile for p in points if p.mode is Mode.FP8_SPARSE}
     for i, tile in enumerate(schedule.sparse.tile):
-        if tile not in sparse_tiles:
+        if check_tiles and tile not in sparse_tiles:
             raise BadInput(
                 sfile,
                 f"{sprefix}sparse.tile.{i}",

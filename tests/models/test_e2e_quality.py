@@ -3,22 +3,33 @@
 from __future__ import annotations
 
 import math
+from datetime import UTC, datetime
 from pathlib import Path
 
 import optuna
 import pytest
 import torch
 import yaml
+from shared_helpers import fpstune
 
-from fpstune.baselines import NAMES, fixed_baselines, greedy_plan, reference_cells, run_baselines
+from fpstune.baselines import (
+    NAMES,
+    baseline_params,
+    fixed_baselines,
+    greedy_plan,
+    reference_cells,
+    run_baselines,
+)
 from fpstune.evaluators import build_evaluator
-from fpstune.kernels import AttentionSpec, Mode
+from fpstune.kernels import AttentionSpec, Mode, default_tile
 from fpstune.kernels.fingerprint import current_fingerprint
-from fpstune.kernels.policy import Policy
+from fpstune.kernels.policy import Policy, Provenance
 from fpstune.latency.table import AttentionShape
 from fpstune.models import mini
 from fpstune.quality.e2e import PSNR_CAP, EndToEndProbe, video_metrics
+from fpstune.space import schedule_from_params
 from fpstune.spec import load_study
+from fpstune.spec.space import FloatParam
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -115,17 +126,66 @@ def test_target_shape_latency_costs_the_720p_generation(tmp_path: Path) -> None:
     assert {"psnr", "psnr_min", "ssim", "rel_l2", "latency_ms"} <= set(result.values)
 
 
-def test_baselines_are_stored_marked_and_outside_the_budget(tmp_path: Path) -> None:
-    study_file = _tiny_study(tmp_path)
-    url = f"sqlite:///{tmp_path / 'b.db'}"
-    first = run_baselines(study_file, storage_url=url, device="cpu")
-    assert sorted(first) == sorted(NAMES)
-    assert first["sta_window"]["latency_ms"] < first["fp8_dense_all"]["latency_ms"]
-    assert all(10.0 < v["psnr"] < PSNR_CAP for v in first.values())
-    again = run_baselines(study_file, storage_url=url, device="cpu")
-    assert again == first  # stored once, not re-run
+def _cells(policy: Policy, tile: tuple[int, int, int]) -> list[list[AttentionSpec]]:
+    """Every cell's spec, with an unset tile read as ``tile`` (what the runtime runs)."""
+    return [
+        [
+            s if s.mode is Mode.BF16_DENSE or s.tile else s.model_copy(update={"tile": tile})
+            for s in row
+        ]
+        for row in policy.spec_table()
+    ]
+
+
+def test_baseline_params_rebuild_the_hand_set_schedules_exactly() -> None:
+    """The mini-e2e space holds the three hand-set schedules: their parameters rebuild each one
+    cell by cell; a space without the default tile, or whose grid misses a phase boundary,
+    leaves the baselines it cannot express out."""
+    spec = load_study(ROOT / "studies" / "mini-e2e.yaml")
+    model, space, hw = spec.model.shape(), spec.schedule_space, current_fingerprint()
+    tile = default_tile(model.grid)
+    params = baseline_params(space, model)
+    fixed = fixed_baselines(model, hw)
+    assert sorted(params) == sorted(fixed)
+    for name, p in params.items():
+        made = Provenance(study="t", created=datetime.now(UTC), fpstune_version="0")
+        rebuilt = schedule_from_params(p, space, model, hardware=hw, provenance=made)
+        assert _cells(rebuilt, tile) == _cells(fixed[name], tile), name
+    others = tuple(t for t in space.sparse.tile if t != tile)
+    no_tile = space.model_copy(update={"sparse": space.sparse.model_copy(update={"tile": others})})
+    assert baseline_params(no_tile, model) == {}
+    # STA's BF16 phase is ceil(0.25 * 10) = 3 steps: a bf16_until grid ending at 0.2 misses it.
+    phases = space.phases.model_copy(update={"bf16_until": FloatParam(low=0.0, high=0.2, step=0.1)})
+    short = space.model_copy(update={"phases": phases})
+    assert sorted(baseline_params(short, model)) == ["fp8_dense_all", "fpsattention_3phase"]
+
+
+def test_the_search_starts_from_the_baselines_and_they_are_stored_marked(tmp_path: Path) -> None:
+    """``sampler.start_from_baselines``: the run's first trials are the baselines' schedules (a
+    real Ray worker), scored as `fpstune baselines` then scores the same schedules in-process;
+    the baselines are stored once, marked, outside the search budget."""
+    study_file = _tiny_study(tmp_path, trials=4)
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    spec = load_study(study_file)
+    expected = baseline_params(spec.schedule_space, spec.model.shape())
+    assert len(expected) == 3  # at 2 steps too
+    run = fpstune("study", "run", str(study_file), "--storage", url, "--no-progress", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
     study = optuna.load_study(study_name="mini-e2e:schedule", storage=url)
-    marked = [t for t in study.trials if "baseline" in t.user_attrs]
-    assert len(marked) == 4 == len(study.trials)
+    searched = study.trials
+    assert len(searched) == 4
+    assert [t.params for t in searched[:3]] == list(expected.values())
+
+    stored = run_baselines(study_file, storage_url=url, device="cpu")
+    assert sorted(stored) == sorted(NAMES)
+    assert stored["sta_window"]["latency_ms"] < stored["fp8_dense_all"]["latency_ms"]
+    assert all(10.0 < v["psnr"] < PSNR_CAP for v in stored.values())
+    for t, name in zip(searched, expected, strict=False):
+        assert t.values[0] == pytest.approx(stored[name]["latency_ms"], rel=1e-9), name
+        assert t.values[1] == pytest.approx(stored[name]["psnr"], abs=0.05), name
+    again = run_baselines(study_file, storage_url=url, device="cpu")
+    assert again == stored  # stored once, not re-run
+    marked = [t for t in study.get_trials() if "baseline" in t.user_attrs]
+    assert len(marked) == 4 and len(study.get_trials()) == 8
     assert all(t.state is optuna.trial.TrialState.COMPLETE for t in marked)
     assert study.metric_names == ["latency_ms", "psnr"]
