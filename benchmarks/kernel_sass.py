@@ -26,7 +26,8 @@ OPS = ("QGMMA", "MUFU.EX2", "MUFU.EX2.F16", "HADD2", "FADD", "FMUL", "FFMA", "FM
 
 
 def compile_variant(knobs: set[str], *, block_m: int, block_n: int, warps: int, stages: int,
-                    sparse: bool, tile_tokens: int) -> tuple[str, dict[str, int]]:  # fmt: skip
+                    sparse: bool, tile_tokens: int, maxnreg: int | None = None,
+                    ) -> tuple[str, dict[str, int]]:  # fmt: skip
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -52,9 +53,10 @@ def compile_variant(knobs: set[str], *, block_m: int, block_n: int, warps: int, 
     aligned += ["N", "N_PAD", "s_ob", "s_oh", "s_on"]
     attrs = {(_attn_kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
     src = ASTSource(_attn_kernel, sig, constexprs=consts, attrs=attrs)
-    kernel = triton.compile(
-        src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages}
-    )
+    options: dict[str, int] = {"num_warps": warps, "num_stages": stages}
+    if maxnreg:
+        options["maxnreg"] = maxnreg
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
         cubin.write_bytes(kernel.asm["cubin"])
@@ -65,8 +67,12 @@ def compile_variant(knobs: set[str], *, block_m: int, block_n: int, warps: int, 
             return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
 
         sass, usage = dump("-sass"), dump("-res-usage")
-    regs = re.search(r"REG:(\d+)", usage)
-    meta = {"regs": int(regs.group(1)) if regs else -1, "smem": kernel.metadata.shared}
+
+    def usage_of(key: str) -> int:
+        m = re.search(rf"{key}:(\d+)", usage)
+        return int(m.group(1)) if m else -1
+
+    meta = {"regs": usage_of("REG"), "local": usage_of("LOCAL"), "smem": kernel.metadata.shared}
     return sass, meta
 
 
@@ -101,6 +107,7 @@ def main() -> None:
     ap.add_argument("--stages", type=int, default=5)
     ap.add_argument("--sparse", action="store_true", help="the sparse kernel (default dense)")
     ap.add_argument("--tile-tokens", type=int, default=128)
+    ap.add_argument("--maxnreg", type=int, default=None, help="register cap per thread (ptxas)")
     args = ap.parse_args()
     bm, bn = (int(x) for x in args.block.split("x"))
     print(
@@ -116,12 +123,12 @@ def main() -> None:
             )
         sass, meta = compile_variant(
             knobs, block_m=bm, block_n=bn, warps=args.warps, stages=args.stages,
-            sparse=args.sparse, tile_tokens=args.tile_tokens,
+            sparse=args.sparse, tile_tokens=args.tile_tokens, maxnreg=args.maxnreg,
         )  # fmt: skip
         mix = loop_mix(sass)
         print(
-            f"{v:10s} {meta['regs']:4d} {meta['smem']:6d} {sum(mix.values()):5d} "
-            + " ".join(f"{mix.get(o, 0):5d}" for o in OPS)
+            f"{v:10s} {meta['regs']:4d} {meta['local']:5d} {meta['smem']:6d} "
+            f"{sum(mix.values()):5d} " + " ".join(f"{mix.get(o, 0):5d}" for o in OPS)
         )
 
 
