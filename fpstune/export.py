@@ -11,7 +11,7 @@ import optuna
 import torch
 
 from fpstune import __version__
-from fpstune.kernels.fingerprint import HardwareFingerprint
+from fpstune.kernels.fingerprint import HardwareFingerprint, current_fingerprint
 from fpstune.kernels.policy import Policy
 
 from .catalog import load_study_by_ref
@@ -127,8 +127,10 @@ def export_policy(
     if "latency_fingerprint" in again.attrs:
         fingerprint = HardwareFingerprint.model_validate(again.attrs["latency_fingerprint"])
         policy = policy.replace(hardware=fingerprint)
+    where = current_fingerprint(device).gpu
     policy = policy.with_provenance(
         _provenance(study, trial, storage_url, stored, remeasured, again.attrs)
+        | {"notes": f"re-measured on {where}"}
     )
     output.parent.mkdir(parents=True, exist_ok=True)
     policy.dump(output)
