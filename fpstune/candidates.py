@@ -37,14 +37,15 @@ class ScheduleSource:
         policy = suggest_schedule(trial, self.spec.schedule_space, self.spec.model)
         return {"stage": "schedule", "policy": policy.to_dict()}
 
-    def first_params(self) -> list[dict[str, Any]]:
+    def first_trials(self) -> list[tuple[dict[str, Any], str]]:
         """With ``sampler.start_from_baselines``: the hand-set baselines' schedules that the
-        space holds, evaluated before the sampler's picks."""
+        space holds, evaluated before the sampler's picks, each with its ``queued_as`` label."""
         if not self.spec.sampler.start_from_baselines:
             return []
         from .baselines import baseline_params
 
-        return list(baseline_params(self.spec.schedule_space, self.spec.model.shape()).values())
+        found = baseline_params(self.spec.schedule_space, self.spec.model.shape())
+        return [(params, f"baseline {name}") for name, params in found.items()]
 
     def study_attrs(self) -> dict[str, Any]:
         return {"fpstune_stage": "schedule", "fpstune_study": self.spec.model_dump(mode="json")}
@@ -66,13 +67,13 @@ class KernelSource:
         spec = suggest_kernel(trial, self.spec.kernel_space, self.spec.model.head_dim, self.bucket)
         return {"stage": "kernel", "spec": spec.to_dict()}
 
-    def first_params(self) -> list[dict[str, Any]]:
+    def first_trials(self) -> list[tuple[dict[str, Any], str]]:
         """Measured before the sampler's picks: the runtime's default config, when the space
         holds it (a 3-trial table must never be slower than running without a policy)."""
         params = default_params(
             self.spec.kernel_space, self.spec.model.head_dim, self.bucket, self.spec.model.grid
         )
-        return [params] if params else []
+        return [(params, "runtime default")] if params else []
 
     def study_attrs(self) -> dict[str, Any]:
         return {

@@ -154,11 +154,11 @@ class Controller:
         study.set_metric_names(self.source.metric_names)
         for key, value in self.source.study_attrs().items():
             study.set_user_attr(key, value)
-        first = getattr(self.source, "first_params", None)
+        first = getattr(self.source, "first_trials", None)
         if first is not None:
-            for params in first():
-                # skip_if_exists: a resumed study does not measure the default twice
-                _enqueue_once(study, params)
+            for params, label in first():
+                # skip_if_exists: a resumed study does not queue them twice
+                _enqueue_once(study, params, {"queued_as": label})
         return study
 
     # ------------------------------------------------------------------ public
@@ -356,8 +356,8 @@ class Controller:
         return retry_db(lambda: self.study.get_trials(deepcopy=False))
 
 
-def _enqueue_once(study: optuna.Study, params: dict[str, Any]) -> None:
-    retry_db(lambda: study.enqueue_trial(params, skip_if_exists=True))
+def _enqueue_once(study: optuna.Study, params: dict[str, Any], attrs: dict[str, Any]) -> None:
+    retry_db(lambda: study.enqueue_trial(params, user_attrs=attrs, skip_if_exists=True))
 
 
 def _numbers(attrs: dict[str, Any]) -> dict[str, float]:

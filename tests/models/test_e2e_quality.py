@@ -175,6 +175,8 @@ def test_the_search_starts_from_the_baselines_and_they_are_stored_marked(tmp_pat
     searched = study.trials
     assert len(searched) == 4
     assert [t.params for t in searched[:3]] == list(expected.values())
+    assert [t.user_attrs["queued_as"] for t in searched[:3]] == [f"baseline {n}" for n in expected]
+    assert "queued_as" not in searched[3].user_attrs  # the sampler's own pick
 
     stored = run_baselines(study_file, storage_url=url, device="cpu")
     assert sorted(stored) == sorted(NAMES)

@@ -603,18 +603,19 @@ def test_kernel_stage_measures_the_runtime_default_first() -> None:
 
     model = WAN.model
     for bucket in kernel_buckets(WAN.kernel_space, model.head_dim):
-        first = KernelSource(WAN, bucket).first_params()
+        first = KernelSource(WAN, bucket).first_trials()
         if bucket.mode is Mode.BF16_DENSE:
             assert first == []  # SDPA: nothing to choose
             continue
-        (params,) = first
+        ((params, label),) = first
+        assert label == "runtime default"
         spec = kernel_from_params(params, WAN.kernel_space, model.head_dim, bucket)
         tile = default_tile(model.grid)
         assert spec.tile == tile
         assert spec.kernel == default_config(tile, model.head_dim, bucket.mode)
     # a space without the default has nothing to measure first
     fp8 = next(b for b in kernel_buckets(MINI.kernel_space, 64) if b.mode is Mode.FP8_DENSE)
-    assert KernelSource(MINI, fp8).first_params() == []
+    assert KernelSource(MINI, fp8).first_trials() == []
 
 
 def test_exp2_knob_doubles_the_fp8_configs_only() -> None:
