@@ -25,15 +25,12 @@ from typing import Any
 import numpy as np
 import optuna
 from optuna._hypervolume import compute_hypervolume
-from optuna.trial import TrialState
+
+from fpstune.trial_writes import counts_toward_budget
 
 
 def search_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    return [
-        t
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if "baseline" not in t.user_attrs
-    ]
+    return [t for t in study.get_trials(deepcopy=False) if counts_toward_budget(t)]
 
 
 def feasible(t: optuna.trial.FrozenTrial) -> bool:
@@ -50,11 +47,9 @@ def own_schedules(
 
     spec = StudySpec.model_validate(study.user_attrs["fpstune_study"])
     params = baseline_params(spec.schedule_space, spec.model.shape())
-    return {
-        name: min((t for t in trials if t.params == p), key=lambda t: t.number)
-        for name, p in params.items()
-        if any(t.params == p for t in trials)
-    }
+    ordered = sorted(trials, key=lambda t: t.number)
+    found = {name: next((t for t in ordered if t.params == p), None) for name, p in params.items()}
+    return {name: t for name, t in found.items() if t is not None}
 
 
 def hypervolume(trials: list[optuna.trial.FrozenTrial], ref: tuple[float, float]) -> float:

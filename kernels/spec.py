@@ -69,8 +69,9 @@ class KernelConfig(_Frozen):
     block_n: int = Field(gt=0)
     num_warps: Literal[1, 2, 4, 8, 16] = 8
     num_stages: int = Field(default=2, ge=1, le=8)
-    #: fp8 modes: the softmax's exponentials as fp32 (one MUFU op each) or as packed fp16 pairs
-    #: (``ex2.approx.f16x2``: one MUFU op per two, P is cast to e4m3 anyway); bf16 ignores it
+    #: fp8 modes: the softmax's exponentials as fp32 or as packed fp16 pairs (``ex2.approx.f16x2``;
+    #: P is cast to e4m3 anyway). On sm_90 ptxas issues the pair as two scalar MUFU ops, so it
+    #: saves nothing there (docs/kernel_notes.md, v5); bf16 ignores it
     exp2: Literal["f32", "f16x2"] = "f32"
 
     @model_serializer(mode="wrap")

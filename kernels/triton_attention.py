@@ -84,8 +84,8 @@ def _to_e4m3(x, EXACT: tl.constexpr):
 
 @triton.jit
 def _exp2_f16(x, EXACT: tl.constexpr):
-    """exp2 of fp32 ``x`` as fp16, two per MUFU op: ``x`` rounded to fp16 pairs, then
-    ``ex2.approx.f16x2``. Off the GPU (EXACT) the same roundings in fp32 arithmetic."""
+    """exp2 of fp32 ``x`` as fp16: ``x`` rounded to fp16 pairs, then ``ex2.approx.f16x2`` (two
+    scalar MUFU ops on sm_90). Off the GPU (EXACT) the same roundings in fp32 arithmetic."""
     if EXACT:
         return tl.math.exp2(x.to(tl.float16).to(tl.float32)).to(tl.float16)
     else:

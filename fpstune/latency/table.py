@@ -495,7 +495,9 @@ class LatencyTable:
             "source": source,
             "rows": [r.to_dict() for r in rows],
         }
-        _write_atomic(Path(path), json.dumps(doc, indent=1, sort_keys=False) + "\n")
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_text(out, json.dumps(doc, indent=1, sort_keys=False) + "\n")
         return len(rows)
 
     def load_json(self, path: str | os.PathLike[str]) -> int:
@@ -690,11 +692,6 @@ def _check_source(source: Any) -> Source:
 def _utc(t: dt.datetime) -> dt.datetime:
     # SQLite drops the zone; every time fpstune writes is UTC.
     return t.replace(tzinfo=dt.UTC) if t.tzinfo is None else t.astimezone(dt.UTC)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text(path, text)
 
 
 def stored_latency_table(url: str) -> LatencyTable | None:

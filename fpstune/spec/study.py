@@ -561,16 +561,17 @@ def _check_schedule_space(
         )
     if Mode.FP8_SPARSE not in modes:
         return
-    points = feasible_kernel_points(kernel, model.head_dim, file=kfile)
-    sparse_tiles = {p.tile for p in points if p.mode is Mode.FP8_SPARSE}
-    for i, tile in enumerate(schedule.sparse.tile):
-        if check_tiles and tile not in sparse_tiles:
-            raise BadInput(
-                sfile,
-                f"{sprefix}sparse.tile.{i}",
-                f"tile {tile_key(tile)} has no feasible fp8_sparse point in the kernel space "
-                f"({kfile}), so its latency would be unknown",
-            )
+    if check_tiles:
+        points = feasible_kernel_points(kernel, model.head_dim, file=kfile)
+        sparse_tiles = {p.tile for p in points if p.mode is Mode.FP8_SPARSE}
+        for i, tile in enumerate(schedule.sparse.tile):
+            if tile not in sparse_tiles:
+                raise BadInput(
+                    sfile,
+                    f"{sprefix}sparse.tile.{i}",
+                    f"tile {tile_key(tile)} has no feasible fp8_sparse point in the kernel "
+                    f"space ({kfile}), so its latency would be unknown",
+                )
     kinds = {p.kind for p in kernel.patterns}
     for i, kind in enumerate(schedule.sparse.pattern):
         if kind not in kinds:
