@@ -3,7 +3,8 @@
 # every mode and config, exp2 variants included), the kernel variants against cuDNN
 # (benchmarks/kernel_variants.py) and the Wan2.1 end-to-end bench (benchmarks/e2e_bench.py).
 # Wheels for what the GPU host lacks (pydantic stack, diffusers, huggingface_hub<2,
-# importlib_metadata, zipp) under $PKGS (default .gpu7). STEPS picks: tests variants e2e.
+# importlib_metadata, zipp) under $PKGS (default .gpu7). STEPS picks: tests variants e2e;
+# TESTS_ARGS adds pytest arguments (e.g. "-k gluon").
 # Writes under $OUT.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"; PKGS=${PKGS:-.gpu7}; ROOT=$PWD
@@ -16,7 +17,7 @@ step() { [[ " ${STEPS:-tests variants e2e} " == *" $1 "* ]]; }
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv,noheader
 step tests && {
   ln -sfn ../kernels fpstune/kernels
-  PYTHONPATH=$ROOT:/tmp/site timeout ${TESTS_TIMEOUT:-240} python3 -m pytest -q -m gpu tests/kernels \
+  PYTHONPATH=$ROOT:/tmp/site timeout ${TESTS_TIMEOUT:-240} python3 -m pytest -q -m gpu tests/kernels ${TESTS_ARGS:-} \
     -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -5
   rm fpstune/kernels; }
 export PYTHONPATH=/tmp/site

@@ -346,7 +346,7 @@ def host_check(budget_s: float) -> list[dict[str, Any]]:
 
 
 def accuracy_at_scale(
-    rows_per_head: int = 256, knobs: tuple[dict[str, str], ...] = ({},)
+    rows_per_head: int = 256, knobs: tuple[dict[str, Any], ...] = ({},)
 ) -> list[dict[str, Any]]:
     """FlashAttention's rule at 1x12x75600x128 on sampled query rows: error of the Triton output
     and of the fp32 emulation of the same fp8 semantics, both against fp64 unquantised attention

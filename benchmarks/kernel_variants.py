@@ -34,14 +34,14 @@ from kernel_bench import (
 TILE = (1, 8, 16)  # the 720p default tile
 #: label -> KernelConfig fields
 BASE = {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 5}  # the fp8 default
+GLUON = {**BASE, "num_stages": 3, "impl": "gluon"}  # gluon_attention's kernel, 2 CTAs per SM
 CONFIGS: dict[str, dict[str, Any]] = {
     "64x128 w4 s5": BASE,
-    "64x128 w4 s5 e16": {**BASE, "exp2": "f16x2"},
-    "128x128 w8 s3 e16": {**BASE, "block_m": 128, "num_warps": 8, "num_stages": 3, "exp2": "f16x2"},
-    "64x128 w4 s3 e16": {**BASE, "num_stages": 3, "exp2": "f16x2"},
+    "gluon 64x128 s3": GLUON,
+    "gluon 64x128 s4": {**GLUON, "num_stages": 4},
 }
-#: softmax knob sets of the accuracy section
-KNOBS: tuple[dict[str, str], ...] = ({}, {"exp2": "f16x2"})
+#: kernel knob sets of the accuracy section (set on the default config)
+KNOBS: tuple[dict[str, Any], ...] = ({}, {"impl": "gluon", "num_stages": 3})
 CASES = (("fp8_dense", 0.0, None), ("fp8_sparse", 0.9, "window"), ("fp8_sparse", 0.5, "window"))
 
 

@@ -73,20 +73,27 @@ class KernelConfig(_Frozen):
     #: P is cast to e4m3 anyway). On sm_90 ptxas issues the pair as two scalar MUFU ops, so it
     #: saves nothing there (docs/kernel_notes.md, v5); bf16 ignores it
     exp2: Literal["f32", "f16x2"] = "f32"
+    #: fp8 modes: which kernel runs them. ``gluon`` is `gluon_attention`'s Hopper kernel (TMA
+    #: ring, FlashAttention-3's overlap of one block's softmax with the previous block's P·V);
+    #: it needs an sm_90 GPU, 64-row blocks on 4 warps, head_dim 128 and >= 3 stages
+    impl: Literal["triton", "gluon"] = "triton"
 
     @model_serializer(mode="wrap")
-    def _without_default_exp2(self, handler: Any) -> dict[str, Any]:
-        # Configs written before the knob existed keep their stored form (table keys, YAML).
+    def _without_default_knobs(self, handler: Any) -> dict[str, Any]:
+        # Configs written before the knobs existed keep their stored form (table keys, YAML).
         d: dict[str, Any] = handler(self)
-        if d.get("exp2") == "f32":
-            del d["exp2"]
+        for knob, default in (("exp2", "f32"), ("impl", "triton")):
+            if d.get(knob) == default:
+                del d[knob]
         return d
 
     @property
     def key(self) -> str:
-        """Stable short name: ``m64_n128_w4_s5`` (``_e16`` added for packed fp16 exponentials)."""
+        """Stable short name: ``m64_n128_w4_s5`` (``_e16`` added for packed fp16 exponentials,
+        ``_gl`` for the Gluon kernel)."""
         e16 = "_e16" if self.exp2 == "f16x2" else ""
-        return f"m{self.block_m}_n{self.block_n}_w{self.num_warps}_s{self.num_stages}{e16}"
+        gl = "_gl" if self.impl == "gluon" else ""
+        return f"m{self.block_m}_n{self.block_n}_w{self.num_warps}_s{self.num_stages}{e16}{gl}"
 
 
 class AttentionSpec(_Frozen):

@@ -692,8 +692,12 @@ def attend(
     out_dtype: torch.dtype,
     out: torch.Tensor | None = None,
     exp2: str = "f32",
+    impl: str = "triton",
 ) -> torch.Tensor:
-    """Run the attention kernel on a `Prepared`; returns (B, H, N, D) in model order."""
+    """Run the attention kernel on a `Prepared`; returns (B, H, N, D) in model order.
+    ``impl="gluon"`` (fp8 modes, Hopper) runs `gluon_attention`'s kernel instead."""
+    if impl == "gluon" and not prep.q.is_cuda:
+        raise ValueError("kernel impl=gluon runs on a CUDA (sm_90) GPU only")
     B, H, N, D = prep.shape
     layout = prep.layout
     fp8, sparse = prep.spec.mode.fp8, prep.spec.mode.sparse
@@ -702,10 +706,17 @@ def attend(
         out = torch.empty((B, H, N, D), dtype=out_dtype, device=prep.q.device)
     elif out.shape != (B, H, N, D) or out.dtype != out_dtype or out.stride(-1) != 1:
         raise ValueError(f"out must be ({B}, {H}, {N}, {D}) {out_dtype} with unit last stride")
+    kv = prep.kv
+    strides = (*_list_strides(kv.index), *_list_strides(kv.count), *out.stride()[:3])
+    if impl == "gluon":
+        from .gluon_attention import launch
+
+        launch(prep, st.kv_bias, st.slot_source, strides, out, block_m=block_m, block_n=block_n,
+               num_stages=num_stages, qk_scale=scale * LOG2E)  # fmt: skip
+        return out
     n_rows = layout.padded_tokens if sparse else N
     grid = (triton.cdiv(n_rows, block_m), B * H)
     dummy = prep.q
-    kv = prep.kv
     _attn_kernel[grid](
         prep.q, prep.k, prep.v,
         dummy if prep.q_scale is None else prep.q_scale,
@@ -714,7 +725,7 @@ def attend(
         st.kv_bias, kv.index, kv.count, kv.full, st.slot_source, out,
         scale * LOG2E, H, N, layout.padded_tokens, layout.n_tiles,
         layout.grid[1], layout.grid[2], layout.tiles_per_axis[1], layout.tiles_per_axis[2],
-        *layout.tile, *_list_strides(kv.index), *_list_strides(kv.count), *out.stride()[:3],
+        *layout.tile, *strides,
         FP8=fp8, SPARSE=sparse, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
         TILE_TOKENS=layout.tile_tokens, EXACT=not prep.q.is_cuda,
         EXP16=fp8 and exp2 == "f16x2", num_warps=num_warps, num_stages=num_stages,
@@ -753,4 +764,5 @@ def triton_attention(
         out_dtype=q.dtype,
         out=out,
         exp2=config.exp2,
+        impl=config.impl,
     )

@@ -259,13 +259,14 @@ def _plan(
     tiles: dict[str, Tile] = {}
     configs: dict[str, dict[str, KernelConfig]] = {}
     candidates = [
-        KernelConfig(block_m=m, block_n=n, num_warps=w, num_stages=s, exp2=e)
+        KernelConfig(block_m=m, block_n=n, num_warps=w, num_stages=s, exp2=e, impl=i)
         for m in space.block_m
         for n in space.block_n
         for w in space.num_warps
         for s in space.num_stages
-        # the exponential's precision is an fp8 knob: bf16 configs keep the default
+        # the exponential's precision and the kernel are fp8 knobs: bf16 keeps the defaults
         for e in (space.exp2 if mode.fp8 else ["f32"])
+        for i in (space.impl if mode.fp8 else ["triton"])
     ]
     for tile in space.tiles:
         ok: dict[str, KernelConfig] = {}

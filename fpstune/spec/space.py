@@ -227,6 +227,8 @@ class KernelSpace(_SourcedFrozen):
     num_stages: tuple[Annotated[int, Strict(), Field(ge=1, le=8)], ...]
     #: fp8 softmax exponentials: fp32, or packed fp16 pairs (see `KernelConfig.exp2`)
     exp2: tuple[Literal["f32", "f16x2"], ...] = ("f32",)
+    #: fp8 kernel implementation: the Triton kernel, or the Gluon one (see `KernelConfig.impl`)
+    impl: tuple[Literal["triton", "gluon"], ...] = ("triton",)
 
     @field_validator("patterns", mode="before")
     @classmethod
@@ -236,8 +238,9 @@ class KernelSpace(_SourcedFrozen):
         return v
 
     @field_validator(
-        "modes", "tiles", "block_m", "block_n", "num_warps", "num_stages", "exp2", "patterns"
-    )
+        "modes", "tiles", "block_m", "block_n", "num_warps", "num_stages", "exp2", "impl",
+        "patterns",
+    )  # fmt: skip
     @classmethod
     def _non_empty_unique(cls, v: tuple[Any, ...]) -> tuple[Any, ...]:
         return unique(non_empty(v))

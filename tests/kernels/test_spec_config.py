@@ -282,3 +282,61 @@ def test_feasible_configs_filters():
     huge = KernelConfig(block_m=128, block_n=128, num_stages=8)
     kept = feasible_configs([good, bad, huge], tile=(1, 16, 8), head_dim=128, mode=Mode.BF16_SPARSE)
     assert kept == [good]
+
+
+GLUON = {"block_n": 128, "num_warps": 4, "num_stages": 3, "impl": "gluon"}
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ({"mode": Mode.BF16_SPARSE}, "impl=gluon runs the fp8 modes only, not bf16_sparse"),
+        ({"block_n": 64}, "impl=gluon needs block_m=64, block_n=128, num_warps=4"),
+        ({"num_warps": 8}, "impl=gluon needs block_m=64, block_n=128, num_warps=4"),
+        ({"head_dim": 64}, "impl=gluon needs head_dim=128, got 64"),
+        ({"num_stages": 2}, "impl=gluon needs num_stages >= 3, got 2"),
+        ({"exp2": "f16x2"}, "impl=gluon has no exp2=f16x2 variant"),
+        ({"limits": DeviceLimits(capability=(8, 9))}, "impl=gluon needs an sm_90 GPU"),
+        ({"limits": DeviceLimits(capability=(10, 0))}, "impl=gluon needs an sm_90 GPU"),
+    ],
+)
+def test_gluon_kernel_feasibility(case, expected):
+    """What `gluon_attention`'s kernel is written for; anything else is refused before a launch."""
+    mode = case.pop("mode", Mode.FP8_DENSE)
+    head_dim = case.pop("head_dim", 128)
+    limits = case.pop("limits", None)
+    kw = {} if limits is None else {"limits": limits}
+    reasons = reasons_for(tile=(1, 8, 16), mode=mode, head_dim=head_dim, **{**GLUON, **case}, **kw)
+    assert len(reasons) == 1, reasons
+    assert expected in reasons[0]
+    for stages in (3, 4, 5):  # and the configs it is written for pass
+        ok = reasons_for(tile=(1, 8, 16), **{**GLUON, "num_stages": stages})
+        assert ok == [], ok
+
+
+def test_gluon_config_is_stored_marked_and_the_default_left_out():
+    """``impl`` joins the stored form only when it is not the default, so configs written before
+    the knob keep their latency-table keys and policy YAML."""
+    triton = KernelConfig(block_m=64, block_n=128, num_warps=4, num_stages=3)
+    gluon = KernelConfig(block_m=64, block_n=128, num_warps=4, num_stages=3, impl="gluon")
+    assert "impl" not in triton.model_dump() and triton.key == "m64_n128_w4_s3"
+    assert gluon.model_dump()["impl"] == "gluon" and gluon.key == "m64_n128_w4_s3_gl"
+    assert KernelConfig.model_validate(gluon.model_dump()) == gluon != triton
+    with pytest.raises(ValidationError, match="impl"):
+        KernelConfig(block_m=64, block_n=128, impl="cuda")
+
+
+def test_gluon_kernel_refuses_a_cpu_tensor_with_one_line():
+    """Off the GPU (no Gluon interpreter) the runtime says so instead of failing in a compiler."""
+    import torch
+
+    from fpstune.kernels.triton_attention import KvList, Prepared, attend
+
+    layout = TileLayout((1, 8, 16), (1, 8, 16))
+    spec = AttentionSpec.from_dict({"mode": "fp8_dense", "tile": (1, 8, 16)})
+    x = torch.zeros(1, 128, 128, dtype=torch.float8_e4m3fn)
+    one = torch.ones(1, 1, 1, dtype=torch.int32)
+    prep = Prepared(x, x, x, None, None, None, None, KvList(one, one, one), layout, spec,
+                    (1, 1, 128, 128))  # fmt: skip
+    with pytest.raises(ValueError, match="impl=gluon runs on a CUDA"):
+        attend(prep, **{"block_m": 64, **GLUON}, scale=128**-0.5, out_dtype=torch.bfloat16)

@@ -127,6 +127,29 @@ def test_fp8_exp2(
     _check(MODES[mode], (7, 15, 26), 128, kind, tile=tile, config=config)
 
 
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+
+
+@pytest.mark.skipif(not HOPPER, reason="the Gluon kernel is written for sm_90")
+@pytest.mark.parametrize("stages", [3, 4])
+@pytest.mark.parametrize(
+    ("grid", "tile"),
+    [((7, 15, 26), (1, 8, 16)), ((5, 9, 13), (2, 8, 8)), ((7, 15, 26), (1, 16, 16)),
+     ((2, 5, 7), (1, 8, 16))],
+    ids=["480p/3-t128", "odd-t128", "480p/3-t256", "one-tile"],
+)  # fmt: skip
+@pytest.mark.parametrize("mode", ["fp8_dense", "fp8_window", "fp8_topk", "fp8_cdf"])
+@pytest.mark.parametrize("kind", ["random", "structured"])
+def test_gluon_kernel(
+    kind: str, mode: str, grid: tuple[int, int, int], tile: tuple[int, int, int], stages: int
+) -> None:
+    """`KernelConfig.impl = "gluon"`: the same rule for the Hopper kernel, with kv lists shorter
+    than its ring (one tile), two kv blocks and two q programs per tile (256-token tiles), and
+    padded partial tiles."""
+    config = KernelConfig(block_m=64, block_n=128, num_warps=4, num_stages=stages, impl="gluon")
+    _check(MODES[mode], grid, 128, kind, tile=tile, config=config)
+
+
 @pytest.mark.parametrize("mode", ["fp8_window", "bf16_window"])
 def test_fp16_inputs(mode: str) -> None:
     _check(MODES[mode], (5, 9, 13), 64, "random", dtype=torch.float16)

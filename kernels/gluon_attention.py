@@ -1,0 +1,279 @@
+"""The FP8 attention kernel written in Gluon (Triton's explicit-layout dialect) for Hopper.
+
+Same contract as ``triton_attention._attn_kernel`` for the fp8 modes (it reads the same
+`Prepared` buffers and kv lists, and computes the same numbers: softmax scale and Q/K scales
+folded into one per-row factor, ``log2 448`` folded into the row max, P·V accumulated in the
+tensor core, V's channel scale applied at the end). What Gluon adds is control over the
+schedule, which the Triton compiler decides by itself (docs/kernel_notes.md, v9):
+
+- K and V blocks arrive by TMA into a ring of ``STAGES`` shared-memory slots, each with an
+  mbarrier that counts the bytes in (no ``cp.async`` address arithmetic in the loop).
+- FlashAttention-3's intra-warpgroup overlap: the QK wgmma of block j and the P·V wgmma of block
+  j-1 are both in flight while nothing waits; the warpgroup then waits for QK only, does block
+  j's softmax while P·V(j-1) still runs, and only then waits for P·V and rescales. The issue and
+  both waits sit in one iteration: a ``wait(1)`` across the loop's back edge makes ptxas
+  serialise every wgmma in the kernel (its message C7514).
+- A slot is refilled (block j-1+STAGES) as soon as both wgmmas that read it have completed.
+
+One warpgroup per CTA, two CTAs per SM (3 stages: 104 KB of shared memory each). Measured on
+the H100 at 720p it is as accurate as the Triton kernel and 1-3 % slower (docs/kernel_notes.md,
+v9), so it is a search knob (`KernelConfig.impl`), not the default. Hopper only (sm_90); the
+CPU interpreter does not run Gluon, so `attend` refuses it off the GPU and its tests need the
+H100.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+if TYPE_CHECKING:
+    from .triton_attention import Prepared
+
+LOG2_448 = gl.constexpr(8.807354922057604)  # log2(448): P comes out as P·448
+
+
+@gluon.jit
+def _scale_from_bits(amax_bits):
+    s = amax_bits.to(gl.float32, bitcast=True) / 448.0
+    return gl.where(s < 1e-20, 1e-20, s)
+
+
+@gluon.jit
+def _issue_load(k_desc, v_desc, k_smem, v_smem, bars, idx_ptr, it, total, bh, N_PAD,
+                HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, TILE_TOKENS: gl.constexpr,
+                STAGES: gl.constexpr):  # fmt: skip
+    """TMA block ``it`` of the kv list (if it exists) into slot ``it % STAGES``."""
+    NB: gl.constexpr = TILE_TOKENS // BLOCK_N
+    pred = it < total
+    kv_tile = gl.load(idx_ptr + it // NB, mask=pred, other=0)
+    start = kv_tile * TILE_TOKENS + (it % NB) * BLOCK_N
+    slot = it % STAGES
+    bar = bars.index(slot)
+    mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes, pred=pred)
+    tma.async_copy_global_to_shared(k_desc, [bh * N_PAD + start, 0], bar, k_smem.index(slot), pred)
+    tma.async_copy_global_to_shared(v_desc, [bh * HEAD_DIM, start], bar, v_smem.index(slot), pred)
+
+
+@gluon.jit
+def _softmax(qk, m_i, l_i, c, bias_ptr, start, masked, s_layout: gl.constexpr,
+             BLOCK_N: gl.constexpr):  # fmt: skip
+    """One block's online softmax: the numerator P·448 (as fp16, see below), max, rescale.
+
+    P crosses the loop's back edge (P·V of block j is issued in iteration j+1). Carried as
+    e4m3 it is split into one byte per register and re-packed with ~200 extra instructions per
+    block; fp16 pairs stay packed, and the e4m3 cast happens next to the wgmma that reads it.
+    """
+    if masked:
+        cols = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        qk = qk + gl.load(bias_ptr + cols)[None, :]
+    m_new = gl.maximum(m_i, gl.max(qk, 1) * c)
+    p = gl.exp2(qk * c[:, None] - (m_new - LOG2_448)[:, None])
+    alpha = gl.exp2(m_i - m_new)
+    l_i = l_i * alpha + gl.sum(p, 1)
+    return p.to(gl.float16), m_new, l_i, alpha
+
+
+@gluon.jit
+def _gl_attn_kernel(
+    QC,
+    k_desc,
+    v_desc,
+    QS,
+    KS,
+    VAMAX,
+    KV_BIAS,
+    KV_INDEX,
+    KV_COUNT,
+    KV_FULL,
+    SLOT_SRC,
+    OUT,
+    qk_scale,
+    H,
+    N,
+    N_PAD,
+    N_TILES,
+    GRID_H,
+    GRID_W,
+    TILES_H,
+    TILES_W,
+    TILE_T,
+    TILE_H,
+    TILE_W,
+    s_ib,
+    s_ih,
+    s_iq,
+    s_cb,
+    s_ch,
+    s_cq,
+    s_ob,
+    s_oh,
+    s_on,
+    SPARSE: gl.constexpr,
+    HEAD_DIM: gl.constexpr,
+    BLOCK_M: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    TILE_TOKENS: gl.constexpr,
+    STAGES: gl.constexpr,
+):
+    """Grid (q blocks, batch*heads), 4 warps (one warpgroup): as `_attn_kernel` with FP8."""
+    NB: gl.constexpr = TILE_TOKENS // BLOCK_N
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32]
+    )
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 32]
+    )
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
+    ld_layout: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0])
+    q_smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8,
+                                                       rank=2)  # fmt: skip
+
+    pid = gl.program_id(0)
+    bh = gl.program_id(1)
+    b = bh // H
+    h = bh % H
+    bh64 = bh.to(gl.int64)
+
+    # ---- the kv list and the ring of K/V slots
+    list_off = b.to(gl.int64) * s_cb + h.to(gl.int64) * s_ch
+    idx_ptr = KV_INDEX + b.to(gl.int64) * s_ib + h.to(gl.int64) * s_ih
+    if SPARSE:
+        q_tile = (pid * BLOCK_M) // TILE_TOKENS
+        list_off += q_tile * s_cq
+        idx_ptr += q_tile * s_iq
+    total = gl.load(KV_COUNT + list_off) * NB
+    n_plain = gl.load(KV_FULL + list_off) * NB
+
+    k_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, HEAD_DIM, BLOCK_N], v_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(bars.index(s), count=1)
+    for s in gl.static_range(STAGES):
+        _issue_load(k_desc, v_desc, k_smem, v_smem, bars, idx_ptr, s, total, bh, N_PAD,
+                    HEAD_DIM, BLOCK_N, TILE_TOKENS, STAGES)  # fmt: skip
+
+    # ---- Q (once) into shared memory, and each row's scale factor
+    lrows = pid * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld_layout))
+    lcols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld_layout))
+    rows = pid * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_s)
+    if SPARSE:
+        q = gl.load(QC + bh64 * N_PAD * HEAD_DIM + lrows[:, None] * HEAD_DIM + lcols[None, :])
+        tile_of_row = gl.full([BLOCK_M], 0, gl.int32, row_s) + q_tile
+    else:
+        q_ptrs = QC + bh64 * N * HEAD_DIM + lrows[:, None] * HEAD_DIM + lcols[None, :]
+        q = gl.load(q_ptrs, mask=(lrows < N)[:, None], other=0.0)
+        t = rows // (GRID_H * GRID_W)
+        hh = (rows // GRID_W) % GRID_H
+        w = rows % GRID_W
+        tile_of_row = ((t // TILE_T) * TILES_H + hh // TILE_H) * TILES_W + w // TILE_W
+        tile_of_row = gl.where(rows < N, tile_of_row, 0)
+    q_smem = gl.allocate_shared_memory(gl.float8e4nv, [BLOCK_M, HEAD_DIM], q_smem_layout, q)
+    fence_async_shared()  # the wgmma reads Q through the async proxy
+    c_q = gl.load(QS + bh64 * N_TILES + tile_of_row) * qk_scale
+    ks_ptr = KS + bh64 * N_TILES
+    NEG_INF: gl.constexpr = float("-inf")
+
+    # ---- block 0: QK and softmax
+    mbarrier.wait(bars.index(0), 0)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    qk = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False)
+    kv_tile = gl.load(idx_ptr)
+    c = c_q * gl.load(ks_ptr + kv_tile)
+    m_i = gl.full([BLOCK_M], NEG_INF, gl.float32, row_s)
+    l_i = gl.zeros([BLOCK_M], gl.float32, row_s)
+    p16, m_i, l_i, alpha = _softmax(qk, m_i, l_i, c, KV_BIAS, kv_tile * TILE_TOKENS, n_plain <= 0,
+                                   s_layout, BLOCK_N)  # fmt: skip
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+
+    # ---- steady state: QK(j) and PV(j-1) in flight, softmax(j) overlaps PV(j-1)
+    for it in range(1, total):
+        slot = it % STAGES
+        prev = (it - 1) % STAGES
+        mbarrier.wait(bars.index(slot), (it // STAGES) & 1)
+        qk_tok = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False,
+                               is_async=True)  # fmt: skip
+        p_op = gl.convert_layout(p16.to(gl.float8e4nv), p_layout)
+        acc_tok = warpgroup_mma(p_op, v_smem.index(prev).permute((1, 0)), acc, is_async=True)
+        kv_tile = gl.load(idx_ptr + it // NB)
+        c = c_q * gl.load(ks_ptr + kv_tile)
+        start = kv_tile * TILE_TOKENS + (it % NB) * BLOCK_N
+        qk = warpgroup_mma_wait(1, deps=[qk_tok])
+        p16, m_i, l_i, alpha = _softmax(qk, m_i, l_i, c, KV_BIAS, start, it >= n_plain, s_layout,
+                                       BLOCK_N)  # fmt: skip
+        acc = warpgroup_mma_wait(0, deps=[acc_tok])
+        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+        # Both wgmmas that read block it-1's slot are done: refill it.
+        _issue_load(k_desc, v_desc, k_smem, v_smem, bars, idx_ptr, it - 1 + STAGES, total, bh,
+                    N_PAD, HEAD_DIM, BLOCK_N, TILE_TOKENS, STAGES)  # fmt: skip
+
+    last = (total - 1) % STAGES
+    p_op = gl.convert_layout(p16.to(gl.float8e4nv), p_layout)
+    acc = warpgroup_mma(p_op, v_smem.index(last).permute((1, 0)), acc)
+    for s in gl.static_range(STAGES):
+        mbarrier.invalidate(bars.index(s))
+
+    # ---- epilogue: normalise, V's channel scale, write in model order
+    offs_d = gl.arange(0, HEAD_DIM, layout=col_o)
+    out = acc * (1.0 / gl.convert_layout(l_i, row_o))[:, None]
+    out = out * _scale_from_bits(gl.load(VAMAX + bh64 * HEAD_DIM + offs_d))[None, :]
+    out_rows = pid * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_o)
+    out_base = OUT + b.to(gl.int64) * s_ob + h.to(gl.int64) * s_oh
+    if SPARSE:
+        src = gl.load(SLOT_SRC + out_rows)
+        ptrs = out_base + src[:, None].to(gl.int64) * s_on + offs_d[None, :]
+        gl.store(ptrs, out.to(OUT.dtype.element_ty), mask=(src >= 0)[:, None])
+    else:
+        ptrs = out_base + out_rows[:, None].to(gl.int64) * s_on + offs_d[None, :]
+        gl.store(ptrs, out.to(OUT.dtype.element_ty), mask=(out_rows < N)[:, None])
+
+
+def launch(prep: Prepared, kv_bias: torch.Tensor, slot_source: torch.Tensor,
+           strides: tuple[int, ...], out: torch.Tensor, *, block_m: int, block_n: int,
+           num_stages: int, qk_scale: float) -> None:  # fmt: skip
+    """Run `_gl_attn_kernel` on a `Prepared` (fp8 modes), as `triton_attention.attend` runs
+    `_attn_kernel`: ``strides`` are the kv lists' and ``out``'s (b, h, q|n) strides."""
+    layout = prep.layout
+    sparse = prep.spec.mode.sparse
+    b, h, n, d = prep.shape
+    n_rows = layout.padded_tokens if sparse else n
+    assert prep.q_scale is not None and prep.k_scale is not None and prep.v_amax is not None
+    k_desc, v_desc = descriptors(prep.k, prep.v, block_n=block_n)
+    _gl_attn_kernel[(triton.cdiv(n_rows, block_m), b * h)](
+        prep.q, k_desc, v_desc, prep.q_scale, prep.k_scale, prep.v_amax,
+        kv_bias, prep.kv.index, prep.kv.count, prep.kv.full, slot_source, out,
+        qk_scale, h, n, layout.padded_tokens, layout.n_tiles,
+        layout.grid[1], layout.grid[2], layout.tiles_per_axis[1], layout.tiles_per_axis[2],
+        *layout.tile, *strides,
+        SPARSE=sparse, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n,
+        TILE_TOKENS=layout.tile_tokens, STAGES=num_stages, num_warps=4,
+    )  # fmt: skip
+
+
+def descriptors(
+    k: torch.Tensor, v: torch.Tensor, *, block_n: int
+) -> tuple[TensorDescriptor, TensorDescriptor]:
+    """TMA descriptors of the pre-pass's K (B*H, N_PAD, D) and channel-major V (B*H, D, N_PAD)."""
+    bh, n_pad, d = k.shape
+    layout = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
+    k2, v2 = k.view(bh * n_pad, d), v.view(bh * d, n_pad)
+    return (
+        TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [block_n, d], layout),
+        TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [d, block_n], layout),
+    )
