@@ -4,8 +4,10 @@ memory, and the instruction mix of the kv loop, per variant. This is what docs/k
 
     python benchmarks/kernel_sass.py                         # the default fp8 config's variants
     python benchmarks/kernel_sass.py --variants e16 --sparse # the sparse kernel, packed exp2
+    python benchmarks/kernel_sass.py --variants gluon --stages 3  # the Gluon kernel (v9)
 
-A variant is ``base`` (the default config) or ``e16`` (``KernelConfig.exp2 = "f16x2"``). MUFU
+A variant is ``base`` (the default config), ``e16`` (``KernelConfig.exp2 = "f16x2"``) or
+``gluon`` (``KernelConfig.impl = "gluon"``; ``--stages`` applies, the block is fixed). MUFU
 ops are counted by their full opcode (``MUFU.EX2`` vs ``MUFU.EX2.F16``), the rest by their stem.
 Uses the installed triton's bundled ptxas/cuobjdump (the device runs triton 3.6: install that
 version in a side directory and put it first on PYTHONPATH to see what the GPU compiles).
@@ -19,8 +21,9 @@ import re
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
-KNOBS = {"e16": "EXP16"}
+KNOBS = {"e16": "EXP16", "gluon": ""}  # gluon: `gluon_attention`'s kernel, 64x128 on 4 warps
 OPS = ("QGMMA", "MUFU.EX2", "MUFU.EX2.F16", "HADD2", "FADD", "FMUL", "FFMA", "FMNMX", "F2FP",
        "SHFL", "BAR")  # fmt: skip
 
@@ -34,6 +37,9 @@ def compile_variant(knobs: set[str], *, block_m: int, block_n: int, warps: int, 
 
     from fpstune.kernels.triton_attention import _attn_kernel
 
+    if "gluon" in knobs:
+        src, options = _gluon_source(stages=stages, sparse=sparse, tile_tokens=tile_tokens)
+        return _compiled(triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options))
     ptr = {n: "*fp8e4nv" for n in ("QC", "KC", "VC")}
     ptr |= {n: "*fp32" for n in ("QS", "KS", "KV_BIAS")}
     ptr |= {n: "*i32" for n in ("VAMAX", "KV_INDEX", "KV_COUNT", "KV_FULL", "SLOT_SRC")}
@@ -41,7 +47,7 @@ def compile_variant(knobs: set[str], *, block_m: int, block_n: int, warps: int, 
     consts = {
         "FP8": True, "SPARSE": sparse, "HEAD_DIM": 128, "BLOCK_M": block_m, "BLOCK_N": block_n,
         "TILE_TOKENS": tile_tokens, "EXACT": False,
-        **{v: k in knobs for k, v in KNOBS.items()},
+        **{v: k in knobs for k, v in KNOBS.items() if v},
     }  # fmt: skip
     sig = {
         name: ptr.get(name, "constexpr" if name in consts else "i32")
@@ -56,7 +62,37 @@ def compile_variant(knobs: set[str], *, block_m: int, block_n: int, warps: int, 
     options: dict[str, int] = {"num_warps": warps, "num_stages": stages}
     if maxnreg:
         options["maxnreg"] = maxnreg
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    return _compiled(triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options))
+
+
+def _gluon_source(*, stages: int, sparse: bool, tile_tokens: int) -> tuple[Any, dict[str, int]]:
+    """`gluon_attention._gl_attn_kernel` (64x128, 4 warps) as the launcher specialises it;
+    its K/V descriptors' types come from descriptors over CPU tensors of the 720p shape."""
+    import torch
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    from fpstune.kernels.gluon_attention import _gl_attn_kernel, descriptors
+
+    fn = _gl_attn_kernel
+    k = torch.empty(12, 80640, 128, dtype=torch.float8_e4m3fn)
+    k_desc, v_desc = descriptors(k, k.view(12, 128, 80640), block_n=128)
+    types = {n: "*fp32" for n in ("QS", "KS", "KV_BIAS")}
+    types |= {n: "*i32" for n in ("VAMAX", "KV_INDEX", "KV_COUNT", "KV_FULL", "SLOT_SRC")}
+    types |= {"QC": "*fp8e4nv", "OUT": "*bf16", "qk_scale": "fp32"}
+    types |= {"k_desc": mangle_type(k_desc), "v_desc": mangle_type(v_desc)}
+    consts = {"SPARSE": sparse, "HEAD_DIM": 128, "BLOCK_M": 64, "BLOCK_N": 128,
+              "TILE_TOKENS": tile_tokens, "STAGES": stages}  # fmt: skip
+    sig = {n: types.get(n, "constexpr" if n in consts else "i32") for n in fn.arg_names}
+    aligned = [n for n, t in sig.items() if t.startswith("*")]
+    aligned += ["N", "N_PAD", "s_ob", "s_oh", "s_on"]
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    return GluonASTSource(fn, sig, constexprs=consts, attrs=attrs), {"num_warps": 4}
+
+
+def _compiled(kernel: Any) -> tuple[str, dict[str, int]]:
+    import triton
+
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
         cubin.write_bytes(kernel.asm["cubin"])
@@ -76,9 +112,10 @@ def compile_variant(knobs: set[str], *, block_m: int, block_n: int, warps: int, 
     return sass, meta
 
 
-def loop_mix(sass: str) -> collections.Counter[str]:
+def loop_mix(sass: str, gluon: bool = False) -> collections.Counter[str]:
     """Instruction counts of the first loop (the kv loop over full tiles; the masked loop over
-    the padded tiles follows it)."""
+    the padded tiles follows it). Gluon: the shortest loop holding a wgmma (its mbarrier waits
+    retry through backward branches that span the program), its masked branch counted too."""
     lines = [ln for ln in sass.splitlines() if _ADDR.match(ln)]
     addr = [int(_ADDR.match(ln).group(1), 16) for ln in lines]  # type: ignore[union-attr]
     loops = []
@@ -87,6 +124,10 @@ def loop_mix(sass: str) -> collections.Counter[str]:
         if target and int(target.group(1), 16) < a:
             loops.append((int(target.group(1), 16), a))
     first = min(loops, default=(0, -1))
+    if gluon:
+        wgmma = [a for a, ln in zip(addr, lines, strict=True) if "QGMMA" in ln]
+        holding = [lp for lp in loops if any(lp[0] <= a <= lp[1] for a in wgmma)]
+        first = min(holding, key=lambda lp: lp[1] - lp[0], default=(0, -1))
     mix: collections.Counter[str] = collections.Counter()
     for a, ln in zip(addr, lines, strict=True):
         if first[0] <= a <= first[1]:
@@ -125,7 +166,7 @@ def main() -> None:
             knobs, block_m=bm, block_n=bn, warps=args.warps, stages=args.stages,
             sparse=args.sparse, tile_tokens=args.tile_tokens, maxnreg=args.maxnreg,
         )  # fmt: skip
-        mix = loop_mix(sass)
+        mix = loop_mix(sass, gluon="gluon" in knobs)
         print(
             f"{v:10s} {meta['regs']:4d} {meta['local']:5d} {meta['smem']:6d} "
             f"{sum(mix.values()):5d} " + " ".join(f"{mix.get(o, 0):5d}" for o in OPS)
