@@ -27,7 +27,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -39,16 +38,13 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+# Plain @triton.jit helpers, shared with `_attn_kernel`: Gluon calls them with its own layouts.
+from .triton_attention import _scale_from_bits, _tile_of_rows
+
 if TYPE_CHECKING:
     from .triton_attention import Prepared
 
 LOG2_448 = gl.constexpr(8.807354922057604)  # log2(448): P comes out as P·448
-
-
-@gluon.jit
-def _scale_from_bits(amax_bits):
-    s = amax_bits.to(gl.float32, bitcast=True) / 448.0
-    return gl.where(s < 1e-20, 1e-20, s)
 
 
 @gluon.jit
@@ -179,11 +175,9 @@ def _gl_attn_kernel(
     else:
         q_ptrs = QC + bh64 * N * HEAD_DIM + lrows[:, None] * HEAD_DIM + lcols[None, :]
         q = gl.load(q_ptrs, mask=(lrows < N)[:, None], other=0.0)
-        t = rows // (GRID_H * GRID_W)
-        hh = (rows // GRID_W) % GRID_H
-        w = rows % GRID_W
-        tile_of_row = ((t // TILE_T) * TILES_H + hh // TILE_H) * TILES_W + w // TILE_W
-        tile_of_row = gl.where(rows < N, tile_of_row, 0)
+        tile_of_row = _tile_of_rows(
+            rows, N, GRID_H, GRID_W, TILES_H, TILES_W, TILE_T, TILE_H, TILE_W
+        )
     q_smem = gl.allocate_shared_memory(gl.float8e4nv, [BLOCK_M, HEAD_DIM], q_smem_layout, q)
     fence_async_shared()  # the wgmma reads Q through the async proxy
     c_q = gl.load(QS + bh64 * N_TILES + tile_of_row) * qk_scale
@@ -244,25 +238,23 @@ def _gl_attn_kernel(
         gl.store(ptrs, out.to(OUT.dtype.element_ty), mask=(out_rows < N)[:, None])
 
 
-def launch(prep: Prepared, kv_bias: torch.Tensor, slot_source: torch.Tensor,
-           strides: tuple[int, ...], out: torch.Tensor, *, block_m: int, block_n: int,
-           num_stages: int, qk_scale: float) -> None:  # fmt: skip
-    """Run `_gl_attn_kernel` on a `Prepared` (fp8 modes), as `triton_attention.attend` runs
-    `_attn_kernel`: ``strides`` are the kv lists' and ``out``'s (b, h, q|n) strides."""
-    layout = prep.layout
-    sparse = prep.spec.mode.sparse
-    b, h, n, d = prep.shape
-    n_rows = layout.padded_tokens if sparse else n
+def launch(
+    prep: Prepared,
+    grid: tuple[int, int],
+    rest: tuple[object, ...],
+    *,
+    block_m: int,
+    block_n: int,
+    num_stages: int,
+) -> None:
+    """Run `_gl_attn_kernel` on a `Prepared` (fp8 modes). ``grid`` and ``rest`` (the kv lists,
+    output, sizes and strides) are what `triton_attention.attend` gives `_attn_kernel`."""
     assert prep.q_scale is not None and prep.k_scale is not None and prep.v_amax is not None
     k_desc, v_desc = descriptors(prep.k, prep.v, block_n=block_n)
-    _gl_attn_kernel[(triton.cdiv(n_rows, block_m), b * h)](
-        prep.q, k_desc, v_desc, prep.q_scale, prep.k_scale, prep.v_amax,
-        kv_bias, prep.kv.index, prep.kv.count, prep.kv.full, slot_source, out,
-        qk_scale, h, n, layout.padded_tokens, layout.n_tiles,
-        layout.grid[1], layout.grid[2], layout.tiles_per_axis[1], layout.tiles_per_axis[2],
-        *layout.tile, *strides,
-        SPARSE=sparse, HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n,
-        TILE_TOKENS=layout.tile_tokens, STAGES=num_stages, num_warps=4,
+    _gl_attn_kernel[grid](
+        prep.q, k_desc, v_desc, prep.q_scale, prep.k_scale, prep.v_amax, *rest,
+        SPARSE=prep.spec.mode.sparse, HEAD_DIM=prep.shape[3], BLOCK_M=block_m, BLOCK_N=block_n,
+        TILE_TOKENS=prep.layout.tile_tokens, STAGES=num_stages, num_warps=4,
     )  # fmt: skip
 
 

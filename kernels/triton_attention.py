@@ -100,6 +100,16 @@ def _exp2_f16(x, EXACT: tl.constexpr):
 
 
 @triton.jit
+def _tile_of_rows(rows, N, GRID_H, GRID_W, TILES_H, TILES_W, TILE_T, TILE_H, TILE_W):
+    """The 3D tile of each model-order row (0 for rows past N), for its Q scale."""
+    t = rows // (GRID_H * GRID_W)
+    hh = (rows // GRID_W) % GRID_H
+    w = rows % GRID_W
+    tile = ((t // TILE_T) * TILES_H + hh // TILE_H) * TILES_W + w // TILE_W
+    return tl.where(rows < N, tile, 0)
+
+
+@triton.jit
 def _load_rows(X, base, src, offs_d, stride_n, stride_d):
     """Rows ``src`` (model token ids, -1 = padding -> zeros) of one (batch, head), as fp32."""
     ptrs = X + base + src[:, None].to(tl.int64) * stride_n + offs_d[None, :] * stride_d
@@ -453,12 +463,9 @@ def _attn_kernel(
         q_ptrs = QC + bh64 * N * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
         q = tl.load(q_ptrs, mask=in_range[:, None], other=0.0)
         row = 0
-        # The 3D tile of each model-order row, for its Q scale.
-        t = offs_m // (GRID_H * GRID_W)
-        hh = (offs_m // GRID_W) % GRID_H
-        w = offs_m % GRID_W
-        tile_of_row = ((t // TILE_T) * TILES_H + hh // TILE_H) * TILES_W + w // TILE_W
-        tile_of_row = tl.where(in_range, tile_of_row, 0)
+        tile_of_row = _tile_of_rows(
+            offs_m, N, GRID_H, GRID_W, TILES_H, TILES_W, TILE_T, TILE_H, TILE_W
+        )
     if FP8:
         c_q = tl.load(QS + bh64 * N_TILES + tile_of_row) * qk_scale
     else:
@@ -707,26 +714,27 @@ def attend(
     elif out.shape != (B, H, N, D) or out.dtype != out_dtype or out.stride(-1) != 1:
         raise ValueError(f"out must be ({B}, {H}, {N}, {D}) {out_dtype} with unit last stride")
     kv = prep.kv
-    strides = (*_list_strides(kv.index), *_list_strides(kv.count), *out.stride()[:3])
+    n_rows = layout.padded_tokens if sparse else N
+    grid = (triton.cdiv(n_rows, block_m), B * H)
+    # Both kernels take these after their Q/K/V and scale operands.
+    rest = (
+        st.kv_bias, kv.index, kv.count, kv.full, st.slot_source, out,
+        scale * LOG2E, H, N, layout.padded_tokens, layout.n_tiles,
+        layout.grid[1], layout.grid[2], layout.tiles_per_axis[1], layout.tiles_per_axis[2],
+        *layout.tile, *_list_strides(kv.index), *_list_strides(kv.count), *out.stride()[:3],
+    )  # fmt: skip
     if impl == "gluon":
         from .gluon_attention import launch
 
-        launch(prep, st.kv_bias, st.slot_source, strides, out, block_m=block_m, block_n=block_n,
-               num_stages=num_stages, qk_scale=scale * LOG2E)  # fmt: skip
+        launch(prep, grid, rest, block_m=block_m, block_n=block_n, num_stages=num_stages)
         return out
-    n_rows = layout.padded_tokens if sparse else N
-    grid = (triton.cdiv(n_rows, block_m), B * H)
     dummy = prep.q
     _attn_kernel[grid](
         prep.q, prep.k, prep.v,
         dummy if prep.q_scale is None else prep.q_scale,
         dummy if prep.k_scale is None else prep.k_scale,
         dummy if prep.v_amax is None else prep.v_amax,
-        st.kv_bias, kv.index, kv.count, kv.full, st.slot_source, out,
-        scale * LOG2E, H, N, layout.padded_tokens, layout.n_tiles,
-        layout.grid[1], layout.grid[2], layout.tiles_per_axis[1], layout.tiles_per_axis[2],
-        *layout.tile, *strides,
-        FP8=fp8, SPARSE=sparse, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
+        *rest, FP8=fp8, SPARSE=sparse, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n,
         TILE_TOKENS=layout.tile_tokens, EXACT=not prep.q.is_cuda,
         EXP16=fp8 and exp2 == "f16x2", num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
