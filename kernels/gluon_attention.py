@@ -16,7 +16,7 @@ schedule, which the Triton compiler decides by itself (docs/kernel_notes.md, v9)
 - A slot is refilled (block j-1+STAGES) as soon as both wgmmas that read it have completed.
 
 One warpgroup per CTA, two CTAs per SM (3 stages: 104 KB of shared memory each). Measured on
-the H100 at 720p it is as accurate as the Triton kernel and 1-3 % slower (docs/kernel_notes.md,
+the H100 at 720p it is as accurate as the Triton kernel and 0.5-4 % slower (docs/kernel_notes.md,
 v9), so it is a search knob (`KernelConfig.impl`), not the default. Hopper only (sm_90); the
 CPU interpreter does not run Gluon, so `attend` refuses it off the GPU and its tests need the
 H100.
