@@ -23,7 +23,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-KNOBS = {"e16": "EXP16", "gluon": ""}  # gluon: `gluon_attention`'s kernel, 64x128 on 4 warps
+# gluon: `gluon_attention`'s kernel, 64x128 on 4 warps; gluon_ws: its warp-specialised form,
+# 128x128 on two consumer warpgroups and a producer warp
+KNOBS = {"e16": "EXP16", "gluon": "", "gluon_ws": ""}
 OPS = ("QGMMA", "MUFU.EX2", "MUFU.EX2.F16", "HADD2", "FADD", "FMUL", "FFMA", "FMNMX", "F2FP",
        "SHFL", "BAR")  # fmt: skip
 
@@ -37,8 +39,9 @@ def compile_variant(knobs: set[str], *, block_m: int, block_n: int, warps: int, 
 
     from fpstune.kernels.triton_attention import _attn_kernel
 
-    if "gluon" in knobs:
-        src, options = _gluon_source(stages=stages, sparse=sparse, tile_tokens=tile_tokens)
+    if knobs & {"gluon", "gluon_ws"}:
+        ws = "gluon_ws" in knobs
+        src, options = _gluon_source(stages=stages, sparse=sparse, tile_tokens=tile_tokens, ws=ws)
         return _compiled(triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options))
     ptr = {n: "*fp8e4nv" for n in ("QC", "KC", "VC")}
     ptr |= {n: "*fp32" for n in ("QS", "KS", "KV_BIAS")}
@@ -65,14 +68,22 @@ def compile_variant(knobs: set[str], *, block_m: int, block_n: int, warps: int, 
     return _compiled(triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options))
 
 
-def _gluon_source(*, stages: int, sparse: bool, tile_tokens: int) -> tuple[Any, dict[str, int]]:
-    """`gluon_attention._gl_attn_kernel` (64x128, 4 warps) as the launcher specialises it;
-    its K/V descriptors' types come from descriptors over CPU tensors of the 720p shape."""
+def _gluon_source(
+    *, stages: int, sparse: bool, tile_tokens: int, ws: bool
+) -> tuple[Any, dict[str, int]]:
+    """`gluon_attention._gl_attn_kernel` as the launcher specialises it (64x128 on 4 warps, or
+    with ``ws`` 128x128 warp-specialised); its K/V descriptors' types come from descriptors
+    over CPU tensors of the 720p shape."""
     import torch
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
-    from fpstune.kernels.gluon_attention import _gl_attn_kernel, descriptors
+    from fpstune.kernels.gluon_attention import (
+        CONSUMER_REGS,
+        WS_LAUNCH,
+        _gl_attn_kernel,
+        descriptors,
+    )
 
     fn = _gl_attn_kernel
     k = torch.empty(12, 80640, 128, dtype=torch.float8_e4m3fn)
@@ -81,13 +92,15 @@ def _gluon_source(*, stages: int, sparse: bool, tile_tokens: int) -> tuple[Any, 
     types |= {n: "*i32" for n in ("VAMAX", "KV_INDEX", "KV_COUNT", "KV_FULL", "SLOT_SRC")}
     types |= {"QC": "*fp8e4nv", "OUT": "*bf16", "qk_scale": "fp32"}
     types |= {"k_desc": mangle_type(k_desc), "v_desc": mangle_type(v_desc)}
-    consts = {"SPARSE": sparse, "HEAD_DIM": 128, "BLOCK_M": 64, "BLOCK_N": 128,
-              "TILE_TOKENS": tile_tokens, "STAGES": stages}  # fmt: skip
+    consts = {"SPARSE": sparse, "HEAD_DIM": 128, "BLOCK_M": 128 if ws else 64, "BLOCK_N": 128,
+              "TILE_TOKENS": tile_tokens, "STAGES": stages, "WARP_SPECIALIZE": ws,
+              "CONSUMER_REGS": CONSUMER_REGS}  # fmt: skip
     sig = {n: types.get(n, "constexpr" if n in consts else "i32") for n in fn.arg_names}
     aligned = [n for n, t in sig.items() if t.startswith("*")]
     aligned += ["N", "N_PAD", "s_ob", "s_oh", "s_on"]
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    return GluonASTSource(fn, sig, constexprs=consts, attrs=attrs), {"num_warps": 4}
+    options = {"num_warps": 4, **(WS_LAUNCH if ws else {})}
+    return GluonASTSource(fn, sig, constexprs=consts, attrs=attrs), options
 
 
 def _compiled(kernel: Any) -> tuple[str, dict[str, int]]:
@@ -152,7 +165,7 @@ def main() -> None:
     args = ap.parse_args()
     bm, bn = (int(x) for x in args.block.split("x"))
     print(
-        f"{'variant':10s} {'regs':>4s} {'smem':>6s} {'loop':>5s} "
+        f"{'variant':10s} {'regs':>4s} {'local':>5s} {'smem':>6s} {'loop':>5s} "
         + " ".join(f"{o:>5s}" for o in OPS)
     )
     for v in args.variants:
@@ -166,7 +179,7 @@ def main() -> None:
             knobs, block_m=bm, block_n=bn, warps=args.warps, stages=args.stages,
             sparse=args.sparse, tile_tokens=args.tile_tokens, maxnreg=args.maxnreg,
         )  # fmt: skip
-        mix = loop_mix(sass, gluon="gluon" in knobs)
+        mix = loop_mix(sass, gluon=bool(knobs & {"gluon", "gluon_ws"}))
         print(
             f"{v:10s} {meta['regs']:4d} {meta['local']:5d} {meta['smem']:6d} "
             f"{sum(mix.values()):5d} " + " ".join(f"{mix.get(o, 0):5d}" for o in OPS)

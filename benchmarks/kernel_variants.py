@@ -35,13 +35,21 @@ TILE = (1, 8, 16)  # the 720p default tile
 #: label -> KernelConfig fields
 BASE = {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 5}  # the fp8 default
 GLUON = {**BASE, "num_stages": 3, "impl": "gluon"}  # gluon_attention's kernel, 2 CTAs per SM
+# its warp-specialised form: 128 rows on two consumer warpgroups + a producer warp, 1 CTA per SM
+GLUON_WS = {"block_m": 128, "block_n": 128, "num_warps": 8, "impl": "gluon_ws"}
 CONFIGS: dict[str, dict[str, Any]] = {
     "64x128 w4 s5": BASE,
     "gluon 64x128 s3": GLUON,
-    "gluon 64x128 s4": {**GLUON, "num_stages": 4},
+    "gluon_ws 128x128 s2": {**GLUON_WS, "num_stages": 2},
+    "gluon_ws 128x128 s4": {**GLUON_WS, "num_stages": 4},
+    "gluon_ws 128x128 s6": {**GLUON_WS, "num_stages": 6},
 }
 #: kernel knob sets of the accuracy section (set on the default config)
-KNOBS: tuple[dict[str, Any], ...] = ({}, {"impl": "gluon", "num_stages": 3})
+KNOBS: tuple[dict[str, Any], ...] = (
+    {},
+    {"impl": "gluon", "num_stages": 3},
+    {**GLUON_WS, "num_stages": 4},
+)
 CASES = (("fp8_dense", 0.0, None), ("fp8_sparse", 0.9, "window"), ("fp8_sparse", 0.5, "window"))
 
 
@@ -78,7 +86,7 @@ def run_shape(name: str, budget_s: float) -> list[dict[str, Any]]:
             what = f"{mode} {sp:.0%} {label}" if pat else f"{mode} {label}"
             op = partial(attention, q, k, v, grid=grid, spec=spec)
             add(what, time_op(op, budget_s=budget_s), kernel=kc.model_dump())
-            prep = prepare(q, k, v, layout=layout, spec=spec)
+            prep = prepare(q, k, v, layout=layout, spec=spec, impl=kc.impl)
             only = partial(attend, prep, **kc.model_dump(), scale=d**-0.5, out_dtype=q.dtype)
             add(what + " [kernel]", time_op(only, budget_s=budget_s), kernel=kc.model_dump())
             del prep

@@ -105,32 +105,41 @@ def infeasibility(
             f"accumulators need ~{regs} registers per thread with {config.num_warps} warps, "
             f"over the {limits.registers_per_thread - 32} left after addressing"
         )
-    if config.impl == "gluon":
+    if config.impl != "triton":
         reasons += _gluon_infeasibility(config, head_dim=head_dim, mode=mode, limits=limits)
     if mode.fp8 and limits.capability < (8, 9):
         reasons.append(f"fp8 needs compute capability >= 8.9, the GPU has {limits.capability}")
     return reasons
 
 
+# What `gluon_attention`'s kernels are written for: (block_m, block_n, num_warps), least stages.
+# gluon: one warpgroup of 64 rows that refills its own ring, so >= 3 slots (the slot refilled in
+# iteration j must not be the one QK(j+1) reads). gluon_ws: two warpgroups of 64 rows and a
+# producer warp; a slot is refilled once both have released it, so 2 slots cannot deadlock.
+_GLUON_SHAPES = {"gluon": ((64, 128, 4), 3), "gluon_ws": ((128, 128, 8), 2)}
+
+
 def _gluon_infeasibility(
     config: KernelConfig, *, head_dim: int, mode: Mode, limits: DeviceLimits
 ) -> list[str]:
-    """What `gluon_attention`'s kernel is written for: one warpgroup of 64 rows, 128-key TMA
-    blocks of 128-byte rows, a ring of >= 3 slots (the slot refilled in iteration j must not be
-    the one QK(j+1) reads), Hopper's wgmma."""
+    """The Gluon kernels: 64-row warpgroups, 128-key TMA blocks of 128-byte rows, Hopper's
+    wgmma."""
+    impl = config.impl
+    shape, least = _GLUON_SHAPES[impl]
     reasons = []
     if not mode.fp8:
-        reasons.append(f"impl=gluon runs the fp8 modes only, not {mode.value}")
-    if (config.block_m, config.block_n, config.num_warps) != (64, 128, 4):
-        reasons.append("impl=gluon needs block_m=64, block_n=128, num_warps=4")
+        reasons.append(f"impl={impl} runs the fp8 modes only, not {mode.value}")
+    if (config.block_m, config.block_n, config.num_warps) != shape:
+        m, n, w = shape
+        reasons.append(f"impl={impl} needs block_m={m}, block_n={n}, num_warps={w}")
     if head_dim != 128:
-        reasons.append(f"impl=gluon needs head_dim=128, got {head_dim}")
-    if config.num_stages < 3:
-        reasons.append(f"impl=gluon needs num_stages >= 3, got {config.num_stages}")
+        reasons.append(f"impl={impl} needs head_dim=128, got {head_dim}")
+    if config.num_stages < least:
+        reasons.append(f"impl={impl} needs num_stages >= {least}, got {config.num_stages}")
     if config.exp2 != "f32":
-        reasons.append("impl=gluon has no exp2=f16x2 variant")
+        reasons.append(f"impl={impl} has no exp2=f16x2 variant")
     if limits.capability[0] != 9:
-        reasons.append(f"impl=gluon needs an sm_90 GPU (Hopper), the GPU has {limits.capability}")
+        reasons.append(f"impl={impl} needs an sm_90 GPU (Hopper), the GPU has {limits.capability}")
     return reasons
 
 

@@ -45,6 +45,11 @@ if TYPE_CHECKING:
     from .triton_attention import Prepared
 
 LOG2_448 = gl.constexpr(8.807354922057604)  # log2(448): P comes out as P·448
+# The warp-specialised kernel has 4 + 4 + 1 warps, i.e. three warpgroups (384 threads) at one
+# CTA per SM: 168 registers each on average. The producer's warpgroup drops to 24 and the two
+# consumer warpgroups get 240 (setmaxnreg; 168 * 384 = 24 * 128 + 2 * 240 * 128).
+CONSUMER_REGS = 240
+WS_LAUNCH = {"maxnreg": 168}
 
 
 @gluon.jit
@@ -80,6 +85,167 @@ def _softmax(qk, m_i, l_i, c, bias_ptr, start, masked, s_layout: gl.constexpr,
     alpha = gl.exp2(m_i - m_new)
     l_i = l_i * alpha + gl.sum(p, 1)
     return p.to(gl.float16), m_new, l_i, alpha
+
+
+@gluon.jit
+def _p_operand(p16, p_layout: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr):
+    """P as the P·V wgmma's register operand, with its keys relabelled instead of moved.
+
+    In the accumulator layout a thread holds, of each 32 keys, 16h + 8q + 2t + b (t its lane
+    in the quad; h, q, b bits of its registers); the fp8 A operand wants 16h + 4t + 2q + b.
+    Swapping the q and t fields of the key index maps one onto the other without leaving the
+    thread; V's keys are stored in the same order (`v_key_order`), so P·V is unchanged.
+    """
+    p8 = p16.to(gl.float8e4nv)
+    p8 = p8.reshape([ROWS, BLOCK_N // 32, 2, 2, 4, 2]).permute((0, 1, 2, 4, 3, 5))
+    return gl.convert_layout(p8.reshape([ROWS, BLOCK_N]), p_layout)
+
+
+@gluon.jit
+def _warpgroup_rows(WG: gl.constexpr, ptrs, dims, ring, work, SPARSE: gl.constexpr,
+                    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                    TILE_TOKENS: gl.constexpr, STAGES: gl.constexpr,
+                    REFILL: gl.constexpr):  # fmt: skip
+    """One warpgroup's 64 rows of the CTA's ``BLOCK_M``: Q, the kv loop, the epilogue.
+
+    ``REFILL``: this warpgroup refills the ring itself (the one-warpgroup kernel); otherwise a
+    producer warp does, and the warpgroup arrives on the slot's ``empty`` barrier instead.
+    """
+    QC, QS, KS, VAMAX, KV_BIAS, SLOT_SRC, OUT = ptrs
+    qk_scale, H, N, N_TILES, GRID_H, GRID_W, TILES_H, TILES_W, TILE_T, TILE_H, TILE_W = dims[:11]
+    s_ob, s_oh, s_on = dims[11:]
+    k_desc, v_desc, k_smem, v_smem, q_smem, ready, empty = ring
+    pid, bh, idx_ptr, total, n_plain, N_PAD = work
+    ROWS: gl.constexpr = 64
+    NB: gl.constexpr = TILE_TOKENS // BLOCK_N
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32]
+    )
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 32]
+    )
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
+    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
+    ld_layout: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0])
+    b = bh // H
+    h = bh % H
+    bh64 = bh.to(gl.int64)
+    row0 = pid * BLOCK_M + WG * ROWS
+
+    # ---- Q (once) into this warpgroup's shared memory, and each row's scale factor
+    lrows = row0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, ld_layout))
+    lcols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld_layout))
+    rows = row0 + gl.arange(0, ROWS, layout=row_s)
+    if SPARSE:
+        q = gl.load(QC + bh64 * N_PAD * HEAD_DIM + lrows[:, None] * HEAD_DIM + lcols[None, :])
+        q_tile = (pid * BLOCK_M) // TILE_TOKENS
+        tile_of_row = gl.full([ROWS], 0, gl.int32, row_s) + q_tile
+    else:
+        q_ptrs = QC + bh64 * N * HEAD_DIM + lrows[:, None] * HEAD_DIM + lcols[None, :]
+        q = gl.load(q_ptrs, mask=(lrows < N)[:, None], other=0.0)
+        tile_of_row = _tile_of_rows(
+            rows, N, GRID_H, GRID_W, TILES_H, TILES_W, TILE_T, TILE_H, TILE_W
+        )
+    q_smem = q_smem.index(WG)
+    q_smem.store(q)
+    fence_async_shared()  # the wgmma reads Q through the async proxy
+    c_q = gl.load(QS + bh64 * N_TILES + tile_of_row) * qk_scale
+    ks_ptr = KS + bh64 * N_TILES
+    NEG_INF: gl.constexpr = float("-inf")
+
+    # ---- block 0: QK and softmax
+    mbarrier.wait(ready.index(0), 0)
+    s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
+    qk = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False)
+    kv_tile = gl.load(idx_ptr)
+    c = c_q * gl.load(ks_ptr + kv_tile)
+    m_i = gl.full([ROWS], NEG_INF, gl.float32, row_s)
+    l_i = gl.zeros([ROWS], gl.float32, row_s)
+    p16, m_i, l_i, alpha = _softmax(qk, m_i, l_i, c, KV_BIAS, kv_tile * TILE_TOKENS, n_plain <= 0,
+                                   s_layout, BLOCK_N)  # fmt: skip
+    acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
+    # Block 1's list entry and K scale, loaded one iteration ahead from here on.
+    kv_next = gl.load(idx_ptr + 1 // NB, mask=total > 1, other=0)
+    ks_next = gl.load(ks_ptr + kv_next)
+
+    # ---- steady state: QK(j) and PV(j-1) in flight, softmax(j) overlaps PV(j-1)
+    for it in range(1, total):
+        slot = it % STAGES
+        prev = (it - 1) % STAGES
+        mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
+        qk_tok = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False,
+                               is_async=True)  # fmt: skip
+        p_op = _p_operand(p16, p_layout, ROWS, BLOCK_N)
+        acc_tok = warpgroup_mma(p_op, v_smem.index(prev).permute((1, 0)), acc, is_async=True)
+        kv_tile = kv_next
+        c = c_q * ks_next
+        kv_next = gl.load(idx_ptr + (it + 1) // NB, mask=it + 1 < total, other=0)
+        ks_next = gl.load(ks_ptr + kv_next)
+        start = kv_tile * TILE_TOKENS + (it % NB) * BLOCK_N
+        qk = warpgroup_mma_wait(1, deps=[qk_tok])
+        p16, m_i, l_i, alpha = _softmax(qk, m_i, l_i, c, KV_BIAS, start, it >= n_plain, s_layout,
+                                       BLOCK_N)  # fmt: skip
+        acc = warpgroup_mma_wait(0, deps=[acc_tok])
+        # Both wgmmas that read block it-1's slot are done: refill it, or hand it back.
+        if REFILL:
+            _issue_load(k_desc, v_desc, k_smem, v_smem, ready, idx_ptr, it - 1 + STAGES, total,
+                        bh, N_PAD, HEAD_DIM, BLOCK_N, TILE_TOKENS, STAGES)  # fmt: skip
+        else:
+            mbarrier.arrive(empty.index(prev), count=1)
+        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+
+    last = (total - 1) % STAGES
+    p_op = _p_operand(p16, p_layout, ROWS, BLOCK_N)
+    acc = warpgroup_mma(p_op, v_smem.index(last).permute((1, 0)), acc)
+
+    # ---- epilogue: normalise, V's channel scale, write in model order
+    offs_d = gl.arange(0, HEAD_DIM, layout=col_o)
+    out = acc * (1.0 / gl.convert_layout(l_i, row_o))[:, None]
+    out = out * _scale_from_bits(gl.load(VAMAX + bh64 * HEAD_DIM + offs_d))[None, :]
+    out_rows = row0 + gl.arange(0, ROWS, layout=row_o)
+    out_base = OUT + b.to(gl.int64) * s_ob + h.to(gl.int64) * s_oh
+    if SPARSE:
+        src = gl.load(SLOT_SRC + out_rows)
+        ptrs = out_base + src[:, None].to(gl.int64) * s_on + offs_d[None, :]
+        gl.store(ptrs, out.to(OUT.dtype.element_ty), mask=(src >= 0)[:, None])
+    else:
+        ptrs = out_base + out_rows[:, None].to(gl.int64) * s_on + offs_d[None, :]
+        gl.store(ptrs, out.to(OUT.dtype.element_ty), mask=(out_rows < N)[:, None])
+
+
+@gluon.jit
+def _produce(ring, work, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+             TILE_TOKENS: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+    """The producer warp: TMA each block of the kv list into the ring once both warpgroups
+    have handed its slot back (``empty`` starts as if released, so the first pass never waits)."""
+    k_desc, v_desc, k_smem, v_smem, _q_smem, ready, empty = ring
+    _pid, bh, idx_ptr, total, _n_plain, N_PAD = work
+    for it in range(total):
+        mbarrier.wait(empty.index(it % STAGES), ((it // STAGES) & 1) ^ 1)
+        _issue_load(k_desc, v_desc, k_smem, v_smem, ready, idx_ptr, it, total, bh, N_PAD,
+                    HEAD_DIM, BLOCK_N, TILE_TOKENS, STAGES)  # fmt: skip
+
+
+@gluon.jit
+def _kv_list(KV_INDEX, KV_COUNT, KV_FULL, s_ib, s_ih, s_iq, s_cb, s_ch, s_cq, H, pid,
+             bh, SPARSE: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+             TILE_TOKENS: gl.constexpr):  # fmt: skip
+    """This CTA's kv list: its index pointer, its length in blocks, and how many come before
+    the padded (masked) tiles."""
+    NB: gl.constexpr = TILE_TOKENS // BLOCK_N
+    b = bh // H
+    h = bh % H
+    list_off = b.to(gl.int64) * s_cb + h.to(gl.int64) * s_ch
+    idx_ptr = KV_INDEX + b.to(gl.int64) * s_ib + h.to(gl.int64) * s_ih
+    if SPARSE:
+        q_tile = (pid * BLOCK_M) // TILE_TOKENS
+        list_off += q_tile * s_cq
+        idx_ptr += q_tile * s_iq
+    total = gl.load(KV_COUNT + list_off) * NB
+    n_plain = gl.load(KV_FULL + list_off) * NB
+    return idx_ptr, total, n_plain
 
 
 @gluon.jit
@@ -123,119 +289,53 @@ def _gl_attn_kernel(
     BLOCK_N: gl.constexpr,
     TILE_TOKENS: gl.constexpr,
     STAGES: gl.constexpr,
+    WARP_SPECIALIZE: gl.constexpr,
+    CONSUMER_REGS: gl.constexpr,
 ):
-    """Grid (q blocks, batch*heads), 4 warps (one warpgroup): as `_attn_kernel` with FP8."""
-    NB: gl.constexpr = TILE_TOKENS // BLOCK_N
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32]
-    )
-    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 32]
-    )
-    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
-    row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
-    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
-    ld_layout: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0])
-    q_smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8,
-                                                       rank=2)  # fmt: skip
-
+    """Grid (q blocks, batch*heads). ``WARP_SPECIALIZE=False``: one warpgroup (4 warps) of 64
+    rows that refills its own ring. ``True``: 128 rows, two consumer warpgroups (the default
+    partition and a 4-warp worker with ``CONSUMER_REGS`` registers) and a producer warp."""
     pid = gl.program_id(0)
     bh = gl.program_id(1)
-    b = bh // H
-    h = bh % H
-    bh64 = bh.to(gl.int64)
-
-    # ---- the kv list and the ring of K/V slots
-    list_off = b.to(gl.int64) * s_cb + h.to(gl.int64) * s_ch
-    idx_ptr = KV_INDEX + b.to(gl.int64) * s_ib + h.to(gl.int64) * s_ih
-    if SPARSE:
-        q_tile = (pid * BLOCK_M) // TILE_TOKENS
-        list_off += q_tile * s_cq
-        idx_ptr += q_tile * s_iq
-    total = gl.load(KV_COUNT + list_off) * NB
-    n_plain = gl.load(KV_FULL + list_off) * NB
-
+    idx_ptr, total, n_plain = _kv_list(
+        KV_INDEX, KV_COUNT, KV_FULL, s_ib, s_ih, s_iq, s_cb, s_ch, s_cq, H, pid, bh, SPARSE,
+        BLOCK_M, BLOCK_N, TILE_TOKENS,
+    )  # fmt: skip
+    WARPGROUPS: gl.constexpr = BLOCK_M // 64
+    q_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8,
+                                                  rank=2)  # fmt: skip
     k_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, HEAD_DIM, BLOCK_N], v_desc.layout)
-    bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    q_smem = gl.allocate_shared_memory(gl.float8e4nv, [WARPGROUPS, 64, HEAD_DIM], q_layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
-        mbarrier.init(bars.index(s), count=1)
-    for s in gl.static_range(STAGES):
-        _issue_load(k_desc, v_desc, k_smem, v_smem, bars, idx_ptr, s, total, bh, N_PAD,
-                    HEAD_DIM, BLOCK_N, TILE_TOKENS, STAGES)  # fmt: skip
+        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(empty.index(s), count=WARPGROUPS)  # each consumer warpgroup arrives once
 
-    # ---- Q (once) into shared memory, and each row's scale factor
-    lrows = pid * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld_layout))
-    lcols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld_layout))
-    rows = pid * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_s)
-    if SPARSE:
-        q = gl.load(QC + bh64 * N_PAD * HEAD_DIM + lrows[:, None] * HEAD_DIM + lcols[None, :])
-        tile_of_row = gl.full([BLOCK_M], 0, gl.int32, row_s) + q_tile
+    ptrs = (QC, QS, KS, VAMAX, KV_BIAS, SLOT_SRC, OUT)
+    dims = (qk_scale, H, N, N_TILES, GRID_H, GRID_W, TILES_H, TILES_W, TILE_T, TILE_H, TILE_W,
+            s_ob, s_oh, s_on)  # fmt: skip
+    ring = (k_desc, v_desc, k_smem, v_smem, q_smem, ready, empty)
+    work = (pid, bh, idx_ptr, total, n_plain, N_PAD)
+    if WARP_SPECIALIZE:
+        gl.warp_specialize([
+            (_warpgroup_rows, (0, ptrs, dims, ring, work, SPARSE, HEAD_DIM, BLOCK_M, BLOCK_N,
+                               TILE_TOKENS, STAGES, False)),
+            (_warpgroup_rows, (1, ptrs, dims, ring, work, SPARSE, HEAD_DIM, BLOCK_M, BLOCK_N,
+                               TILE_TOKENS, STAGES, False)),
+            (_produce, (ring, work, HEAD_DIM, BLOCK_N, TILE_TOKENS, STAGES)),
+        ], [4, 1], [CONSUMER_REGS, 24])  # fmt: skip
     else:
-        q_ptrs = QC + bh64 * N * HEAD_DIM + lrows[:, None] * HEAD_DIM + lcols[None, :]
-        q = gl.load(q_ptrs, mask=(lrows < N)[:, None], other=0.0)
-        tile_of_row = _tile_of_rows(
-            rows, N, GRID_H, GRID_W, TILES_H, TILES_W, TILE_T, TILE_H, TILE_W
+        for s in gl.static_range(STAGES):
+            _issue_load(k_desc, v_desc, k_smem, v_smem, ready, idx_ptr, s, total, bh, N_PAD,
+                        HEAD_DIM, BLOCK_N, TILE_TOKENS, STAGES)  # fmt: skip
+        _warpgroup_rows(
+            0, ptrs, dims, ring, work, SPARSE, HEAD_DIM, BLOCK_M, BLOCK_N, TILE_TOKENS, STAGES, True
         )
-    q_smem = gl.allocate_shared_memory(gl.float8e4nv, [BLOCK_M, HEAD_DIM], q_smem_layout, q)
-    fence_async_shared()  # the wgmma reads Q through the async proxy
-    c_q = gl.load(QS + bh64 * N_TILES + tile_of_row) * qk_scale
-    ks_ptr = KS + bh64 * N_TILES
-    NEG_INF: gl.constexpr = float("-inf")
-
-    # ---- block 0: QK and softmax
-    mbarrier.wait(bars.index(0), 0)
-    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-    qk = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False)
-    kv_tile = gl.load(idx_ptr)
-    c = c_q * gl.load(ks_ptr + kv_tile)
-    m_i = gl.full([BLOCK_M], NEG_INF, gl.float32, row_s)
-    l_i = gl.zeros([BLOCK_M], gl.float32, row_s)
-    p16, m_i, l_i, alpha = _softmax(qk, m_i, l_i, c, KV_BIAS, kv_tile * TILE_TOKENS, n_plain <= 0,
-                                   s_layout, BLOCK_N)  # fmt: skip
-    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
-
-    # ---- steady state: QK(j) and PV(j-1) in flight, softmax(j) overlaps PV(j-1)
-    for it in range(1, total):
-        slot = it % STAGES
-        prev = (it - 1) % STAGES
-        mbarrier.wait(bars.index(slot), (it // STAGES) & 1)
-        qk_tok = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False,
-                               is_async=True)  # fmt: skip
-        p_op = gl.convert_layout(p16.to(gl.float8e4nv), p_layout)
-        acc_tok = warpgroup_mma(p_op, v_smem.index(prev).permute((1, 0)), acc, is_async=True)
-        kv_tile = gl.load(idx_ptr + it // NB)
-        c = c_q * gl.load(ks_ptr + kv_tile)
-        start = kv_tile * TILE_TOKENS + (it % NB) * BLOCK_N
-        qk = warpgroup_mma_wait(1, deps=[qk_tok])
-        p16, m_i, l_i, alpha = _softmax(qk, m_i, l_i, c, KV_BIAS, start, it >= n_plain, s_layout,
-                                       BLOCK_N)  # fmt: skip
-        acc = warpgroup_mma_wait(0, deps=[acc_tok])
-        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-        # Both wgmmas that read block it-1's slot are done: refill it.
-        _issue_load(k_desc, v_desc, k_smem, v_smem, bars, idx_ptr, it - 1 + STAGES, total, bh,
-                    N_PAD, HEAD_DIM, BLOCK_N, TILE_TOKENS, STAGES)  # fmt: skip
-
-    last = (total - 1) % STAGES
-    p_op = gl.convert_layout(p16.to(gl.float8e4nv), p_layout)
-    acc = warpgroup_mma(p_op, v_smem.index(last).permute((1, 0)), acc)
     for s in gl.static_range(STAGES):
-        mbarrier.invalidate(bars.index(s))
-
-    # ---- epilogue: normalise, V's channel scale, write in model order
-    offs_d = gl.arange(0, HEAD_DIM, layout=col_o)
-    out = acc * (1.0 / gl.convert_layout(l_i, row_o))[:, None]
-    out = out * _scale_from_bits(gl.load(VAMAX + bh64 * HEAD_DIM + offs_d))[None, :]
-    out_rows = pid * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_o)
-    out_base = OUT + b.to(gl.int64) * s_ob + h.to(gl.int64) * s_oh
-    if SPARSE:
-        src = gl.load(SLOT_SRC + out_rows)
-        ptrs = out_base + src[:, None].to(gl.int64) * s_on + offs_d[None, :]
-        gl.store(ptrs, out.to(OUT.dtype.element_ty), mask=(src >= 0)[:, None])
-    else:
-        ptrs = out_base + out_rows[:, None].to(gl.int64) * s_on + offs_d[None, :]
-        gl.store(ptrs, out.to(OUT.dtype.element_ty), mask=(out_rows < N)[:, None])
+        mbarrier.invalidate(ready.index(s))
+        mbarrier.invalidate(empty.index(s))
 
 
 def launch(
@@ -246,15 +346,18 @@ def launch(
     block_m: int,
     block_n: int,
     num_stages: int,
+    warp_specialize: bool = False,
 ) -> None:
     """Run `_gl_attn_kernel` on a `Prepared` (fp8 modes). ``grid`` and ``rest`` (the kv lists,
-    output, sizes and strides) are what `triton_attention.attend` gives `_attn_kernel`."""
+    output, sizes and strides) are what `triton_attention.attend` gives `_attn_kernel`.
+    ``warp_specialize``: the 128-row, two-warpgroup kernel with a producer warp."""
     assert prep.q_scale is not None and prep.k_scale is not None and prep.v_amax is not None
     k_desc, v_desc = descriptors(prep.k, prep.v, block_n=block_n)
     _gl_attn_kernel[grid](
         prep.q, k_desc, v_desc, prep.q_scale, prep.k_scale, prep.v_amax, *rest,
         SPARSE=prep.spec.mode.sparse, HEAD_DIM=prep.shape[3], BLOCK_M=block_m, BLOCK_N=block_n,
-        TILE_TOKENS=prep.layout.tile_tokens, STAGES=num_stages, num_warps=4,
+        TILE_TOKENS=prep.layout.tile_tokens, STAGES=num_stages, WARP_SPECIALIZE=warp_specialize,
+        CONSUMER_REGS=CONSUMER_REGS, num_warps=4, **(WS_LAUNCH if warp_specialize else {}),
     )  # fmt: skip
 
 

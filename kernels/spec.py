@@ -75,8 +75,10 @@ class KernelConfig(_Frozen):
     exp2: Literal["f32", "f16x2"] = "f32"
     #: fp8 modes: which kernel runs them. ``gluon`` is `gluon_attention`'s Hopper kernel (TMA
     #: ring, FlashAttention-3's overlap of one block's softmax with the previous block's P·V);
-    #: it needs an sm_90 GPU, 64-row blocks on 4 warps, head_dim 128 and >= 3 stages
-    impl: Literal["triton", "gluon"] = "triton"
+    #: it needs an sm_90 GPU, 64-row blocks on 4 warps, head_dim 128 and >= 3 stages.
+    #: ``gluon_ws`` is its warp-specialised form: 128-row blocks on two consumer warpgroups
+    #: (``num_warps=8``) fed by a producer warp, one K/V ring per CTA, >= 2 stages
+    impl: Literal["triton", "gluon", "gluon_ws"] = "triton"
 
     @model_serializer(mode="wrap")
     def _without_default_knobs(self, handler: Any) -> dict[str, Any]:
@@ -90,9 +92,9 @@ class KernelConfig(_Frozen):
     @property
     def key(self) -> str:
         """Stable short name: ``m64_n128_w4_s5`` (``_e16`` added for packed fp16 exponentials,
-        ``_gl`` for the Gluon kernel)."""
+        ``_gl`` / ``_glws`` for the Gluon kernels)."""
         e16 = "_e16" if self.exp2 == "f16x2" else ""
-        gl = "_gl" if self.impl == "gluon" else ""
+        gl = {"triton": "", "gluon": "_gl", "gluon_ws": "_glws"}[self.impl]
         return f"m{self.block_m}_n{self.block_n}_w{self.num_warps}_s{self.num_stages}{e16}{gl}"
 
 

@@ -193,6 +193,16 @@ def _prep_qk(
 
 
 @triton.jit
+def wgmma_key_slot(slot):
+    """Where key ``slot`` goes in V for the Gluon kernels (`gluon_attention._p_operand`): within
+    each 32 keys, 16h + 8q + 2t + b moves to 16h + 4t + 2q + b. The order the fp8 P·V wgmma
+    reads its register operand in, so P never leaves the thread that computed it."""
+    c = slot & 31
+    k = (c & 16) | ((c >> 1) & 3) << 2 | ((c >> 3) & 1) << 1 | (c & 1)
+    return (slot - c) + k
+
+
+@triton.jit
 def _prep_v(
     X,
     x_base,
@@ -209,8 +219,10 @@ def _prep_v(
     TILE_TOKENS: tl.constexpr,
     CHUNK: tl.constexpr,
     EXACT: tl.constexpr,
+    WGMMA_KEYS: tl.constexpr,
 ):
-    """Quantise (or copy) one tile of V with its per-channel scales; fp8 codes go channel-major."""
+    """Quantise (or copy) one tile of V with its per-channel scales; fp8 codes go channel-major,
+    with ``WGMMA_KEYS`` in `wgmma_key_slot`'s order."""
     offs_c = tl.arange(0, CHUNK)
     offs_d = tl.arange(0, HEAD_DIM)
     slot0 = tile * TILE_TOKENS
@@ -222,6 +234,8 @@ def _prep_v(
         x = _load_rows(X, x_base, src, offs_d, stride_n, stride_d)
         slots = slot0 + c0 + offs_c
         if FP8:
+            if WGMMA_KEYS:
+                slots = wgmma_key_slot(slots)
             y = _to_e4m3(tl.math.div_rn(x, vs[None, :]), EXACT)
             ptrs = XC + bh64 * HEAD_DIM * N_PAD + offs_d[None, :] * N_PAD + slots[:, None]
         else:
@@ -298,6 +312,7 @@ def _prepass_kernel(
     TILE_TOKENS: tl.constexpr,
     CHUNK: tl.constexpr,
     EXACT: tl.constexpr,
+    WGMMA_KEYS: tl.constexpr,
 ):
     """Grid (n_tiles, batch*heads, 3): axis 2 picks q, k or v."""
     tile = tl.program_id(0)
@@ -318,7 +333,7 @@ def _prepass_kernel(
     else:
         _prep_v(
             V, b * svb + h * svh, svn, svd, VC, VAMAX, SLOT_SRC, tile, bh, N_PAD,
-            FP8, HEAD_DIM, TILE_TOKENS, CHUNK, EXACT,
+            FP8, HEAD_DIM, TILE_TOKENS, CHUNK, EXACT, WGMMA_KEYS,
         )  # fmt: skip
 
 
@@ -533,6 +548,7 @@ class Prepared:
     layout: TileLayout
     spec: AttentionSpec
     shape: tuple[int, int, int, int]  # (B, H, N, D)
+    impl: str = "triton"  # the kernel whose V key order this is (`wgmma_key_slot` for Gluon)
 
 
 @dataclass(frozen=True)
@@ -631,8 +647,10 @@ def prepare(
     layout: TileLayout,
     spec: AttentionSpec,
     blocks: BlockIndex | None = None,
+    impl: str = "triton",
 ) -> Prepared:
-    """Run the pre-pass and build the kv lists. ``blocks`` overrides the pattern's choice."""
+    """Run the pre-pass and build the kv lists. ``blocks`` overrides the pattern's choice;
+    ``impl`` is the kernel that will read it (the Gluon kernels take V's keys reordered)."""
     B, H, N, D = q.shape
     dev = q.device
     fp8, sparse = spec.mode.fp8, spec.mode.sparse
@@ -664,7 +682,8 @@ def prepare(
         dummy if qsum is None else qsum, dummy if ksum is None else ksum,
         st.slot_source, H, N, n_pad, n_tiles, *q.stride(), *k.stride(), *v.stride(),
         FP8=fp8, POOL=pool, Q_TILE_MAJOR=sparse, HEAD_DIM=D, TILE_TOKENS=tt,
-        CHUNK=_chunk_rows(tt, D), EXACT=not q.is_cuda, num_warps=8,
+        CHUNK=_chunk_rows(tt, D), EXACT=not q.is_cuda, WGMMA_KEYS=fp8 and impl != "triton",
+        num_warps=8,
     )  # fmt: skip
 
     if not sparse:
@@ -680,7 +699,7 @@ def prepare(
     else:
         assert spec.pattern is not None
         blocks, kv = _window_list(layout, spec.pattern, spec.sparsity, dev)
-    return Prepared(qc, kc, vc, qs, ks, vamax, blocks, kv, layout, spec, (B, H, N, D))
+    return Prepared(qc, kc, vc, qs, ks, vamax, blocks, kv, layout, spec, (B, H, N, D), impl)
 
 
 def _list_strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -702,9 +721,11 @@ def attend(
     impl: str = "triton",
 ) -> torch.Tensor:
     """Run the attention kernel on a `Prepared`; returns (B, H, N, D) in model order.
-    ``impl="gluon"`` (fp8 modes, Hopper) runs `gluon_attention`'s kernel instead."""
-    if impl == "gluon" and not prep.q.is_cuda:
-        raise ValueError("kernel impl=gluon runs on a CUDA (sm_90) GPU only")
+    ``impl="gluon"`` / ``"gluon_ws"`` (fp8 modes, Hopper) run `gluon_attention`'s kernels."""
+    if impl != "triton" and not prep.q.is_cuda:
+        raise ValueError(f"kernel impl={impl} runs on a CUDA (sm_90) GPU only")
+    if prep.spec.mode.fp8 and (impl == "triton") != (prep.impl == "triton"):
+        raise ValueError(f"V was prepared for impl={prep.impl}; run prepare(..., impl={impl!r})")
     B, H, N, D = prep.shape
     layout = prep.layout
     fp8, sparse = prep.spec.mode.fp8, prep.spec.mode.sparse
@@ -723,10 +744,11 @@ def attend(
         layout.grid[1], layout.grid[2], layout.tiles_per_axis[1], layout.tiles_per_axis[2],
         *layout.tile, *_list_strides(kv.index), *_list_strides(kv.count), *out.stride()[:3],
     )  # fmt: skip
-    if impl == "gluon":
+    if impl != "triton":
         from .gluon_attention import launch
 
-        launch(prep, grid, rest, block_m=block_m, block_n=block_n, num_stages=num_stages)
+        launch(prep, grid, rest, block_m=block_m, block_n=block_n, num_stages=num_stages,
+               warp_specialize=impl == "gluon_ws")  # fmt: skip
         return out
     dummy = prep.q
     _attn_kernel[grid](
@@ -761,7 +783,7 @@ def triton_attention(
     """
     if spec.mode.fp8 and not hasattr(torch, "float8_e4m3fn"):
         raise RuntimeError("fp8 modes need torch.float8_e4m3fn")
-    prep = prepare(q, k, v, layout=layout, spec=spec, blocks=blocks)
+    prep = prepare(q, k, v, layout=layout, spec=spec, blocks=blocks, impl=config.impl)
     return attend(
         prep,
         block_m=config.block_m,

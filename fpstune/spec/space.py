@@ -227,8 +227,8 @@ class KernelSpace(_SourcedFrozen):
     num_stages: tuple[Annotated[int, Strict(), Field(ge=1, le=8)], ...]
     #: fp8 softmax exponentials: fp32, or packed fp16 pairs (see `KernelConfig.exp2`)
     exp2: tuple[Literal["f32", "f16x2"], ...] = ("f32",)
-    #: fp8 kernel implementation: the Triton kernel, or the Gluon one (see `KernelConfig.impl`)
-    impl: tuple[Literal["triton", "gluon"], ...] = ("triton",)
+    #: fp8 kernel implementation: the Triton kernel, or a Gluon one (see `KernelConfig.impl`)
+    impl: tuple[Literal["triton", "gluon", "gluon_ws"], ...] = ("triton",)
 
     @field_validator("patterns", mode="before")
     @classmethod

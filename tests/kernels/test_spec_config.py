@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -285,32 +286,43 @@ def test_feasible_configs_filters():
 
 
 GLUON = {"block_n": 128, "num_warps": 4, "num_stages": 3, "impl": "gluon"}
+GLUON_WS = {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 2, "impl": "gluon_ws"}
 
 
 @pytest.mark.parametrize(
-    ("case", "expected"),
+    ("base", "case", "expected"),
     [
-        ({"mode": Mode.BF16_SPARSE}, "impl=gluon runs the fp8 modes only, not bf16_sparse"),
-        ({"block_n": 64}, "impl=gluon needs block_m=64, block_n=128, num_warps=4"),
-        ({"num_warps": 8}, "impl=gluon needs block_m=64, block_n=128, num_warps=4"),
-        ({"head_dim": 64}, "impl=gluon needs head_dim=128, got 64"),
-        ({"num_stages": 2}, "impl=gluon needs num_stages >= 3, got 2"),
-        ({"exp2": "f16x2"}, "impl=gluon has no exp2=f16x2 variant"),
-        ({"limits": DeviceLimits(capability=(8, 9))}, "impl=gluon needs an sm_90 GPU"),
-        ({"limits": DeviceLimits(capability=(10, 0))}, "impl=gluon needs an sm_90 GPU"),
+        (GLUON, {"mode": Mode.BF16_SPARSE}, "impl=gluon runs the fp8 modes only, not bf16_sparse"),
+        (GLUON, {"block_n": 64}, "impl=gluon needs block_m=64, block_n=128, num_warps=4"),
+        (GLUON, {"num_warps": 8}, "impl=gluon needs block_m=64, block_n=128, num_warps=4"),
+        (GLUON, {"head_dim": 64}, "impl=gluon needs head_dim=128, got 64"),
+        (GLUON, {"num_stages": 2}, "impl=gluon needs num_stages >= 3, got 2"),
+        (GLUON, {"exp2": "f16x2"}, "impl=gluon has no exp2=f16x2 variant"),
+        (GLUON, {"limits": DeviceLimits(capability=(8, 9))}, "impl=gluon needs an sm_90 GPU"),
+        (GLUON, {"limits": DeviceLimits(capability=(10, 0))}, "impl=gluon needs an sm_90 GPU"),
+        (GLUON_WS, {"mode": Mode.BF16_DENSE}, "impl=gluon_ws runs the fp8 modes only"),
+        (GLUON_WS, {"block_m": 64}, "impl=gluon_ws needs block_m=128, block_n=128, num_warps=8"),
+        (GLUON_WS, {"block_n": 64}, "impl=gluon_ws needs block_m=128, block_n=128, num_warps=8"),
+        (GLUON_WS, {"num_stages": 1}, "impl=gluon_ws needs num_stages >= 2, got 1"),
+        (GLUON_WS, {"num_stages": 7}, "needs 245760 B of shared memory"),  # 16 KB + 7 x 32 KB
+        (GLUON_WS, {"head_dim": 64}, "impl=gluon_ws needs head_dim=128, got 64"),
+        (GLUON_WS, {"limits": DeviceLimits(capability=(10, 0))}, "impl=gluon_ws needs an sm_90"),
     ],
 )
-def test_gluon_kernel_feasibility(case, expected):
-    """What `gluon_attention`'s kernel is written for; anything else is refused before a launch."""
+def test_gluon_kernel_feasibility(base, case, expected):
+    """What `gluon_attention`'s kernels are written for; anything else is refused before a
+    launch, each for its one reason."""
+    case = dict(case)
     mode = case.pop("mode", Mode.FP8_DENSE)
     head_dim = case.pop("head_dim", 128)
     limits = case.pop("limits", None)
     kw = {} if limits is None else {"limits": limits}
-    reasons = reasons_for(tile=(1, 8, 16), mode=mode, head_dim=head_dim, **{**GLUON, **case}, **kw)
+    reasons = reasons_for(tile=(1, 8, 16), mode=mode, head_dim=head_dim, **{**base, **case}, **kw)
     assert len(reasons) == 1, reasons
     assert expected in reasons[0]
-    for stages in (3, 4, 5):  # and the configs it is written for pass
-        ok = reasons_for(tile=(1, 8, 16), **{**GLUON, "num_stages": stages})
+    least = base["num_stages"]
+    for stages in range(least, least + 5 - (base is GLUON)):  # and what it is written for passes
+        ok = reasons_for(tile=(1, 8, 16), **{**base, "num_stages": stages})
         assert ok == [], ok
 
 
@@ -322,6 +334,8 @@ def test_gluon_config_is_stored_marked_and_the_default_left_out():
     assert "impl" not in triton.model_dump() and triton.key == "m64_n128_w4_s3"
     assert gluon.model_dump()["impl"] == "gluon" and gluon.key == "m64_n128_w4_s3_gl"
     assert KernelConfig.model_validate(gluon.model_dump()) == gluon != triton
+    ws = KernelConfig(block_m=128, block_n=128, num_warps=8, num_stages=4, impl="gluon_ws")
+    assert ws.model_dump()["impl"] == "gluon_ws" and ws.key == "m128_n128_w8_s4_glws"
     with pytest.raises(ValidationError, match="impl"):
         KernelConfig(block_m=64, block_n=128, impl="cuda")
 
@@ -340,3 +354,8 @@ def test_gluon_kernel_refuses_a_cpu_tensor_with_one_line():
                     (1, 1, 128, 128))  # fmt: skip
     with pytest.raises(ValueError, match="impl=gluon runs on a CUDA"):
         attend(prep, **{"block_m": 64, **GLUON}, scale=128**-0.5, out_dtype=torch.bfloat16)
+    # V prepared in the Gluon kernels' key order is refused by the Triton kernel, not misread.
+    gluon_prep = dataclasses.replace(prep, impl="gluon")
+    with pytest.raises(ValueError, match="V was prepared for impl=gluon"):
+        attend(gluon_prep, block_m=64, block_n=128, num_warps=4, num_stages=3,
+               scale=128**-0.5, out_dtype=torch.bfloat16)  # fmt: skip

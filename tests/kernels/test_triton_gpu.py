@@ -72,7 +72,7 @@ def _check(
     layout = TileLayout(grid, tile)
     shape = (*SHAPE_BH, layout.tokens, head_dim)
     q, k, v = make_qkv(shape, grid, kind, dtype, _gen(spec_d, grid, head_dim, kind), "cuda")
-    prep = prepare(q, k, v, layout=layout, spec=spec)
+    prep = prepare(q, k, v, layout=layout, spec=spec, impl=config.impl)
     if spec.pattern is not None and spec.pattern.kind != "window":
         assert prep.blocks is not None
         assert block_mismatch(prep.blocks, q, k, layout, spec) == ""
@@ -130,8 +130,10 @@ def test_fp8_exp2(
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 
 
-@pytest.mark.skipif(not HOPPER, reason="the Gluon kernel is written for sm_90")
-@pytest.mark.parametrize("stages", [3, 4])
+@pytest.mark.skipif(not HOPPER, reason="the Gluon kernels are written for sm_90")
+@pytest.mark.parametrize(
+    ("impl", "stages"), [("gluon", 3), ("gluon", 4), ("gluon_ws", 2), ("gluon_ws", 5)]
+)
 @pytest.mark.parametrize(
     ("grid", "tile"),
     [((7, 15, 26), (1, 8, 16)), ((5, 9, 13), (2, 8, 8)), ((7, 15, 26), (1, 16, 16)),
@@ -141,12 +143,20 @@ HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 
 @pytest.mark.parametrize("mode", ["fp8_dense", "fp8_window", "fp8_topk", "fp8_cdf"])
 @pytest.mark.parametrize("kind", ["random", "structured"])
 def test_gluon_kernel(
-    kind: str, mode: str, grid: tuple[int, int, int], tile: tuple[int, int, int], stages: int
+    kind: str,
+    mode: str,
+    grid: tuple[int, int, int],
+    tile: tuple[int, int, int],
+    impl: str,
+    stages: int,
 ) -> None:
-    """`KernelConfig.impl = "gluon"`: the same rule for the Hopper kernel, with kv lists shorter
-    than its ring (one tile), two kv blocks and two q programs per tile (256-token tiles), and
-    padded partial tiles."""
-    config = KernelConfig(block_m=64, block_n=128, num_warps=4, num_stages=stages, impl="gluon")
+    """`KernelConfig.impl = "gluon"` / ``"gluon_ws"``: the same rule for the Hopper kernels, with
+    kv lists shorter than the ring (one tile), two kv blocks per tile and one or two q programs
+    (256-token tiles), padded partial tiles, and (gluon_ws) a second warpgroup whose rows are
+    all past the end (one tile of 70 tokens)."""
+    ws = impl == "gluon_ws"
+    config = KernelConfig(block_m=128 if ws else 64, block_n=128, num_warps=8 if ws else 4,
+                          num_stages=stages, impl=impl)  # fmt: skip
     _check(MODES[mode], grid, 128, kind, tile=tile, config=config)
 
 

@@ -265,6 +265,32 @@ def _run_nan_case() -> str:
     return nan_failure(out, expected_nan_rows(q, k, v, layout, blocks, fp8=False))
 
 
+def _run_wgmma_key_order_case() -> str:
+    """prepare(impl="gluon") stores V's fp8 codes with each 32 keys in the order the Gluon
+    kernels' P operand has them (16h + 8q + 2t + b at 16h + 4t + 2q + b), all else unchanged."""
+    from fpstune.kernels.triton_attention import prepare
+
+    gen = torch.Generator().manual_seed(32)
+    spec = AttentionSpec.from_dict({"mode": "fp8_dense", "tile": (1, 4, 8)})
+    layout = TileLayout(GRID, (1, 4, 8))
+    q, k, v = make_qkv(SHAPE, GRID, "random", torch.float16, gen)
+    natural = prepare(q, k, v, layout=layout, spec=spec)
+    wgmma = prepare(q, k, v, layout=layout, spec=spec, impl="gluon")
+    c = torch.arange(layout.padded_tokens)
+    h, q_, t, b = (c >> 4) & 1, (c >> 3) & 1, (c >> 1) & 3, c & 1
+    moved = (c - c % 32) + 16 * h + 4 * t + 2 * q_ + b
+    if sorted(moved.tolist()) != c.tolist():
+        return "the key order is not a permutation"
+    want = torch.empty_like(natural.v)
+    want[..., moved] = natural.v
+    if not torch.equal(wgmma.v.view(torch.uint8), want.view(torch.uint8)):
+        return "V's codes are not where the Gluon kernels read them"
+    same = ("q", "k", "q_scale", "k_scale", "v_amax")
+    if not all(torch.equal(getattr(natural, f), getattr(wgmma, f)) for f in same):
+        return "impl changed more than V's key order"
+    return ""
+
+
 def _child() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1"
     results = {}
@@ -273,16 +299,20 @@ def _child() -> None:
             results[name] = _run_case(spec_d, kind, dtype, cfg)
         except Exception as e:  # reported per case, not as one crash
             results[name] = f"{type(e).__name__}: {e}"
-    try:
-        results["nan_fp16_sparse"] = _run_nan_case()
-    except Exception as e:
-        results["nan_fp16_sparse"] = f"{type(e).__name__}: {e}"
+    for name, run in (
+        ("nan_fp16_sparse", _run_nan_case),
+        ("wgmma_key_order", _run_wgmma_key_order_case),
+    ):
+        try:
+            results[name] = run()
+        except Exception as e:
+            results[name] = f"{type(e).__name__}: {e}"
     print("RESULTS " + json.dumps(results))
 
 
 # ---- tests (parent process) ---------------------------------------------------------------
 
-CASE_NAMES = [c[0] for c in _cases()] + ["nan_fp16_sparse"]
+CASE_NAMES = [c[0] for c in _cases()] + ["nan_fp16_sparse", "wgmma_key_order"]
 
 
 @pytest.fixture(scope="module")

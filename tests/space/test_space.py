@@ -641,26 +641,33 @@ def test_exp2_knob_doubles_the_fp8_configs_only() -> None:
     assert seen == {"f32", "f16x2"}
 
 
-def test_impl_knob_adds_the_gluon_kernels_feasible_fp8_configs() -> None:
-    """``impl: [triton, gluon]``: each fp8 tile gains the Gluon kernel's configs the feasibility
-    check accepts (64x128 on 4 warps, >= 3 stages; keys ``..._gl``), bf16 gains none, and a
-    Gluon config survives the spec's round trip through a policy dict."""
+@pytest.mark.parametrize(
+    ("impl", "shape", "least", "suffix"),
+    [("gluon", (64, 128, 4), 3, "_gl"), ("gluon_ws", (128, 128, 8), 2, "_glws")],
+)
+def test_impl_knob_adds_the_gluon_kernels_feasible_fp8_configs(
+    impl: str, shape: tuple[int, int, int], least: int, suffix: str
+) -> None:
+    """``impl: [triton, <impl>]``: each fp8 tile gains that Gluon kernel's configs the
+    feasibility check accepts (its one block shape, enough stages; keys ``..._gl`` /
+    ``..._glws``), bf16 gains none, and a Gluon config survives the spec's round trip through
+    a policy dict."""
     base = WAN.kernel_space
-    both = base.model_copy(update={"impl": ("triton", "gluon")})
-    stages = [s for s in base.num_stages if s >= 3]
+    both = base.model_copy(update={"impl": ("triton", impl)})
+    stages = [s for s in base.num_stages if s >= least]
     for mode in Mode:
         one = [p for p in feasible_kernel_points(base, 128) if p.bucket.mode is mode]
         two = [p for p in feasible_kernel_points(both, 128) if p.bucket.mode is mode]
-        gluon = [p.config for p in two if p.config and p.config.impl == "gluon"]
+        gluon = [p.config for p in two if p.config and p.config.impl == impl]
         if not mode.fp8:
             assert two == one and gluon == []
             continue
         tiles = {p.tile for p in one}
         per_bucket = len({(p.bucket, p.tile) for p in one}) // len(tiles)
         assert len(gluon) == len(tiles) * per_bucket * len(stages)
-        assert {(c.block_m, c.block_n, c.num_warps) for c in gluon} == {(64, 128, 4)}
+        assert {(c.block_m, c.block_n, c.num_warps) for c in gluon} == {shape}
         assert {c.num_stages for c in gluon} == set(stages)
-        assert all(c.key.endswith("_gl") for c in gluon)
+        assert all(c.key.endswith(suffix) for c in gluon)
         spec = AttentionSpec(mode=mode, tile=(1, 8, 16), kernel=gluon[0], **(
             {"sparsity": 0.9, "pattern": {"kind": "window"}} if mode.sparse else {}))  # fmt: skip
         assert AttentionSpec.from_dict(spec.to_dict()) == spec
