@@ -21,6 +21,7 @@ over the 50 steps (x2 for CFG), against 50 x 2 SDPA forwards, with its Amdahl bo
 
     python benchmarks/e2e_bench.py --out e2e.json                      # all four (~4 min H100)
     python benchmarks/e2e_bench.py --models 1.3b --res 720p --policy policy.yaml --out e2e.json
+    python benchmarks/e2e_bench.py --models 1.3b --res 720p --kernel gluon_ws --out e2e.json
 """
 
 from __future__ import annotations
@@ -55,6 +56,22 @@ LATENTS = {"480p": (21, 60, 104), "720p": (21, 90, 160), "tiny": (2, 8, 8)}
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TEXT_TOKENS = 512
 SPARSITIES = (0.5, 0.75, 0.9)
+#: --kernel: the fp8 kernel config every fp8 spec runs (None: the runtime's default config)
+KERNELS: dict[str, dict[str, Any] | None] = {
+    "default": None,
+    "gluon_ws": {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 4,
+                 "impl": "gluon_ws"},
+}  # fmt: skip
+
+
+def with_kernel(spec: AttentionSpec, grid: tuple[int, int, int], kernel: str) -> AttentionSpec:
+    """``spec`` with --kernel's config on its fp8 modes (tile: the runtime's default there)."""
+    from fpstune.kernels import default_tile
+
+    config = KERNELS[kernel]
+    if config is None or not spec.mode.fp8:
+        return spec
+    return AttentionSpec.from_dict({**spec.to_dict(), "tile": default_tile(grid), "kernel": config})
 
 
 class _Fixed:
@@ -135,7 +152,9 @@ def attention_speedup(grid: tuple[int, int, int], heads: int, spec: AttentionSpe
     return base / ours
 
 
-def run_model(model: str, res: str, reps: int, policy_file: Path | None) -> dict[str, Any]:
+def run_model(
+    model: str, res: str, reps: int, policy_file: Path | None, kernel: str = "default"
+) -> dict[str, Any]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from fpstune.models.processor import install, patch_grid
@@ -175,6 +194,7 @@ def run_model(model: str, res: str, reps: int, policy_file: Path | None) -> dict
         )
         for s in SPARSITIES
     ]
+    specs = [with_kernel(s, grid, kernel) for s in specs]
     for spec in specs:
         router.policy = _Fixed(spec)
         ms = statistics.median(timed(forward, reps))
@@ -190,7 +210,7 @@ def run_model(model: str, res: str, reps: int, policy_file: Path | None) -> dict
         )
     if policy_file is not None:
         row["generation"] = generation(policy_file, router, forward, reps, sdpa_ms, rest_ms,
-                                       grid, heads, m)  # fmt: skip
+                                       grid, heads, m, kernel)  # fmt: skip
     return row
 
 
@@ -204,6 +224,7 @@ def generation(
     grid: tuple[int, int, int],
     heads: int,
     m: Any,
+    kernel: str = "default",
 ) -> dict[str, Any]:
     """A whole 50-step generation under the policy, mapped onto this model as `latency.target`
     costs it: target (layer, step) takes the proxy's cell at the same fraction."""
@@ -214,7 +235,8 @@ def generation(
     src = policy.model
 
     def at_target(spec: AttentionSpec) -> AttentionSpec:
-        return AttentionSpec.from_dict({**spec.to_dict(), "tile": None, "kernel": None})
+        spec = AttentionSpec.from_dict({**spec.to_dict(), "tile": None, "kernel": None})
+        return with_kernel(spec, grid, kernel)
 
     assignment = [
         tuple(
@@ -256,14 +278,17 @@ def main() -> None:
     ap.add_argument("--res", nargs="+", default=["480p", "720p"], choices=list(LATENTS))
     ap.add_argument("--reps", type=int, default=3, help="timed forwards per row (median)")
     ap.add_argument("--policy", type=Path, help="policy YAML: cost a 50-step 1.3B-720p generation")
+    ap.add_argument("--kernel", choices=list(KERNELS), default="default",
+                    help="fp8 kernel config of every fp8 spec: the runtime's default (Triton) or "
+                    "the warp-specialised Gluon kernel, 128x128 s4 (Hopper)")  # fmt: skip
     args = ap.parse_args()
     rows = []
     for model in args.models:
         for res in args.res:
             use = args.policy if (model, res) == ("1.3b", "720p") else None
-            rows.append(run_model(model, res, args.reps, use))
+            rows.append(run_model(model, res, args.reps, use, args.kernel))
     gpu = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
-    env = {"gpu": gpu, "torch": torch.__version__}
+    env = {"gpu": gpu, "torch": torch.__version__, "kernel": args.kernel}
     args.out.write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
     head = ("model", "res", "share", "spec", "step", "bound", "of")
     print("\n{:5s} {:5s} {:>6s} {:34s} {:>6s} {:>6s} {:>6s}".format(*head))

@@ -88,6 +88,23 @@ def summarise(name: str, shape: str, times: list[float], flops: float, **extra: 
     return Timing(name, shape, med, q[0], q[2], len(times), flops / med / 1e9, extra=extra)
 
 
+def random_qkv(
+    shape: tuple[int, int, int, int], *, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fresh bf16 q, k, v of ``shape`` (B, H, N, D) on the GPU, N(0, 1), from ``seed``."""
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    return tuple(  # type: ignore[return-value]
+        torch.randn(shape, device=DEVICE, dtype=torch.bfloat16, generator=gen) for _ in range(3)
+    )
+
+
+def set_vs_cudnn(rows: list[dict[str, Any]]) -> None:
+    """Each row's speed-up over the mean of the run's ``sdpa_cudnn`` rows (first and last)."""
+    ref = statistics.mean(r["median_ms"] for r in rows if r["op"].startswith("sdpa_cudnn"))
+    for r in rows:
+        r["vs_cudnn"] = ref / r["median_ms"]
+
+
 def sdpa(backend: Any) -> Callable[..., torch.Tensor]:
     from torch.nn.attention import sdpa_kernel
 
@@ -147,11 +164,7 @@ def bench_shape(name: str, budget_s: float, modes: list[tuple[str, Any]]) -> lis
     b, h, grid, d = SHAPES[name]
     n = math.prod(grid)
     flops = 4.0 * b * h * n * n * d
-    gen = torch.Generator(device=DEVICE).manual_seed(0)
-    q, k, v = (
-        torch.randn(b, h, n, d, device=DEVICE, dtype=torch.bfloat16, generator=gen)
-        for _ in range(3)
-    )
+    q, k, v = random_qkv((b, h, n, d), seed=0)
     rows: list[Timing] = []
 
     def add(label: str, fn: Callable[[], object], **extra: Any) -> None:
@@ -207,11 +220,7 @@ def sweep(budget_s: float) -> list[Timing]:
     b, h, grid, d = SHAPES["720p"]
     n = math.prod(grid)
     flops = 4.0 * b * h * n * n * d
-    gen = torch.Generator(device=DEVICE).manual_seed(1)
-    q, k, v = (
-        torch.randn(b, h, n, d, device=DEVICE, dtype=torch.bfloat16, generator=gen)
-        for _ in range(3)
-    )
+    q, k, v = random_qkv((b, h, n, d), seed=1)
     t168, t1816 = (1, 16, 8), (1, 8, 16)
     fp8_points = [
         (t168, (128, 128, 8, 3)),  # the first default

@@ -12,20 +12,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 from functools import partial
 from pathlib import Path
 from typing import Any
-
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from kernel_bench import (
     SHAPES,
     accuracy_at_scale,
     environment,
+    random_qkv,
     sdpa,
+    set_vs_cudnn,
     spec_of,
     summarise,
     time_op,
@@ -63,11 +62,7 @@ def run_shape(name: str, budget_s: float) -> list[dict[str, Any]]:
     b, h, grid, d = SHAPES[name]
     n = math.prod(grid)
     flops = 4.0 * b * h * n * n * d
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (
-        torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, generator=gen)
-        for _ in range(3)
-    )
+    q, k, v = random_qkv((b, h, n, d), seed=0)
     cudnn = sdpa(SDPBackend.CUDNN_ATTENTION)
     rows: list[dict[str, Any]] = []
 
@@ -91,9 +86,7 @@ def run_shape(name: str, budget_s: float) -> list[dict[str, Any]]:
             add(what + " [kernel]", time_op(only, budget_s=budget_s), kernel=kc.model_dump())
             del prep
     add("sdpa_cudnn (again)", time_op(lambda: cudnn(q, k, v), budget_s=budget_s))
-    ref = statistics.mean(r["median_ms"] for r in rows if r["op"].startswith("sdpa_cudnn"))
-    for r in rows:
-        r["vs_cudnn"] = ref / r["median_ms"]
+    set_vs_cudnn(rows)
     return rows
 
 

@@ -1,25 +1,33 @@
-"""The FP8 attention kernel written in Gluon (Triton's explicit-layout dialect) for Hopper.
+"""The FP8 attention kernels written in Gluon (Triton's explicit-layout dialect) for Hopper.
 
-Same contract as ``triton_attention._attn_kernel`` for the fp8 modes (it reads the same
-`Prepared` buffers and kv lists, and computes the same numbers: softmax scale and Q/K scales
-folded into one per-row factor, ``log2 448`` folded into the row max, P·V accumulated in the
-tensor core, V's channel scale applied at the end). What Gluon adds is control over the
-schedule, which the Triton compiler decides by itself (docs/kernel_notes.md, v9):
+Same contract as ``triton_attention._attn_kernel`` for the fp8 modes (the same `Prepared`
+buffers and kv lists, the same numbers: softmax scale and Q/K scales folded into one per-row
+factor, ``log2 448`` folded into the row max, P·V accumulated in the tensor core, V's channel
+scale applied at the end). What Gluon adds is control over the schedule (docs/kernel_notes.md,
+v9-v11):
 
 - K and V blocks arrive by TMA into a ring of ``STAGES`` shared-memory slots, each with an
-  mbarrier that counts the bytes in (no ``cp.async`` address arithmetic in the loop).
-- FlashAttention-3's intra-warpgroup overlap: the QK wgmma of block j and the P·V wgmma of block
-  j-1 are both in flight while nothing waits; the warpgroup then waits for QK only, does block
-  j's softmax while P·V(j-1) still runs, and only then waits for P·V and rescales. The issue and
-  both waits sit in one iteration: a ``wait(1)`` across the loop's back edge makes ptxas
-  serialise every wgmma in the kernel (its message C7514).
-- A slot is refilled (block j-1+STAGES) as soon as both wgmmas that read it have completed.
+  mbarrier that counts the bytes in.
+- FlashAttention-3's intra-warpgroup overlap: QK(j) and P·V(j-1) are both in flight; the
+  warpgroup waits for QK only, does block j's softmax while P·V(j-1) still runs, then waits for
+  P·V and rescales. Issue and both waits sit in one iteration (a ``wait(1)`` across the loop's
+  back edge makes ptxas serialise every wgmma: its message C7514).
+- P goes to the P·V wgmma without leaving its thread: its keys are relabelled (`_p_operand`)
+  and the pre-pass stores V's keys in the same order (`prepare(impl=...)`).
 
-One warpgroup per CTA, two CTAs per SM (3 stages: 104 KB of shared memory each). Measured on
-the H100 at 720p it is as accurate as the Triton kernel and 0.5-4 % slower (docs/kernel_notes.md,
-v9), so it is a search knob (`KernelConfig.impl`), not the default. Hopper only (sm_90); the
-CPU interpreter does not run Gluon, so `attend` refuses it off the GPU and its tests need the
-H100.
+Two kernels share the per-warpgroup body `_warpgroup_rows`:
+
+- ``impl: gluon`` (v9): one warpgroup of 64 rows per CTA that refills its own ring, two CTAs
+  per SM.
+- ``impl: gluon_ws`` (v10, v11): 128 rows per CTA on two consumer warpgroups (the default
+  partition and a 4-warp worker, 240 registers each) fed by a 1-warp TMA producer
+  (`gl.warp_specialize`); slots go back to the producer through ``empty`` mbarriers that both
+  consumers arrive on, and the consumers take turns at the tensor cores (ping-pong). One CTA
+  per SM. On the H100 at 720p it is 2-6 % faster than the Triton kernel (1.32x cuDNN dense).
+
+Hopper only (sm_90); the CPU interpreter does not run Gluon, so `attend` refuses these kernels
+off the GPU and their tests need the H100. Written against triton 3.6's Gluon API (experimental:
+3.9 renamed ``tma.async_copy_global_to_shared`` to ``async_load``).
 """
 
 from __future__ import annotations
@@ -105,16 +113,19 @@ def _p_operand(p16, p_layout: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.cons
 def _warpgroup_rows(WG: gl.constexpr, ptrs, dims, ring, work, SPARSE: gl.constexpr,
                     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                     TILE_TOKENS: gl.constexpr, STAGES: gl.constexpr,
-                    REFILL: gl.constexpr):  # fmt: skip
+                    REFILL: gl.constexpr, PINGPONG: gl.constexpr):  # fmt: skip
     """One warpgroup's 64 rows of the CTA's ``BLOCK_M``: Q, the kv loop, the epilogue.
 
     ``REFILL``: this warpgroup refills the ring itself (the one-warpgroup kernel); otherwise a
     producer warp does, and the warpgroup arrives on the slot's ``empty`` barrier instead.
+    ``PINGPONG`` (two warpgroups): they take turns issuing their wgmmas, block by block, so one's
+    softmax runs while the other's matrix products hold the tensor cores (FlashAttention-3's
+    inter-warpgroup schedule; `turns` are two mbarriers, one per warpgroup).
     """
     QC, QS, KS, VAMAX, KV_BIAS, SLOT_SRC, OUT = ptrs
     qk_scale, H, N, N_TILES, GRID_H, GRID_W, TILES_H, TILES_W, TILE_T, TILE_H, TILE_W = dims[:11]
     s_ob, s_oh, s_on = dims[11:]
-    k_desc, v_desc, k_smem, v_smem, q_smem, ready, empty = ring
+    k_desc, v_desc, k_smem, v_smem, q_smem, ready, empty, turns = ring
     pid, bh, idx_ptr, total, n_plain, N_PAD = work
     ROWS: gl.constexpr = 64
     NB: gl.constexpr = TILE_TOKENS // BLOCK_N
@@ -158,7 +169,11 @@ def _warpgroup_rows(WG: gl.constexpr, ptrs, dims, ring, work, SPARSE: gl.constex
     # ---- block 0: QK and softmax
     mbarrier.wait(ready.index(0), 0)
     s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
+    if PINGPONG:  # turn j of warpgroup 1 follows turn j of 0, which follows turn j-1 of 1
+        mbarrier.wait(turns.index(WG), (1 - WG) & 1)
     qk = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False)
+    if PINGPONG:
+        mbarrier.arrive(turns.index(1 - WG), count=1)
     kv_tile = gl.load(idx_ptr)
     c = c_q * gl.load(ks_ptr + kv_tile)
     m_i = gl.full([ROWS], NEG_INF, gl.float32, row_s)
@@ -175,10 +190,14 @@ def _warpgroup_rows(WG: gl.constexpr, ptrs, dims, ring, work, SPARSE: gl.constex
         slot = it % STAGES
         prev = (it - 1) % STAGES
         mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
+        if PINGPONG:
+            mbarrier.wait(turns.index(WG), (it + 1 - WG) & 1)
         qk_tok = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False,
                                is_async=True)  # fmt: skip
         p_op = _p_operand(p16, p_layout, ROWS, BLOCK_N)
         acc_tok = warpgroup_mma(p_op, v_smem.index(prev).permute((1, 0)), acc, is_async=True)
+        if PINGPONG:
+            mbarrier.arrive(turns.index(1 - WG), count=1)
         kv_tile = kv_next
         c = c_q * ks_next
         kv_next = gl.load(idx_ptr + (it + 1) // NB, mask=it + 1 < total, other=0)
@@ -220,7 +239,7 @@ def _produce(ring, work, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
              TILE_TOKENS: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
     """The producer warp: TMA each block of the kv list into the ring once both warpgroups
     have handed its slot back (``empty`` starts as if released, so the first pass never waits)."""
-    k_desc, v_desc, k_smem, v_smem, _q_smem, ready, empty = ring
+    k_desc, v_desc, k_smem, v_smem, _q_smem, ready, empty, _turns = ring
     _pid, bh, idx_ptr, total, _n_plain, N_PAD = work
     for it in range(total):
         mbarrier.wait(empty.index(it % STAGES), ((it // STAGES) & 1) ^ 1)
@@ -290,6 +309,7 @@ def _gl_attn_kernel(
     TILE_TOKENS: gl.constexpr,
     STAGES: gl.constexpr,
     WARP_SPECIALIZE: gl.constexpr,
+    PINGPONG: gl.constexpr,
     CONSUMER_REGS: gl.constexpr,
 ):
     """Grid (q blocks, batch*heads). ``WARP_SPECIALIZE=False``: one warpgroup (4 warps) of 64
@@ -309,6 +329,9 @@ def _gl_attn_kernel(
     q_smem = gl.allocate_shared_memory(gl.float8e4nv, [WARPGROUPS, 64, HEAD_DIM], q_layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(turns.index(0), count=1)
+    mbarrier.init(turns.index(1), count=1)
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)
         mbarrier.init(empty.index(s), count=WARPGROUPS)  # each consumer warpgroup arrives once
@@ -316,26 +339,27 @@ def _gl_attn_kernel(
     ptrs = (QC, QS, KS, VAMAX, KV_BIAS, SLOT_SRC, OUT)
     dims = (qk_scale, H, N, N_TILES, GRID_H, GRID_W, TILES_H, TILES_W, TILE_T, TILE_H, TILE_W,
             s_ob, s_oh, s_on)  # fmt: skip
-    ring = (k_desc, v_desc, k_smem, v_smem, q_smem, ready, empty)
+    ring = (k_desc, v_desc, k_smem, v_smem, q_smem, ready, empty, turns)
     work = (pid, bh, idx_ptr, total, n_plain, N_PAD)
     if WARP_SPECIALIZE:
         gl.warp_specialize([
             (_warpgroup_rows, (0, ptrs, dims, ring, work, SPARSE, HEAD_DIM, BLOCK_M, BLOCK_N,
-                               TILE_TOKENS, STAGES, False)),
+                               TILE_TOKENS, STAGES, False, PINGPONG)),
             (_warpgroup_rows, (1, ptrs, dims, ring, work, SPARSE, HEAD_DIM, BLOCK_M, BLOCK_N,
-                               TILE_TOKENS, STAGES, False)),
+                               TILE_TOKENS, STAGES, False, PINGPONG)),
             (_produce, (ring, work, HEAD_DIM, BLOCK_N, TILE_TOKENS, STAGES)),
         ], [4, 1], [CONSUMER_REGS, 24])  # fmt: skip
     else:
         for s in gl.static_range(STAGES):
             _issue_load(k_desc, v_desc, k_smem, v_smem, ready, idx_ptr, s, total, bh, N_PAD,
                         HEAD_DIM, BLOCK_N, TILE_TOKENS, STAGES)  # fmt: skip
-        _warpgroup_rows(
-            0, ptrs, dims, ring, work, SPARSE, HEAD_DIM, BLOCK_M, BLOCK_N, TILE_TOKENS, STAGES, True
-        )
+        _warpgroup_rows(0, ptrs, dims, ring, work, SPARSE, HEAD_DIM, BLOCK_M, BLOCK_N,
+                        TILE_TOKENS, STAGES, True, False)  # fmt: skip
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(s))
         mbarrier.invalidate(empty.index(s))
+    mbarrier.invalidate(turns.index(0))
+    mbarrier.invalidate(turns.index(1))
 
 
 def launch(
@@ -347,16 +371,19 @@ def launch(
     block_n: int,
     num_stages: int,
     warp_specialize: bool = False,
+    pingpong: bool = True,
 ) -> None:
     """Run `_gl_attn_kernel` on a `Prepared` (fp8 modes). ``grid`` and ``rest`` (the kv lists,
     output, sizes and strides) are what `triton_attention.attend` gives `_attn_kernel`.
-    ``warp_specialize``: the 128-row, two-warpgroup kernel with a producer warp."""
+    ``warp_specialize``: the 128-row, two-warpgroup kernel with a producer warp; ``pingpong``
+    (benchmarks only) its warpgroups' turns (docs/kernel_notes.md, v11)."""
     assert prep.q_scale is not None and prep.k_scale is not None and prep.v_amax is not None
     k_desc, v_desc = descriptors(prep.k, prep.v, block_n=block_n)
     _gl_attn_kernel[grid](
         prep.q, k_desc, v_desc, prep.q_scale, prep.k_scale, prep.v_amax, *rest,
         SPARSE=prep.spec.mode.sparse, HEAD_DIM=prep.shape[3], BLOCK_M=block_m, BLOCK_N=block_n,
         TILE_TOKENS=prep.layout.tile_tokens, STAGES=num_stages, WARP_SPECIALIZE=warp_specialize,
+        PINGPONG=warp_specialize and pingpong,
         CONSUMER_REGS=CONSUMER_REGS, num_warps=4, **(WS_LAUNCH if warp_specialize else {}),
     )  # fmt: skip
 

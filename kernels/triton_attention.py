@@ -729,21 +729,11 @@ def attend(
     B, H, N, D = prep.shape
     layout = prep.layout
     fp8, sparse = prep.spec.mode.fp8, prep.spec.mode.sparse
-    st = _static(layout, prep.q.device)
     if out is None:
         out = torch.empty((B, H, N, D), dtype=out_dtype, device=prep.q.device)
     elif out.shape != (B, H, N, D) or out.dtype != out_dtype or out.stride(-1) != 1:
         raise ValueError(f"out must be ({B}, {H}, {N}, {D}) {out_dtype} with unit last stride")
-    kv = prep.kv
-    n_rows = layout.padded_tokens if sparse else N
-    grid = (triton.cdiv(n_rows, block_m), B * H)
-    # Both kernels take these after their Q/K/V and scale operands.
-    rest = (
-        st.kv_bias, kv.index, kv.count, kv.full, st.slot_source, out,
-        scale * LOG2E, H, N, layout.padded_tokens, layout.n_tiles,
-        layout.grid[1], layout.grid[2], layout.tiles_per_axis[1], layout.tiles_per_axis[2],
-        *layout.tile, *_list_strides(kv.index), *_list_strides(kv.count), *out.stride()[:3],
-    )  # fmt: skip
+    grid, rest = launch_args(prep, block_m=block_m, scale=scale, out=out)
     if impl != "triton":
         from .gluon_attention import launch
 
@@ -761,6 +751,25 @@ def attend(
         EXP16=fp8 and exp2 == "f16x2", num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
+
+
+def launch_args(
+    prep: Prepared, *, block_m: int, scale: float, out: torch.Tensor
+) -> tuple[tuple[int, int], tuple[object, ...]]:
+    """The grid, and what every attention kernel takes after its Q/K/V and scale operands: the
+    kv lists, the output, sizes and strides."""
+    B, H, N, _ = prep.shape
+    layout, kv = prep.layout, prep.kv
+    st = _static(layout, prep.q.device)
+    n_rows = layout.padded_tokens if prep.spec.mode.sparse else N
+    grid = (triton.cdiv(n_rows, block_m), B * H)
+    rest = (
+        st.kv_bias, kv.index, kv.count, kv.full, st.slot_source, out,
+        scale * LOG2E, H, N, layout.padded_tokens, layout.n_tiles,
+        layout.grid[1], layout.grid[2], layout.tiles_per_axis[1], layout.tiles_per_axis[2],
+        *layout.tile, *_list_strides(kv.index), *_list_strides(kv.count), *out.stride()[:3],
+    )  # fmt: skip
+    return grid, rest
 
 
 def triton_attention(

@@ -60,12 +60,17 @@ def test_kernel_buckets() -> None:
 def test_feasible_points_are_exactly_the_feasible_grid(study: StudySpec) -> None:
     space, head_dim = study.kernel_space, study.model.head_dim
     points = feasible_kernel_points(space, head_dim)
-    configs = [
-        KernelConfig(block_m=m, block_n=n, num_warps=w, num_stages=s)
-        for m, n, w, s in itertools.product(
-            space.block_m, space.block_n, space.num_warps, space.num_stages
-        )
-    ]
+
+    def configs(mode: Mode) -> list[KernelConfig]:
+        # exp2 and the kernel implementation are fp8 knobs; bf16 keeps their defaults
+        knobs = (space.exp2, space.impl) if mode.fp8 else (("f32",), ("triton",))
+        return [
+            KernelConfig(block_m=m, block_n=n, num_warps=w, num_stages=s, exp2=e, impl=i)
+            for m, n, w, s, e, i in itertools.product(
+                space.block_m, space.block_n, space.num_warps, space.num_stages, *knobs
+            )
+        ]
+
     for bucket in kernel_buckets(space):
         got = [(p.tile, p.config) for p in points if p.bucket == bucket]
         if bucket.mode is Mode.BF16_DENSE:
@@ -74,12 +79,13 @@ def test_feasible_points_are_exactly_the_feasible_grid(study: StudySpec) -> None
         want = [
             (t, c)
             for t in space.tiles
-            for c in configs
+            for c in configs(bucket.mode)
             if not infeasibility(c, tile=t, head_dim=head_dim, mode=bucket.mode)
         ]
         assert got == want and want
     # the grid really had infeasible points to remove
-    assert len(points) < len(kernel_buckets(space)) * len(space.tiles) * len(configs)
+    grid = sum(len(space.tiles) * len(configs(b.mode)) for b in kernel_buckets(space))
+    assert len(points) < grid
 
 
 @pytest.mark.parametrize("study", [MINI, WAN], ids=["mini", "wan"])
@@ -621,7 +627,7 @@ def test_kernel_stage_measures_the_runtime_default_first() -> None:
 def test_exp2_knob_doubles_the_fp8_configs_only() -> None:
     """``exp2: [f32, f16x2]`` in a kernel space: every fp8 config twice (keys ``..._e16``), bf16
     configs once; the chosen config survives the spec's round trip through a policy dict."""
-    base = WAN.kernel_space
+    base = WAN.kernel_space.model_copy(update={"impl": ("triton",)})  # Gluon: f32 only
     both = base.model_copy(update={"exp2": ("f32", "f16x2")})
     for mode in (Mode.FP8_DENSE, Mode.FP8_SPARSE):
         one = [p for p in feasible_kernel_points(base, 128) if p.bucket.mode is mode]
@@ -652,7 +658,7 @@ def test_impl_knob_adds_the_gluon_kernels_feasible_fp8_configs(
     feasibility check accepts (its one block shape, enough stages; keys ``..._gl`` /
     ``..._glws``), bf16 gains none, and a Gluon config survives the spec's round trip through
     a policy dict."""
-    base = WAN.kernel_space
+    base = WAN.kernel_space.model_copy(update={"impl": ("triton",)})
     both = base.model_copy(update={"impl": ("triton", impl)})
     stages = [s for s in base.num_stages if s >= least]
     for mode in Mode:

@@ -1,0 +1,94 @@
+"""Schedule ablation of the warp-specialised Gluon kernel (``impl: gluon_ws``), kernel alone,
+against SDPA's cuDNN backend in the same process, at the Wan2.1 720p shapes, dense and 90 %
+sparse: its two consumer warpgroups taking turns at the tensor cores (ping-pong, as shipped) or
+not. The switch is a launch argument of `gluon_attention.launch`, not a `KernelConfig` knob: it
+exists to measure what the turns are worth (docs/kernel_notes.md, v11). Both schedules must
+give bit-identical outputs (checked).
+
+    python benchmarks/gluon_schedule.py --out schedule.json     # ~1 min on an H100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from kernel_bench import SHAPES, environment, random_qkv, sdpa, set_vs_cudnn, spec_of, time_op
+
+TILE = (1, 8, 16)
+CONFIG = {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 4, "impl": "gluon_ws"}
+VARIANTS: dict[str, dict[str, Any]] = {"ping-pong": {}, "no ping-pong": {"pingpong": False}}
+CASES = (("fp8_dense", 0.0, None), ("fp8_sparse", 0.9, "window"))
+
+
+def run_shape(name: str, budget_s: float) -> list[dict[str, Any]]:
+    from torch.nn.attention import SDPBackend
+
+    from fpstune.kernels.gluon_attention import launch
+    from fpstune.kernels.tiling import TileLayout
+    from fpstune.kernels.triton_attention import launch_args, prepare
+
+    b, h, grid, d = SHAPES[name]
+    n = math.prod(grid)
+    q, k, v = random_qkv((b, h, n, d), seed=0)
+    cudnn = sdpa(SDPBackend.CUDNN_ATTENTION)
+    rows: list[dict[str, Any]] = []
+
+    def add(label: str, times: list[float]) -> None:
+        ms = statistics.median(times)
+        rows.append({"shape": name, "op": label, "median_ms": ms, "reps": len(times)})
+        print(f"  {name:9s} {label:36s} {ms:9.3f} ms", flush=True)
+
+    add("sdpa_cudnn", time_op(lambda: cudnn(q, k, v), budget_s=budget_s))
+    layout = TileLayout(grid, TILE)
+    for mode, sp, pat in CASES:
+        spec = spec_of(mode, sp, pat, tile=TILE, kernel=CONFIG)
+        prep = prepare(q, k, v, layout=layout, spec=spec, impl="gluon_ws")
+        out = torch.full_like(q, float("nan"))
+        launch_grid, rest = launch_args(prep, block_m=CONFIG["block_m"], scale=d**-0.5, out=out)
+        first = None
+        for label, switches in VARIANTS.items():
+            run = partial(
+                launch, prep, launch_grid, rest, block_m=128, block_n=128,
+                num_stages=CONFIG["num_stages"], warp_specialize=True, **switches,
+            )  # fmt: skip
+            what = f"{mode} {sp:.0%} {label}" if pat else f"{mode} {label}"
+            add(what, time_op(run, budget_s=budget_s))
+            # Turns change when each warpgroup issues, not what it computes.
+            if first is None:
+                first = out.clone()
+                assert not first.isnan().any(), f"{what}: rows left unwritten"
+            elif not torch.equal(out, first):
+                raise SystemExit(f"{what}: output differs from {next(iter(VARIANTS))}'s")
+            out.fill_(float("nan"))
+        del prep, first
+    add("sdpa_cudnn (again)", time_op(lambda: cudnn(q, k, v), budget_s=budget_s))
+    set_vs_cudnn(rows)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--shapes", nargs="+", default=["720p", "720p-14b"], choices=list(SHAPES))
+    ap.add_argument("--budget-s", type=float, default=3.0, help="timing budget per op")
+    ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    args = ap.parse_args()
+    rows = [r for s in args.shapes for r in run_shape(s, args.budget_s)]
+    if args.out:
+        args.out.write_text(json.dumps({"env": environment(), "rows": rows}, indent=1))
+    print(f"\n{'shape':9s} {'op':36s} {'ms':>9s} {'vs cuDNN':>8s}")
+    for r in rows:
+        print(f"{r['shape']:9s} {r['op']:36s} {r['median_ms']:9.3f} {r['vs_cudnn']:7.2f}x")
+
+
+if __name__ == "__main__":
+    main()
