@@ -1,9 +1,10 @@
 """Schedule ablation of the warp-specialised Gluon kernel (``impl: gluon_ws``), kernel alone,
 against SDPA's cuDNN backend in the same process, at the Wan2.1 720p shapes, dense and 90 %
-sparse: its two consumer warpgroups taking turns at the tensor cores (ping-pong, as shipped) or
-not. The switch is a launch argument of `gluon_attention.launch`, not a `KernelConfig` knob: it
-exists to measure what the turns are worth (docs/kernel_notes.md, v11). Both schedules must
-give bit-identical outputs (checked).
+sparse: its two consumer warpgroups taking turns at the tensor cores (ping-pong) or not (as
+shipped); and the pre-pass with V in natural or in the Gluon kernels' key order. The switch is a
+launch argument of `gluon_attention.launch`, not a `KernelConfig` knob: it exists to measure
+what the turns are worth (docs/kernel_notes.md, v11). Both schedules must give bit-identical
+outputs (checked).
 
     python benchmarks/gluon_schedule.py --out schedule.json     # ~1 min on an H100
 """
@@ -26,7 +27,7 @@ from kernel_bench import SHAPES, environment, random_qkv, sdpa, set_vs_cudnn, sp
 
 TILE = (1, 8, 16)
 CONFIG = {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 4, "impl": "gluon_ws"}
-VARIANTS: dict[str, dict[str, Any]] = {"ping-pong": {}, "no ping-pong": {"pingpong": False}}
+VARIANTS: dict[str, dict[str, Any]] = {"no ping-pong": {}, "ping-pong": {"pingpong": True}}
 CASES = (("fp8_dense", 0.0, None), ("fp8_sparse", 0.9, "window"))
 
 
@@ -46,12 +47,16 @@ def run_shape(name: str, budget_s: float) -> list[dict[str, Any]]:
     def add(label: str, times: list[float]) -> None:
         ms = statistics.median(times)
         rows.append({"shape": name, "op": label, "median_ms": ms, "reps": len(times)})
-        print(f"  {name:9s} {label:36s} {ms:9.3f} ms", flush=True)
+        print(f"  {name:9s} {label:40s} {ms:9.3f} ms", flush=True)
 
     add("sdpa_cudnn", time_op(lambda: cudnn(q, k, v), budget_s=budget_s))
     layout = TileLayout(grid, TILE)
     for mode, sp, pat in CASES:
         spec = spec_of(mode, sp, pat, tile=TILE, kernel=CONFIG)
+        what = f"{mode} {sp:.0%}" if pat else mode
+        for impl in ("triton", "gluon_ws"):  # the pre-pass, natural or wgmma key order for V
+            run_prep = partial(prepare, q, k, v, layout=layout, spec=spec, impl=impl)
+            add(f"{what} prepare(impl={impl})", time_op(run_prep, budget_s=budget_s))
         prep = prepare(q, k, v, layout=layout, spec=spec, impl="gluon_ws")
         out = torch.full_like(q, float("nan"))
         launch_grid, rest = launch_args(prep, block_m=CONFIG["block_m"], scale=d**-0.5, out=out)
@@ -61,14 +66,13 @@ def run_shape(name: str, budget_s: float) -> list[dict[str, Any]]:
                 launch, prep, launch_grid, rest, block_m=128, block_n=128,
                 num_stages=CONFIG["num_stages"], warp_specialize=True, **switches,
             )  # fmt: skip
-            what = f"{mode} {sp:.0%} {label}" if pat else f"{mode} {label}"
-            add(what, time_op(run, budget_s=budget_s))
+            add(f"{what} {label}", time_op(run, budget_s=budget_s))
             # Turns change when each warpgroup issues, not what it computes.
             if first is None:
                 first = out.clone()
-                assert not first.isnan().any(), f"{what}: rows left unwritten"
+                assert not first.isnan().any(), f"{what} {label}: rows left unwritten"
             elif not torch.equal(out, first):
-                raise SystemExit(f"{what}: output differs from {next(iter(VARIANTS))}'s")
+                raise SystemExit(f"{what} {label}: output differs from {next(iter(VARIANTS))}'s")
             out.fill_(float("nan"))
         del prep, first
     add("sdpa_cudnn (again)", time_op(lambda: cudnn(q, k, v), budget_s=budget_s))
@@ -85,9 +89,9 @@ def main() -> None:
     rows = [r for s in args.shapes for r in run_shape(s, args.budget_s)]
     if args.out:
         args.out.write_text(json.dumps({"env": environment(), "rows": rows}, indent=1))
-    print(f"\n{'shape':9s} {'op':36s} {'ms':>9s} {'vs cuDNN':>8s}")
+    print(f"\n{'shape':9s} {'op':40s} {'ms':>9s} {'vs cuDNN':>8s}")
     for r in rows:
-        print(f"{r['shape']:9s} {r['op']:36s} {r['median_ms']:9.3f} {r['vs_cudnn']:7.2f}x")
+        print(f"{r['shape']:9s} {r['op']:40s} {r['median_ms']:9.3f} {r['vs_cudnn']:7.2f}x")
 
 
 if __name__ == "__main__":

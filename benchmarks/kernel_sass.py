@@ -93,8 +93,8 @@ def _gluon_source(
     types |= {"QC": "*fp8e4nv", "OUT": "*bf16", "qk_scale": "fp32"}
     types |= {"k_desc": mangle_type(k_desc), "v_desc": mangle_type(v_desc)}
     consts = {"SPARSE": sparse, "HEAD_DIM": 128, "BLOCK_M": 128 if ws else 64, "BLOCK_N": 128,
-              "TILE_TOKENS": tile_tokens, "STAGES": stages, "WARP_SPECIALIZE": ws, "PINGPONG": ws,
-              "CONSUMER_REGS": CONSUMER_REGS}  # fmt: skip
+              "TILE_TOKENS": tile_tokens, "STAGES": stages, "WARP_SPECIALIZE": ws,
+              "PINGPONG": False, "CONSUMER_REGS": CONSUMER_REGS}  # fmt: skip
     sig = {n: types.get(n, "constexpr" if n in consts else "i32") for n in fn.arg_names}
     aligned = [n for n, t in sig.items() if t.startswith("*")]
     aligned += ["N", "N_PAD", "s_ob", "s_oh", "s_on"]

@@ -22,8 +22,9 @@ Two kernels share the per-warpgroup body `_warpgroup_rows`:
 - ``impl: gluon_ws`` (v10, v11): 128 rows per CTA on two consumer warpgroups (the default
   partition and a 4-warp worker, 240 registers each) fed by a 1-warp TMA producer
   (`gl.warp_specialize`); slots go back to the producer through ``empty`` mbarriers that both
-  consumers arrive on, and the consumers take turns at the tensor cores (ping-pong). One CTA
-  per SM. On the H100 it is 5-9 % faster than the Triton kernel (1.31-1.38x cuDNN dense).
+  consumers arrive on. One CTA per SM. FA3's ping-pong turns between the consumers are a
+  launch switch for benchmarks (measured slightly slower, off). On the H100 it is 5-9 % faster
+  than the Triton kernel (1.31-1.38x cuDNN dense).
 
 Hopper only (sm_90); the CPU interpreter does not run Gluon, so `attend` refuses these kernels
 off the GPU and their tests need the H100. Written against triton 3.6's Gluon API (experimental:
@@ -101,7 +102,7 @@ def _p_operand(p, p_layout: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.conste
     In the accumulator layout a thread holds, of each 32 keys, 16h + 8q + 2t + b (t its lane
     in the quad; h, q, b bits of its registers); the fp8 A operand wants 16h + 4t + 2q + b.
     Swapping the q and t fields of the key index maps one onto the other without leaving the
-    thread; V's keys are stored in the same order (`wgmma_key_slot`), so P·V is unchanged.
+    thread; V's keys are stored in the same order (`wgmma_key_order`), so P·V is unchanged.
     Each 4 consecutive keys of the operand layout are then packed into one register by two
     ``cvt.rn.satfinite.e4m3x2.f32`` (the rounding of the Triton kernel's ``.to``): Triton's own
     fp32 -> e4m3 cast splits the pairs into bytes and re-packs them (v10b), fp16 in between
@@ -379,12 +380,13 @@ def launch(
     block_n: int,
     num_stages: int,
     warp_specialize: bool = False,
-    pingpong: bool = True,
+    pingpong: bool = False,
 ) -> None:
     """Run `_gl_attn_kernel` on a `Prepared` (fp8 modes). ``grid`` and ``rest`` (the kv lists,
     output, sizes and strides) are what `triton_attention.attend` gives `_attn_kernel`.
     ``warp_specialize``: the 128-row, two-warpgroup kernel with a producer warp; ``pingpong``
-    (benchmarks only) its warpgroups' turns (docs/kernel_notes.md, v11)."""
+    (benchmarks only) makes its warpgroups take turns at the tensor cores, 1 % slower on
+    average over 16 measured pairs after v11b, so off (docs/kernel_notes.md, v11b)."""
     assert prep.q_scale is not None and prep.k_scale is not None and prep.v_amax is not None
     k_desc, v_desc = descriptors(prep.k, prep.v, block_n=block_n)
     _gl_attn_kernel[grid](

@@ -193,13 +193,14 @@ def _prep_qk(
 
 
 @triton.jit
-def wgmma_key_slot(slot):
-    """Where key ``slot`` goes in V for the Gluon kernels (`gluon_attention._p_operand`): within
-    each 32 keys, 16h + 8q + 2t + b moves to 16h + 4t + 2q + b. The order the fp8 P·V wgmma
-    reads its register operand in, so P never leaves the thread that computed it."""
-    c = slot & 31
-    k = (c & 16) | ((c >> 1) & 3) << 2 | ((c >> 3) & 1) << 1 | (c & 1)
-    return (slot - c) + k
+def wgmma_key_order(y, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """V's rows (keys) in the order the Gluon kernels' P operand has them
+    (`gluon_attention._p_operand`): within each 32 keys, key 16h + 8q + 2t + b moves to row
+    16h + 4t + 2q + b, so P never leaves the thread that computed it. Reordered in registers,
+    so the store stays contiguous."""
+    tl.static_assert(CHUNK % 32 == 0, "the pre-pass chunk must hold whole groups of 32 keys")
+    y = tl.reshape(y, (CHUNK // 32, 2, 2, 4, 2, HEAD_DIM))
+    return tl.reshape(tl.permute(y, (0, 1, 3, 2, 4, 5)), (CHUNK, HEAD_DIM))
 
 
 @triton.jit
@@ -222,7 +223,7 @@ def _prep_v(
     WGMMA_KEYS: tl.constexpr,
 ):
     """Quantise (or copy) one tile of V with its per-channel scales; fp8 codes go channel-major,
-    with ``WGMMA_KEYS`` in `wgmma_key_slot`'s order."""
+    with ``WGMMA_KEYS`` in `wgmma_key_order`."""
     offs_c = tl.arange(0, CHUNK)
     offs_d = tl.arange(0, HEAD_DIM)
     slot0 = tile * TILE_TOKENS
@@ -234,9 +235,9 @@ def _prep_v(
         x = _load_rows(X, x_base, src, offs_d, stride_n, stride_d)
         slots = slot0 + c0 + offs_c
         if FP8:
-            if WGMMA_KEYS:
-                slots = wgmma_key_slot(slots)
             y = _to_e4m3(tl.math.div_rn(x, vs[None, :]), EXACT)
+            if WGMMA_KEYS:
+                y = wgmma_key_order(y, CHUNK, HEAD_DIM)
             ptrs = XC + bh64 * HEAD_DIM * N_PAD + offs_d[None, :] * N_PAD + slots[:, None]
         else:
             y = x.to(XC.dtype.element_ty)
@@ -548,7 +549,7 @@ class Prepared:
     layout: TileLayout
     spec: AttentionSpec
     shape: tuple[int, int, int, int]  # (B, H, N, D)
-    impl: str = "triton"  # the kernel whose V key order this is (`wgmma_key_slot` for Gluon)
+    impl: str = "triton"  # the kernel whose V key order this is (`wgmma_key_order` for Gluon)
 
 
 @dataclass(frozen=True)
