@@ -5,9 +5,11 @@ memory, and the instruction mix of the kv loop, per variant. This is what docs/k
     python benchmarks/kernel_sass.py                         # the default fp8 config's variants
     python benchmarks/kernel_sass.py --variants e16 --sparse # the sparse kernel, packed exp2
     python benchmarks/kernel_sass.py --variants gluon --stages 3  # the Gluon kernel (v9)
+    python benchmarks/kernel_sass.py --variants gluon_ws --stages 4  # its warp-specialised form
 
-A variant is ``base`` (the default config), ``e16`` (``KernelConfig.exp2 = "f16x2"``) or
-``gluon`` (``KernelConfig.impl = "gluon"``; ``--stages`` applies, the block is fixed). MUFU
+A variant is ``base`` (the default config), ``e16`` (``KernelConfig.exp2 = "f16x2"``),
+``gluon`` or ``gluon_ws`` (``KernelConfig.impl``; ``--stages`` applies, the block is fixed;
+gluon_ws's loop is counted in one consumer warpgroup, without the ping-pong turns). MUFU
 ops are counted by their full opcode (``MUFU.EX2`` vs ``MUFU.EX2.F16``), the rest by their stem.
 Uses the installed triton's bundled ptxas/cuobjdump (the device runs triton 3.6: install that
 version in a side directory and put it first on PYTHONPATH to see what the GPU compiles).
