@@ -371,7 +371,7 @@ def accuracy_at_scale(
         tile_scales,
     )
     from fpstune.kernels.tiling import TileLayout
-    from fpstune.kernels.triton_attention import attend, prepare
+    from fpstune.kernels.triton_attention import attend, prepare, wgmma_keys
 
     b, h, grid, d = SHAPES["720p"]
     tile = default_tile(grid)
@@ -430,7 +430,7 @@ def accuracy_at_scale(
                 res["config"] = cfg.key
                 res["ref_max"], res["ref_mean"] = e_ref.max().item(), e_ref.mean().item()
                 out = torch.full_like(q, float("nan"))  # poisoned: every element is written
-                if cfg.impl != prep.impl:  # the Gluon kernels read V's keys reordered
+                if wgmma_keys(cfg.impl) != wgmma_keys(prep.impl):  # V's key order differs
                     prep = prepare(q, k, v, layout=layout, spec=spec, impl=cfg.impl)
                 attend(prep, **cfg.model_dump(), scale=scale, out_dtype=q.dtype, out=out)
                 e = (out[:, :, rows].double() - truth).abs()

@@ -192,6 +192,11 @@ def _prep_qk(
             _store_rows(XC, y, src, slots, offs_d, bh64, N, N_PAD, TILE_MAJOR, HEAD_DIM)
 
 
+def wgmma_keys(impl: str) -> bool:
+    """Whether kernel ``impl`` reads fp8 V's keys in `wgmma_key_order` (the Gluon kernels)."""
+    return impl != "triton"
+
+
 @triton.jit
 def wgmma_key_order(y, CHUNK: tl.constexpr, HEAD_DIM: tl.constexpr):
     """V's rows (keys) in the order the Gluon kernels' P operand has them
@@ -683,7 +688,7 @@ def prepare(
         dummy if qsum is None else qsum, dummy if ksum is None else ksum,
         st.slot_source, H, N, n_pad, n_tiles, *q.stride(), *k.stride(), *v.stride(),
         FP8=fp8, POOL=pool, Q_TILE_MAJOR=sparse, HEAD_DIM=D, TILE_TOKENS=tt,
-        CHUNK=_chunk_rows(tt, D), EXACT=not q.is_cuda, WGMMA_KEYS=fp8 and impl != "triton",
+        CHUNK=_chunk_rows(tt, D), EXACT=not q.is_cuda, WGMMA_KEYS=fp8 and wgmma_keys(impl),
         num_warps=8,
     )  # fmt: skip
 
@@ -725,7 +730,7 @@ def attend(
     ``impl="gluon"`` / ``"gluon_ws"`` (fp8 modes, Hopper) run `gluon_attention`'s kernels."""
     if impl != "triton" and not prep.q.is_cuda:
         raise ValueError(f"kernel impl={impl} runs on a CUDA (sm_90) GPU only")
-    if prep.spec.mode.fp8 and (impl == "triton") != (prep.impl == "triton"):
+    if prep.spec.mode.fp8 and wgmma_keys(impl) != wgmma_keys(prep.impl):
         raise ValueError(f"V was prepared for impl={prep.impl}; run prepare(..., impl={impl!r})")
     B, H, N, D = prep.shape
     layout = prep.layout
