@@ -54,15 +54,7 @@ def compile_variant(knobs: set[str], *, block_m: int, block_n: int, warps: int, 
         "TILE_TOKENS": tile_tokens, "EXACT": False,
         **{v: k in knobs for k, v in KNOBS.items() if v},
     }  # fmt: skip
-    sig = {
-        name: ptr.get(name, "constexpr" if name in consts else "i32")
-        for name in _attn_kernel.arg_names
-    }
-    # What the launcher's specialisation sees at 720p: 16-byte aligned pointers, and the token
-    # counts and output strides multiples of 16.
-    aligned = [n for n, t in sig.items() if t.startswith("*")]
-    aligned += ["N", "N_PAD", "s_ob", "s_oh", "s_on"]
-    attrs = {(_attn_kernel.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    sig, attrs = _specialised(_attn_kernel, ptr, consts)
     src = ASTSource(_attn_kernel, sig, constexprs=consts, attrs=attrs)
     options: dict[str, int] = {"num_warps": warps, "num_stages": stages}
     if maxnreg:
@@ -97,12 +89,22 @@ def _gluon_source(
     consts = {"SPARSE": sparse, "HEAD_DIM": 128, "BLOCK_M": 128 if ws else 64, "BLOCK_N": 128,
               "TILE_TOKENS": tile_tokens, "STAGES": stages, "WARP_SPECIALIZE": ws,
               "PINGPONG": False, "CONSUMER_REGS": CONSUMER_REGS}  # fmt: skip
+    sig, attrs = _specialised(fn, types, consts)
+    options = {"num_warps": 4, **(WS_LAUNCH if ws else {})}
+    return GluonASTSource(fn, sig, constexprs=consts, attrs=attrs), options
+
+
+def _specialised(
+    fn: Any, types: dict[str, str], consts: dict[str, Any]
+) -> tuple[dict[str, str], dict[tuple[int], list[list[Any]]]]:
+    """``fn``'s signature (``types``, constexprs, i32 for the rest) and what the launcher's
+    specialisation sees at 720p: 16-byte aligned pointers, token counts and output strides
+    multiples of 16."""
     sig = {n: types.get(n, "constexpr" if n in consts else "i32") for n in fn.arg_names}
     aligned = [n for n, t in sig.items() if t.startswith("*")]
     aligned += ["N", "N_PAD", "s_ob", "s_oh", "s_on"]
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    options = {"num_warps": 4, **(WS_LAUNCH if ws else {})}
-    return GluonASTSource(fn, sig, constexprs=consts, attrs=attrs), options
+    return sig, attrs
 
 
 def _compiled(kernel: Any) -> tuple[str, dict[str, int]]:
