@@ -59,7 +59,7 @@ SPARSITIES = (0.5, 0.75, 0.9)
 #: --kernel: the fp8 kernel config every fp8 spec runs (None: the runtime's default config)
 KERNELS: dict[str, dict[str, Any] | None] = {
     "default": None,
-    "gluon_ws": {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 4,
+    "gluon_ws": {"block_m": 128, "block_n": 256, "num_warps": 8, "num_stages": 2,
                  "impl": "gluon_ws"},
 }  # fmt: skip
 

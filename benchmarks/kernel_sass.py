@@ -6,10 +6,12 @@ memory, and the instruction mix of the kv loop, per variant. This is what docs/k
     python benchmarks/kernel_sass.py --variants e16 --sparse # the sparse kernel, packed exp2
     python benchmarks/kernel_sass.py --variants gluon --stages 3  # the Gluon kernel (v9)
     python benchmarks/kernel_sass.py --variants gluon_ws --stages 4  # its warp-specialised form
+    python benchmarks/kernel_sass.py --variants gluon_ws --block 128x256 --stages 2  # 256-key steps
 
 A variant is ``base`` (the default config), ``e16`` (``KernelConfig.exp2 = "f16x2"``),
-``gluon`` or ``gluon_ws`` (``KernelConfig.impl``; ``--stages`` applies, the block is fixed;
-gluon_ws's loop is counted in one consumer warpgroup, without the ping-pong turns). MUFU
+``gluon`` or ``gluon_ws`` (``KernelConfig.impl``; ``--stages`` applies, the block is fixed
+except gluon_ws's ``--block 128x256``, two 128-key blocks per softmax step; gluon_ws's loop is
+counted in one consumer warpgroup, without the ping-pong turns). MUFU
 ops are counted by their full opcode (``MUFU.EX2`` vs ``MUFU.EX2.F16``), the rest by their stem.
 Uses the installed triton's bundled ptxas/cuobjdump (the device runs triton 3.6: install that
 version in a side directory and put it first on PYTHONPATH to see what the GPU compiles).
@@ -43,7 +45,8 @@ def compile_variant(knobs: set[str], *, block_m: int, block_n: int, warps: int, 
 
     if knobs & {"gluon", "gluon_ws"}:
         ws = "gluon_ws" in knobs
-        src, options = _gluon_source(stages=stages, sparse=sparse, tile_tokens=tile_tokens, ws=ws)
+        src, options = _gluon_source(stages=stages, sparse=sparse, tile_tokens=tile_tokens, ws=ws,
+                                     pairs=ws and block_n == 256)  # fmt: skip
         return _compiled(triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options))
     ptr = {n: "*fp8e4nv" for n in ("QC", "KC", "VC")}
     ptr |= {n: "*fp32" for n in ("QS", "KS", "KV_BIAS")}
@@ -63,7 +66,7 @@ def compile_variant(knobs: set[str], *, block_m: int, block_n: int, warps: int, 
 
 
 def _gluon_source(
-    *, stages: int, sparse: bool, tile_tokens: int, ws: bool
+    *, stages: int, sparse: bool, tile_tokens: int, ws: bool, pairs: bool = False
 ) -> tuple[Any, dict[str, int]]:
     """`gluon_attention._gl_attn_kernel` as the launcher specialises it (64x128 on 4 warps, or
     with ``ws`` 128x128 warp-specialised); its K/V descriptors' types come from descriptors
@@ -88,7 +91,7 @@ def _gluon_source(
     types |= {"k_desc": mangle_type(k_desc), "v_desc": mangle_type(v_desc)}
     consts = {"SPARSE": sparse, "HEAD_DIM": 128, "BLOCK_M": 128 if ws else 64, "BLOCK_N": 128,
               "TILE_TOKENS": tile_tokens, "STAGES": stages, "WARP_SPECIALIZE": ws,
-              "PINGPONG": False, "CONSUMER_REGS": CONSUMER_REGS}  # fmt: skip
+              "PINGPONG": False, "PAIRS": pairs, "CONSUMER_REGS": CONSUMER_REGS}  # fmt: skip
     sig, attrs = _specialised(fn, types, consts)
     options = {"num_warps": 4, **(WS_LAUNCH if ws else {})}
     return GluonASTSource(fn, sig, constexprs=consts, attrs=attrs), options
@@ -131,8 +134,9 @@ def _compiled(kernel: Any) -> tuple[str, dict[str, int]]:
 
 def loop_mix(sass: str, gluon: bool = False) -> collections.Counter[str]:
     """Instruction counts of the first loop (the kv loop over full tiles; the masked loop over
-    the padded tiles follows it). Gluon: the shortest loop holding a wgmma (its mbarrier waits
-    retry through backward branches that span the program), its masked branch counted too."""
+    the padded tiles follows it). Gluon: of the loops holding a wgmma, the one densest in
+    exponentials (its mbarrier waits retry through backward branches that span the program or
+    its tail), its masked branches counted too."""
     lines = [ln for ln in sass.splitlines() if _ADDR.match(ln)]
     addr = [int(_ADDR.match(ln).group(1), 16) for ln in lines]  # type: ignore[union-attr]
     loops = []
@@ -143,8 +147,13 @@ def loop_mix(sass: str, gluon: bool = False) -> collections.Counter[str]:
     first = min(loops, default=(0, -1))
     if gluon:
         wgmma = [a for a, ln in zip(addr, lines, strict=True) if "QGMMA" in ln]
+        mufu = [a for a, ln in zip(addr, lines, strict=True) if "MUFU.EX2 " in ln]
+
+        def density(lp: tuple[int, int]) -> float:  # exponentials per byte of loop
+            return sum(lp[0] <= a <= lp[1] for a in mufu) / (lp[1] - lp[0] + 16)
+
         holding = [lp for lp in loops if any(lp[0] <= a <= lp[1] for a in wgmma)]
-        first = min(holding, key=lambda lp: lp[1] - lp[0], default=(0, -1))
+        first = max(holding, key=density, default=(0, -1))
     mix: collections.Counter[str] = collections.Counter()
     for a, ln in zip(addr, lines, strict=True):
         if first[0] <= a <= first[1]:

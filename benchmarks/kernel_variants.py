@@ -39,15 +39,16 @@ GLUON_WS = {"block_m": 128, "block_n": 128, "num_warps": 8, "impl": "gluon_ws"}
 CONFIGS: dict[str, dict[str, Any]] = {
     "64x128 w4 s5": BASE,
     "gluon 64x128 s3": GLUON,
-    "gluon_ws 128x128 s2": {**GLUON_WS, "num_stages": 2},
     "gluon_ws 128x128 s4": {**GLUON_WS, "num_stages": 4},
-    "gluon_ws 128x128 s6": {**GLUON_WS, "num_stages": 6},
+    "gluon_ws 128x256 s2": {**GLUON_WS, "block_n": 256, "num_stages": 2},  # 256-key steps
+    "gluon_ws 128x256 s3": {**GLUON_WS, "block_n": 256, "num_stages": 3},
 }
 #: kernel knob sets of the accuracy section (set on the default config)
 KNOBS: tuple[dict[str, Any], ...] = (
     {},
     {"impl": "gluon", "num_stages": 3},
     {**GLUON_WS, "num_stages": 4},
+    {**GLUON_WS, "block_n": 256, "num_stages": 2},
 )
 CASES = (("fp8_dense", 0.0, None), ("fp8_sparse", 0.9, "window"), ("fp8_sparse", 0.5, "window"))
 

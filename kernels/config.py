@@ -84,10 +84,12 @@ def infeasibility(
     tokens = math.prod(tile)
     for name in ("block_m", "block_n"):
         b = getattr(config, name)
+        # gluon_ws's 256-key steps are two 128-key blocks, each within one tile.
+        unit = min(b, 128) if name == "block_n" and config.impl == "gluon_ws" else b
         if b & (b - 1) or b < 16:
             reasons.append(f"{name}={b} is not a power of two >= 16")
-        elif tokens % b:
-            reasons.append(f"{name}={b} does not divide the tile's {tokens} tokens {list(tile)}")
+        elif tokens % unit:
+            reasons.append(f"{name}={unit} does not divide the tile's {tokens} tokens {list(tile)}")
     if mode.fp8 and config.block_n < 32:
         # P·V contracts over block_n; Hopper's fp8 MMA takes K >= 32 (seen failing to compile
         # at 16 on the H100, Triton 3.6: docs/benchmarks.md).
@@ -112,11 +114,15 @@ def infeasibility(
     return reasons
 
 
-# What `gluon_attention`'s kernels are written for: (block_m, block_n, num_warps), least stages.
+# What `gluon_attention`'s kernels are written for: (block_m, block_n, num_warps) -> least stages.
 # gluon: one warpgroup of 64 rows that refills its own ring, so >= 3 slots (the slot refilled in
 # iteration j must not be the one QK(j+1) reads). gluon_ws: two warpgroups of 64 rows and a
-# producer warp; a slot is refilled once both have released it, so 2 slots cannot deadlock.
-_GLUON_SHAPES = {"gluon": ((64, 128, 4), 3), "gluon_ws": ((128, 128, 8), 2)}
+# producer warp; a slot is refilled once both have released it, so 2 slots cannot deadlock;
+# block_n=256 takes two 128-key blocks per softmax step, a stage holding the pair.
+_GLUON_SHAPES = {
+    "gluon": {(64, 128, 4): 3},
+    "gluon_ws": {(128, 128, 8): 2, (128, 256, 8): 2},
+}
 
 
 def _gluon_infeasibility(
@@ -125,13 +131,15 @@ def _gluon_infeasibility(
     """The Gluon kernels: 64-row warpgroups, 128-key TMA blocks of 128-byte rows, Hopper's
     wgmma."""
     impl = config.impl
-    shape, least = _GLUON_SHAPES[impl]
+    shapes = _GLUON_SHAPES[impl]
     reasons = []
     if not mode.fp8:
         reasons.append(f"impl={impl} runs the fp8 modes only, not {mode.value}")
-    if (config.block_m, config.block_n, config.num_warps) != shape:
-        m, n, w = shape
-        reasons.append(f"impl={impl} needs block_m={m}, block_n={n}, num_warps={w}")
+    least = shapes.get((config.block_m, config.block_n, config.num_warps))
+    if least is None:
+        least = min(shapes.values())
+        named = " or ".join(f"block_m={m}, block_n={n}, num_warps={w}" for m, n, w in shapes)
+        reasons.append(f"impl={impl} needs {named}")
     if head_dim != 128:
         reasons.append(f"impl={impl} needs head_dim=128, got {head_dim}")
     if config.num_stages < least:

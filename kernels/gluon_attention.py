@@ -22,9 +22,11 @@ Two kernels share the per-warpgroup body `_warpgroup_rows`:
 - ``impl: gluon_ws`` (v10, v11): 128 rows per CTA on two consumer warpgroups (the default
   partition and a 4-warp worker, 240 registers each) fed by a 1-warp TMA producer
   (`gl.warp_specialize`); slots go back to the producer through ``empty`` mbarriers that both
-  consumers arrive on. One CTA per SM. FA3's ping-pong turns between the consumers are a
-  launch switch for benchmarks (measured slightly slower, off). On the H100 it is 5-9 % faster
-  than the Triton kernel (1.31-1.38x cuDNN dense).
+  consumers arrive on. One CTA per SM. ``block_n=256`` (v12, `_pair_loop`): two 128-key
+  TMA blocks per softmax step, so the per-block bookkeeping is paid once per 256 keys; 3-5 %
+  faster than 128-key steps, 1.41-1.44x cuDNN dense and 12.5-12.8x at 90 % sparsity on the
+  H100. FA3's ping-pong turns between the consumers are a launch switch for benchmarks
+  (measured slower in every run, off).
 
 Hopper only (sm_90); the CPU interpreter does not run Gluon, so `attend` refuses these kernels
 off the GPU and their tests need the H100. Written against triton 3.6's Gluon API (experimental:
@@ -78,6 +80,15 @@ def _issue_load(k_desc, v_desc, k_smem, v_smem, bars, idx_ptr, it, total, bh, N_
 
 
 @gluon.jit
+def _masked_scores(qk, bias_ptr, start, masked, s_layout: gl.constexpr, BLOCK_N: gl.constexpr):
+    """Scores of a block with padded keys get the kv bias (-inf past the last token)."""
+    if masked:
+        cols = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        qk = qk + gl.load(bias_ptr + cols)[None, :]
+    return qk
+
+
+@gluon.jit
 def _softmax(qk, m_i, l_i, c, bias_ptr, start, masked, s_layout: gl.constexpr,
              BLOCK_N: gl.constexpr):  # fmt: skip
     """One block's online softmax: the numerator P·448 (fp32), max, rescale. P crosses the
@@ -85,9 +96,7 @@ def _softmax(qk, m_i, l_i, c, bias_ptr, start, masked, s_layout: gl.constexpr,
     to e4m3 next to the wgmma that reads it (carried as e4m3 it was split into one byte per
     register and re-packed with ~200 extra instructions per block, v9).
     """
-    if masked:
-        cols = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        qk = qk + gl.load(bias_ptr + cols)[None, :]
+    qk = _masked_scores(qk, bias_ptr, start, masked, s_layout, BLOCK_N)
     m_new = gl.maximum(m_i, gl.max(qk, 1) * c)
     p = gl.exp2(qk * c[:, None] - (m_new - LOG2_448)[:, None])
     alpha = gl.exp2(m_i - m_new)
@@ -118,23 +127,121 @@ def _p_operand(p, p_layout: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.conste
     return codes.to(gl.float8e4nv, bitcast=True)
 
 
+# FlashAttention-3's turns: named barrier $1 over both consumer warpgroups (256 threads), waited
+# on (sync) or signalled without waiting (arrive); see `_turn`.
+TURN_SYNC = gl.constexpr("bar.sync $1, 256; mov.b32 $0, $1;")
+TURN_ARRIVE = gl.constexpr("bar.arrive $1, 256; mov.b32 $0, $1;")
+
+
+@gluon.jit
+def _turn(ID, ASM: gl.constexpr):
+    """``ASM`` (`TURN_SYNC` / `TURN_ARRIVE`) on hardware named barrier ``ID``, once per thread
+    (a 128-element tensor over the warpgroup's 4 warps). Inline PTX because Gluon's mbarriers
+    each add a ``bar.sync`` of the warpgroup. IDs 14 and 15: Gluon's partitions use low ones."""
+    one: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+    x = gl.full([128], ID, gl.int32, one)
+    return gl.inline_asm_elementwise(ASM, "=r,r", [x], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _pair_softmax(qk_a, qk_b, m_i, l_i, c_a, c_b):
+    """One online-softmax update over two blocks' scores: P·448 of each (fp32), the new max,
+    the row sum, and the accumulator's rescale factor."""
+    m_new = gl.maximum(m_i, gl.maximum(gl.max(qk_a, 1) * c_a, gl.max(qk_b, 1) * c_b))
+    shift = (m_new - LOG2_448)[:, None]
+    p_a = gl.exp2(qk_a * c_a[:, None] - shift)
+    p_b = gl.exp2(qk_b * c_b[:, None] - shift)
+    alpha = gl.exp2(m_i - m_new)
+    l_i = l_i * alpha + (gl.sum(p_a, 1) + gl.sum(p_b, 1))
+    return p_a, p_b, m_new, l_i, alpha
+
+
+@gluon.jit
+def _pair_entries(idx_ptr, ks_ptr, c_q, it, NB: gl.constexpr):
+    """Kv-list entries of blocks ``it`` and ``it + 1`` and their rows' score factors."""
+    kv_a = gl.load(idx_ptr + it // NB)
+    kv_b = gl.load(idx_ptr + (it + 1) // NB)
+    return kv_a, kv_b, c_q * gl.load(ks_ptr + kv_a), c_q * gl.load(ks_ptr + kv_b)
+
+
+@gluon.jit
+def _pair_loop(q_smem, ring, work, c_q, ks_ptr, bias_ptr, m_i, l_i, acc,
+               s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
+               ROWS: gl.constexpr, BLOCK_N: gl.constexpr, TILE_TOKENS: gl.constexpr,
+               STAGES: gl.constexpr):  # fmt: skip
+    """Two kv blocks per step, one online-softmax update for both (v12).
+
+    The ring's slot ``j`` holds blocks 2j and 2j+1 (one ``ready`` and one ``empty`` barrier per
+    pair). Step j: QK of both blocks, one wait, one max and rescale over 256 keys, P packed,
+    P·V of both, one wait. Nothing is in flight across the back edge (ptxas would serialise
+    every wgmma) and P never crosses it; the registers hold S for two blocks (128), the
+    accumulator (64) and packed P (32). Issuing P·V(j) and QK(j+1) together instead needs S
+    and packed P live at once: ptxas then spills P and serialises the wgmmas (tried). The
+    per-block bookkeeping (waits, barriers, the rescale, the row max's shuffles) is paid once
+    per two blocks. An odd last block goes through the same step alone.
+    """
+    _kd, _vd, k_smem, v_smem, _q, ready, empty = ring
+    _pid, _bh, idx_ptr, total, n_plain, _np = work
+    NB: gl.constexpr = TILE_TOKENS // BLOCK_N
+    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+    s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
+    npairs = total // 2
+    for j in range(npairs):
+        it = 2 * j
+        sl = 2 * (j % STAGES)
+        mbarrier.wait(ready.index(j % STAGES), (j // STAGES) & 1)
+        ta = warpgroup_mma(q_smem, k_smem.index(sl).permute((1, 0)), s_zero, use_acc=False,
+                           is_async=True)  # fmt: skip
+        tb = warpgroup_mma(q_smem, k_smem.index(sl + 1).permute((1, 0)), s_zero, use_acc=False,
+                           is_async=True)  # fmt: skip
+        kv_a, kv_b, c_a, c_b = _pair_entries(idx_ptr, ks_ptr, c_q, it, NB)
+        qk_a, qk_b = warpgroup_mma_wait(0, deps=[ta, tb])
+        qk_a = _masked_scores(qk_a, bias_ptr, kv_a * TILE_TOKENS + (it % NB) * BLOCK_N,
+                              it >= n_plain, s_layout, BLOCK_N)  # fmt: skip
+        qk_b = _masked_scores(qk_b, bias_ptr, kv_b * TILE_TOKENS + ((it + 1) % NB) * BLOCK_N,
+                              it + 1 >= n_plain, s_layout, BLOCK_N)  # fmt: skip
+        p_a, p_b, m_i, l_i, alpha = _pair_softmax(qk_a, qk_b, m_i, l_i, c_a, c_b)
+        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+        op_a = _p_operand(p_a, p_layout, ROWS, BLOCK_N)
+        op_b = _p_operand(p_b, p_layout, ROWS, BLOCK_N)
+        tok = warpgroup_mma(op_a, v_smem.index(sl).permute((1, 0)), acc, is_async=True)
+        tok = warpgroup_mma(op_b, v_smem.index(sl + 1).permute((1, 0)), tok, is_async=True)
+        acc = warpgroup_mma_wait(0, deps=[tok])
+        mbarrier.arrive(empty.index(j % STAGES), count=1)
+    if total % 2 == 1:  # the odd last block, alone in the first half of its slot
+        it = total - 1
+        sl = 2 * (npairs % STAGES)
+        mbarrier.wait(ready.index(npairs % STAGES), (npairs // STAGES) & 1)
+        qk = warpgroup_mma(q_smem, k_smem.index(sl).permute((1, 0)), s_zero, use_acc=False)
+        kv = gl.load(idx_ptr + it // NB)
+        p, m_i, l_i, alpha = _softmax(qk, m_i, l_i, c_q * gl.load(ks_ptr + kv), bias_ptr,
+                                      kv * TILE_TOKENS + (it % NB) * BLOCK_N, it >= n_plain,
+                                      s_layout, BLOCK_N)  # fmt: skip
+        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+        acc = warpgroup_mma(_p_operand(p, p_layout, ROWS, BLOCK_N),
+                            v_smem.index(sl).permute((1, 0)), acc)  # fmt: skip
+        mbarrier.arrive(empty.index(npairs % STAGES), count=1)
+    return acc, l_i
+
+
 @gluon.jit
 def _warpgroup_rows(WG: gl.constexpr, ptrs, dims, ring, work, SPARSE: gl.constexpr,
                     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                     TILE_TOKENS: gl.constexpr, STAGES: gl.constexpr,
-                    REFILL: gl.constexpr, PINGPONG: gl.constexpr):  # fmt: skip
+                    REFILL: gl.constexpr, PINGPONG: gl.constexpr,
+                    PAIRS: gl.constexpr):  # fmt: skip
     """One warpgroup's 64 rows of the CTA's ``BLOCK_M``: Q, the kv loop, the epilogue.
 
     ``REFILL``: this warpgroup refills the ring itself (the one-warpgroup kernel); otherwise a
     producer warp does, and the warpgroup arrives on the slot's ``empty`` barrier instead.
     ``PINGPONG`` (two warpgroups): they take turns issuing their wgmmas, block by block, so one's
     softmax runs while the other's matrix products hold the tensor cores (FlashAttention-3's
-    inter-warpgroup schedule; `turns` are two mbarriers, one per warpgroup).
+    inter-warpgroup schedule; the turns are two named barriers, `_turn`).
     """
     QC, QS, KS, VAMAX, KV_BIAS, SLOT_SRC, OUT = ptrs
     qk_scale, H, N, N_TILES, GRID_H, GRID_W, TILES_H, TILES_W, TILE_T, TILE_H, TILE_W = dims[:11]
     s_ob, s_oh, s_on = dims[11:]
-    k_desc, v_desc, k_smem, v_smem, q_smem, ready, empty, turns = ring
+    k_desc, v_desc, k_smem, v_smem, q_smem, ready, empty = ring
     pid, bh, idx_ptr, total, n_plain, N_PAD = work
     ROWS: gl.constexpr = 64
     NB: gl.constexpr = TILE_TOKENS // BLOCK_N
@@ -175,58 +282,67 @@ def _warpgroup_rows(WG: gl.constexpr, ptrs, dims, ring, work, SPARSE: gl.constex
     ks_ptr = KS + bh64 * N_TILES
     NEG_INF: gl.constexpr = float("-inf")
 
-    # ---- block 0: QK and softmax
-    mbarrier.wait(ready.index(0), 0)
-    s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
-    if PINGPONG:  # turn j of warpgroup 1 follows turn j of 0, which follows turn j-1 of 1
-        mbarrier.wait(turns.index(WG), (1 - WG) & 1)
-    qk = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False)
-    if PINGPONG:
-        mbarrier.arrive(turns.index(1 - WG), count=1)
-    kv_tile = gl.load(idx_ptr)
-    c = c_q * gl.load(ks_ptr + kv_tile)
-    m_i = gl.full([ROWS], NEG_INF, gl.float32, row_s)
-    l_i = gl.zeros([ROWS], gl.float32, row_s)
-    p, m_i, l_i, alpha = _softmax(qk, m_i, l_i, c, KV_BIAS, kv_tile * TILE_TOKENS, n_plain <= 0,
-                                  s_layout, BLOCK_N)  # fmt: skip
-    acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
-    # Block 1's list entry and K scale, loaded one iteration ahead from here on.
-    kv_next = gl.load(idx_ptr + 1 // NB, mask=total > 1, other=0)
-    ks_next = gl.load(ks_ptr + kv_next)
-
-    # ---- steady state: QK(j) and PV(j-1) in flight, softmax(j) overlaps PV(j-1)
-    for it in range(1, total):
-        slot = it % STAGES
-        prev = (it - 1) % STAGES
-        mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
-        if PINGPONG:
-            mbarrier.wait(turns.index(WG), (it + 1 - WG) & 1)
-        qk_tok = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), s_zero, use_acc=False,
-                               is_async=True)  # fmt: skip
-        p_op = _p_operand(p, p_layout, ROWS, BLOCK_N)
-        acc_tok = warpgroup_mma(p_op, v_smem.index(prev).permute((1, 0)), acc, is_async=True)
-        if PINGPONG:
-            mbarrier.arrive(turns.index(1 - WG), count=1)
-        kv_tile = kv_next
-        c = c_q * ks_next
-        kv_next = gl.load(idx_ptr + (it + 1) // NB, mask=it + 1 < total, other=0)
+    if PAIRS:
+        m_i = gl.full([ROWS], NEG_INF, gl.float32, row_s)
+        l_i = gl.zeros([ROWS], gl.float32, row_s)
+        acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
+        acc, l_i = _pair_loop(q_smem, ring, work, c_q, ks_ptr, KV_BIAS, m_i, l_i, acc, s_layout,
+                              o_layout, p_layout, ROWS, BLOCK_N, TILE_TOKENS, STAGES)  # fmt: skip
+    else:
+        # ---- block 0: QK and softmax
+        mbarrier.wait(ready.index(0), 0)
+        s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
+        if PINGPONG:  # turn j of warpgroup 1 follows turn j of 0, which follows turn j-1 of 1
+            if WG == 1:
+                _turn(14, TURN_ARRIVE)  # warpgroup 0 takes the first turn
+            _turn(14 + WG, TURN_SYNC)
+        qk = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False)
+        if PINGPONG and (WG == 0 or total > 1):  # warpgroup 1's last turn passes nothing on
+            _turn(15 - WG, TURN_ARRIVE)
+        kv_tile = gl.load(idx_ptr)
+        c = c_q * gl.load(ks_ptr + kv_tile)
+        m_i = gl.full([ROWS], NEG_INF, gl.float32, row_s)
+        l_i = gl.zeros([ROWS], gl.float32, row_s)
+        p, m_i, l_i, alpha = _softmax(qk, m_i, l_i, c, KV_BIAS, kv_tile * TILE_TOKENS, n_plain <= 0,
+                                      s_layout, BLOCK_N)  # fmt: skip
+        acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
+        # Block 1's list entry and K scale, loaded one iteration ahead from here on.
+        kv_next = gl.load(idx_ptr + 1 // NB, mask=total > 1, other=0)
         ks_next = gl.load(ks_ptr + kv_next)
-        start = kv_tile * TILE_TOKENS + (it % NB) * BLOCK_N
-        qk = warpgroup_mma_wait(1, deps=[qk_tok])
-        p, m_i, l_i, alpha = _softmax(qk, m_i, l_i, c, KV_BIAS, start, it >= n_plain, s_layout,
-                                      BLOCK_N)  # fmt: skip
-        acc = warpgroup_mma_wait(0, deps=[acc_tok])
-        # Both wgmmas that read block it-1's slot are done: refill it, or hand it back.
-        if REFILL:
-            _issue_load(k_desc, v_desc, k_smem, v_smem, ready, idx_ptr, it - 1 + STAGES, total,
-                        bh, N_PAD, HEAD_DIM, BLOCK_N, TILE_TOKENS, STAGES)  # fmt: skip
-        else:
-            mbarrier.arrive(empty.index(prev), count=1)
-        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
 
-    last = (total - 1) % STAGES
-    p_op = _p_operand(p, p_layout, ROWS, BLOCK_N)
-    acc = warpgroup_mma(p_op, v_smem.index(last).permute((1, 0)), acc)
+        # ---- steady state: QK(j) and PV(j-1) in flight, softmax(j) overlaps PV(j-1)
+        for it in range(1, total):
+            slot = it % STAGES
+            prev = (it - 1) % STAGES
+            mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
+            if PINGPONG:
+                _turn(14 + WG, TURN_SYNC)
+            qk_tok = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), s_zero,
+                                   use_acc=False, is_async=True)  # fmt: skip
+            p_op = _p_operand(p, p_layout, ROWS, BLOCK_N)
+            acc_tok = warpgroup_mma(p_op, v_smem.index(prev).permute((1, 0)), acc, is_async=True)
+            if PINGPONG and (WG == 0 or it + 1 < total):
+                _turn(15 - WG, TURN_ARRIVE)
+            kv_tile = kv_next
+            c = c_q * ks_next
+            kv_next = gl.load(idx_ptr + (it + 1) // NB, mask=it + 1 < total, other=0)
+            ks_next = gl.load(ks_ptr + kv_next)
+            start = kv_tile * TILE_TOKENS + (it % NB) * BLOCK_N
+            qk = warpgroup_mma_wait(1, deps=[qk_tok])
+            p, m_i, l_i, alpha = _softmax(qk, m_i, l_i, c, KV_BIAS, start, it >= n_plain, s_layout,
+                                          BLOCK_N)  # fmt: skip
+            acc = warpgroup_mma_wait(0, deps=[acc_tok])
+            # Both wgmmas that read block it-1's slot are done: refill it, or hand it back.
+            if REFILL:
+                _issue_load(k_desc, v_desc, k_smem, v_smem, ready, idx_ptr, it - 1 + STAGES, total,
+                            bh, N_PAD, HEAD_DIM, BLOCK_N, TILE_TOKENS, STAGES)  # fmt: skip
+            else:
+                mbarrier.arrive(empty.index(prev), count=1)
+            acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+
+        last = (total - 1) % STAGES
+        p_op = _p_operand(p, p_layout, ROWS, BLOCK_N)
+        acc = warpgroup_mma(p_op, v_smem.index(last).permute((1, 0)), acc)
 
     # ---- epilogue: normalise, V's channel scale, write in model order
     offs_d = gl.arange(0, HEAD_DIM, layout=col_o)
@@ -244,16 +360,44 @@ def _warpgroup_rows(WG: gl.constexpr, ptrs, dims, ring, work, SPARSE: gl.constex
 
 
 @gluon.jit
+def _issue_pair(k_desc, v_desc, k_smem, v_smem, bars, idx_ptr, j, total, bh, N_PAD,
+                HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, TILE_TOKENS: gl.constexpr,
+                STAGES: gl.constexpr):  # fmt: skip
+    """TMA blocks 2j and 2j+1 of the kv list into pair slot ``j % STAGES`` (its two halves, one
+    barrier). An odd list's last slot gets its last block twice: the bytes the barrier expects
+    stay constant, and the consumer reads only the first half."""
+    NB: gl.constexpr = TILE_TOKENS // BLOCK_N
+    slot = j % STAGES
+    bar = bars.index(slot)
+    mbarrier.expect(bar, 2 * (k_desc.block_type.nbytes + v_desc.block_type.nbytes))
+    for h in gl.static_range(2):
+        it = gl.minimum(2 * j + h, total - 1)
+        kv_tile = gl.load(idx_ptr + it // NB)
+        start = kv_tile * TILE_TOKENS + (it % NB) * BLOCK_N
+        tma.async_copy_global_to_shared(k_desc, [bh * N_PAD + start, 0], bar,
+                                        k_smem.index(2 * slot + h))  # fmt: skip
+        tma.async_copy_global_to_shared(v_desc, [bh * HEAD_DIM, start], bar,
+                                        v_smem.index(2 * slot + h))  # fmt: skip
+
+
+@gluon.jit
 def _produce(ring, work, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
-             TILE_TOKENS: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
-    """The producer warp: TMA each block of the kv list into the ring once both warpgroups
-    have handed its slot back (``empty`` starts as if released, so the first pass never waits)."""
-    k_desc, v_desc, k_smem, v_smem, _q_smem, ready, empty, _turns = ring
+             TILE_TOKENS: gl.constexpr, STAGES: gl.constexpr, PAIRS: gl.constexpr):  # fmt: skip
+    """The producer warp: TMA each block (``PAIRS``: each pair of blocks) of the kv list into
+    the ring once both warpgroups have handed its slot back (``empty`` starts as if released,
+    so the first pass never waits)."""
+    k_desc, v_desc, k_smem, v_smem, _q_smem, ready, empty = ring
     _pid, bh, idx_ptr, total, _n_plain, N_PAD = work
-    for it in range(total):
-        mbarrier.wait(empty.index(it % STAGES), ((it // STAGES) & 1) ^ 1)
-        _issue_load(k_desc, v_desc, k_smem, v_smem, ready, idx_ptr, it, total, bh, N_PAD,
-                    HEAD_DIM, BLOCK_N, TILE_TOKENS, STAGES)  # fmt: skip
+    if PAIRS:
+        for j in range((total + 1) // 2):
+            mbarrier.wait(empty.index(j % STAGES), ((j // STAGES) & 1) ^ 1)
+            _issue_pair(k_desc, v_desc, k_smem, v_smem, ready, idx_ptr, j, total, bh, N_PAD,
+                        HEAD_DIM, BLOCK_N, TILE_TOKENS, STAGES)  # fmt: skip
+    else:
+        for it in range(total):
+            mbarrier.wait(empty.index(it % STAGES), ((it // STAGES) & 1) ^ 1)
+            _issue_load(k_desc, v_desc, k_smem, v_smem, ready, idx_ptr, it, total, bh, N_PAD,
+                        HEAD_DIM, BLOCK_N, TILE_TOKENS, STAGES)  # fmt: skip
 
 
 @gluon.jit
@@ -319,6 +463,7 @@ def _gl_attn_kernel(
     STAGES: gl.constexpr,
     WARP_SPECIALIZE: gl.constexpr,
     PINGPONG: gl.constexpr,
+    PAIRS: gl.constexpr,
     CONSUMER_REGS: gl.constexpr,
 ):
     """Grid (q blocks, batch*heads). ``WARP_SPECIALIZE=False``: one warpgroup (4 warps) of 64
@@ -333,14 +478,12 @@ def _gl_attn_kernel(
     WARPGROUPS: gl.constexpr = BLOCK_M // 64
     q_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8,
                                                   rank=2)  # fmt: skip
-    k_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-    v_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, HEAD_DIM, BLOCK_N], v_desc.layout)
+    SLOTS: gl.constexpr = STAGES * (2 if PAIRS else 1)  # PAIRS: a stage is a pair of blocks
+    k_smem = gl.allocate_shared_memory(gl.float8e4nv, [SLOTS, BLOCK_N, HEAD_DIM], k_desc.layout)
+    v_smem = gl.allocate_shared_memory(gl.float8e4nv, [SLOTS, HEAD_DIM, BLOCK_N], v_desc.layout)
     q_smem = gl.allocate_shared_memory(gl.float8e4nv, [WARPGROUPS, 64, HEAD_DIM], q_layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(turns.index(0), count=1)
-    mbarrier.init(turns.index(1), count=1)
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)
         mbarrier.init(empty.index(s), count=WARPGROUPS)  # each consumer warpgroup arrives once
@@ -348,27 +491,25 @@ def _gl_attn_kernel(
     ptrs = (QC, QS, KS, VAMAX, KV_BIAS, SLOT_SRC, OUT)
     dims = (qk_scale, H, N, N_TILES, GRID_H, GRID_W, TILES_H, TILES_W, TILE_T, TILE_H, TILE_W,
             s_ob, s_oh, s_on)  # fmt: skip
-    ring = (k_desc, v_desc, k_smem, v_smem, q_smem, ready, empty, turns)
+    ring = (k_desc, v_desc, k_smem, v_smem, q_smem, ready, empty)
     work = (pid, bh, idx_ptr, total, n_plain, N_PAD)
     if WARP_SPECIALIZE:
         gl.warp_specialize([
             (_warpgroup_rows, (0, ptrs, dims, ring, work, SPARSE, HEAD_DIM, BLOCK_M, BLOCK_N,
-                               TILE_TOKENS, STAGES, False, PINGPONG)),
+                               TILE_TOKENS, STAGES, False, PINGPONG, PAIRS)),
             (_warpgroup_rows, (1, ptrs, dims, ring, work, SPARSE, HEAD_DIM, BLOCK_M, BLOCK_N,
-                               TILE_TOKENS, STAGES, False, PINGPONG)),
-            (_produce, (ring, work, HEAD_DIM, BLOCK_N, TILE_TOKENS, STAGES)),
+                               TILE_TOKENS, STAGES, False, PINGPONG, PAIRS)),
+            (_produce, (ring, work, HEAD_DIM, BLOCK_N, TILE_TOKENS, STAGES, PAIRS)),
         ], [4, 1], [CONSUMER_REGS, 24])  # fmt: skip
     else:
         for s in gl.static_range(STAGES):
             _issue_load(k_desc, v_desc, k_smem, v_smem, ready, idx_ptr, s, total, bh, N_PAD,
                         HEAD_DIM, BLOCK_N, TILE_TOKENS, STAGES)  # fmt: skip
         _warpgroup_rows(0, ptrs, dims, ring, work, SPARSE, HEAD_DIM, BLOCK_M, BLOCK_N,
-                        TILE_TOKENS, STAGES, True, False)  # fmt: skip
+                        TILE_TOKENS, STAGES, True, False, False)  # fmt: skip
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(s))
         mbarrier.invalidate(empty.index(s))
-    mbarrier.invalidate(turns.index(0))
-    mbarrier.invalidate(turns.index(1))
 
 
 def launch(
@@ -384,16 +525,20 @@ def launch(
 ) -> None:
     """Run `_gl_attn_kernel` on a `Prepared` (fp8 modes). ``grid`` and ``rest`` (the kv lists,
     output, sizes and strides) are what `triton_attention.attend` gives `_attn_kernel`.
-    ``warp_specialize``: the 128-row, two-warpgroup kernel with a producer warp; ``pingpong``
-    (benchmarks only) makes its warpgroups take turns at the tensor cores, 1 % slower on
-    average over 16 measured pairs after v11b, so off (docs/kernel_notes.md, v11b)."""
+    ``warp_specialize``: the 128-row, two-warpgroup kernel with a producer warp; with
+    ``block_n=256`` it takes two 128-key TMA blocks per softmax step (`_pair_loop`, v12), and a
+    stage is such a pair. ``pingpong`` (benchmarks only, 128-key steps) makes its warpgroups
+    take turns at the tensor cores: slower in every measurement (docs/kernel_notes.md, v11b,
+    v12)."""
     assert prep.q_scale is not None and prep.k_scale is not None and prep.v_amax is not None
-    k_desc, v_desc = descriptors(prep.k, prep.v, block_n=block_n)
+    pairs = warp_specialize and block_n == 256
+    tma_block = 128 if pairs else block_n
+    k_desc, v_desc = descriptors(prep.k, prep.v, block_n=tma_block)
     _gl_attn_kernel[grid](
         prep.q, k_desc, v_desc, prep.q_scale, prep.k_scale, prep.v_amax, *rest,
-        SPARSE=prep.spec.mode.sparse, HEAD_DIM=prep.shape[3], BLOCK_M=block_m, BLOCK_N=block_n,
+        SPARSE=prep.spec.mode.sparse, HEAD_DIM=prep.shape[3], BLOCK_M=block_m, BLOCK_N=tma_block,
         TILE_TOKENS=prep.layout.tile_tokens, STAGES=num_stages, WARP_SPECIALIZE=warp_specialize,
-        PINGPONG=warp_specialize and pingpong,
+        PINGPONG=warp_specialize and pingpong and not pairs, PAIRS=pairs,
         CONSUMER_REGS=CONSUMER_REGS, num_warps=4, **(WS_LAUNCH if warp_specialize else {}),
     )  # fmt: skip
 

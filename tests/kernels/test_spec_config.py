@@ -287,6 +287,7 @@ def test_feasible_configs_filters():
 
 GLUON = {"block_n": 128, "num_warps": 4, "num_stages": 3, "impl": "gluon"}
 GLUON_WS = {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 2, "impl": "gluon_ws"}
+GLUON_WS_PAIRS = {**GLUON_WS, "block_n": 256}  # two 128-key blocks per softmax step
 
 
 @pytest.mark.parametrize(
@@ -307,6 +308,10 @@ GLUON_WS = {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 2, "im
         (GLUON_WS, {"num_stages": 7}, "needs 245760 B of shared memory"),  # 16 KB + 7 x 32 KB
         (GLUON_WS, {"head_dim": 64}, "impl=gluon_ws needs head_dim=128, got 64"),
         (GLUON_WS, {"limits": DeviceLimits(capability=(10, 0))}, "impl=gluon_ws needs an sm_90"),
+        (GLUON_WS_PAIRS, {"block_m": 64}, "or block_m=128, block_n=256, num_warps=8"),
+        (GLUON_WS_PAIRS, {"num_stages": 1}, "impl=gluon_ws needs num_stages >= 2, got 1"),
+        (GLUON_WS_PAIRS, {"num_stages": 4}, "needs 278528 B of shared memory"),  # 16 + 4 x 64 KB
+        (GLUON_WS_PAIRS, {"impl": "triton"}, "block_n=256 does not divide the tile's 128 tokens"),
     ],
 )
 def test_gluon_kernel_feasibility(base, case, expected):
@@ -321,7 +326,8 @@ def test_gluon_kernel_feasibility(base, case, expected):
     assert len(reasons) == 1, reasons
     assert expected in reasons[0]
     least = base["num_stages"]
-    for stages in range(least, least + 5 - (base is GLUON)):  # and what it is written for passes
+    most = {id(GLUON): 6, id(GLUON_WS): 6, id(GLUON_WS_PAIRS): 3}[id(base)]
+    for stages in range(least, most + 1):  # and what it is written for passes (shared memory)
         ok = reasons_for(tile=(1, 8, 16), **{**base, "num_stages": stages})
         assert ok == [], ok
 
@@ -336,6 +342,8 @@ def test_gluon_config_is_stored_marked_and_the_default_left_out():
     assert KernelConfig.model_validate(gluon.model_dump()) == gluon != triton
     ws = KernelConfig(block_m=128, block_n=128, num_warps=8, num_stages=4, impl="gluon_ws")
     assert ws.model_dump()["impl"] == "gluon_ws" and ws.key == "m128_n128_w8_s4_glws"
+    pairs = KernelConfig.model_validate({**GLUON_WS_PAIRS, "num_stages": 3})
+    assert pairs.key == "m128_n256_w8_s3_glws"
     with pytest.raises(ValidationError, match="impl"):
         KernelConfig(block_m=64, block_n=128, impl="cuda")
 

@@ -132,8 +132,10 @@ HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 
 
 @pytest.mark.skipif(not HOPPER, reason="the Gluon kernels are written for sm_90")
 @pytest.mark.parametrize(
-    ("impl", "stages"), [("gluon", 3), ("gluon", 4), ("gluon_ws", 2), ("gluon_ws", 5)]
-)
+    ("impl", "block_n", "stages"),
+    [("gluon", 128, 3), ("gluon", 128, 4), ("gluon_ws", 128, 2), ("gluon_ws", 128, 5),
+     ("gluon_ws", 256, 2), ("gluon_ws", 256, 3)],
+)  # fmt: skip
 @pytest.mark.parametrize(
     ("grid", "tile"),
     [((7, 15, 26), (1, 8, 16)), ((5, 9, 13), (2, 8, 8)), ((7, 15, 26), (1, 16, 16)),
@@ -148,14 +150,16 @@ def test_gluon_kernel(
     grid: tuple[int, int, int],
     tile: tuple[int, int, int],
     impl: str,
+    block_n: int,
     stages: int,
 ) -> None:
     """`KernelConfig.impl = "gluon"` / ``"gluon_ws"``: the same rule for the Hopper kernels, with
     kv lists shorter than the ring (one tile), two kv blocks per tile and one or two q programs
     (256-token tiles), padded partial tiles, and (gluon_ws) a second warpgroup whose rows are
-    all past the end (one tile of 70 tokens)."""
+    all past the end (one tile of 70 tokens); gluon_ws's 256-key steps (``block_n=256``) with
+    even and odd kv lists (the odd last block alone) and pairs straddling two tiles."""
     ws = impl == "gluon_ws"
-    config = KernelConfig(block_m=128 if ws else 64, block_n=128, num_warps=8 if ws else 4,
+    config = KernelConfig(block_m=128 if ws else 64, block_n=block_n, num_warps=8 if ws else 4,
                           num_stages=stages, impl=impl)  # fmt: skip
     _check(MODES[mode], grid, 128, kind, tile=tile, config=config)
 
@@ -188,6 +192,21 @@ def test_public_api_matches_reference_backend(mode: str) -> None:
 @pytest.mark.parametrize("mode", ["fp8_dense", "fp8_window", "bf16_window"])
 @pytest.mark.parametrize("bad", ["q_nan", "k_nan", "v_nan", "q_inf", "k_inf"])
 def test_non_finite_inputs_give_nan_rows(mode: str, bad: str) -> None:
+    _check_nan_rows(mode, bad, head_dim=64, config=None)
+
+
+@pytest.mark.skipif(not HOPPER, reason="the Gluon kernels are written for sm_90")
+@pytest.mark.parametrize("block_n", [128, 256])
+@pytest.mark.parametrize("mode", ["fp8_dense", "fp8_window"])
+@pytest.mark.parametrize("bad", ["q_nan", "k_nan", "v_nan", "q_inf", "k_inf"])
+def test_gluon_non_finite_inputs_give_nan_rows(mode: str, bad: str, block_n: int) -> None:
+    """The warp-specialised Gluon kernel keeps NaN where the Triton kernel does (P's e4m3
+    packing is ``cvt.satfinite``, which keeps NaN)."""
+    config = KernelConfig(block_m=128, block_n=block_n, num_warps=8, num_stages=2, impl="gluon_ws")
+    _check_nan_rows(mode, bad, head_dim=128, config=config)
+
+
+def _check_nan_rows(mode: str, bad: str, *, head_dim: int, config: KernelConfig | None) -> None:
     from fpstune.kernels.triton_attention import prepare, triton_attention
 
     spec_d = dict(MODES[mode])
@@ -198,12 +217,13 @@ def test_non_finite_inputs_give_nan_rows(mode: str, bad: str) -> None:
     if bad.endswith("inf") and not spec.mode.fp8:
         pytest.skip("bf16: a key of +-inf gives a -inf or +inf logit, not necessarily NaN")
     layout = TileLayout(grid, tile)
-    q, k, v = make_qkv((2, 2, layout.tokens, 64), grid, "random", torch.bfloat16, _gen(bad), "cuda")
+    shape = (2, 2, layout.tokens, head_dim)
+    q, k, v = make_qkv(shape, grid, "random", torch.bfloat16, _gen(bad), "cuda")
     target = {"q": q, "k": k, "v": v}[bad[0]]
     target[1, 0, 1234, 7] = float("nan") if bad.endswith("nan") else float("inf")
-    config = default_config(tile, 64, spec.mode)
+    config = config or default_config(tile, head_dim, spec.mode)
     out = triton_attention(q, k, v, layout=layout, spec=spec, config=config, scale=0.125)
-    blocks = prepare(q, k, v, layout=layout, spec=spec).blocks
+    blocks = prepare(q, k, v, layout=layout, spec=spec, impl=config.impl).blocks
     expected = expected_nan_rows(q, k, v, layout, blocks, fp8=spec.mode.fp8)
     if bad == "v_nan" and spec.mode.fp8:
         # V's channel scale is NaN: every row of that (batch, head), nothing elsewhere.
