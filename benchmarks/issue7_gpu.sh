@@ -5,7 +5,8 @@
 # and the Wan2.1 end-to-end bench (benchmarks/e2e_bench.py).
 # Wheels for what the GPU host lacks (pydantic stack, diffusers, huggingface_hub<2,
 # importlib_metadata, zipp) under $PKGS (default .gpu7). STEPS picks: tests schedule variants e2e;
-# TESTS_ARGS adds pytest arguments (e.g. "-k gluon").
+# TESTS_ARGS adds pytest arguments (one word, e.g. "-kgluon"); E2E_ARGS are read from /tmp/run, so
+# give paths in them absolute (e.g. --policy $PWD/docs/policies/mini-e2e-run6-25db.yaml).
 # Writes under $OUT.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"; PKGS=${PKGS:-.gpu7}; ROOT=$PWD
