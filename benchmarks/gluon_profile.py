@@ -2,10 +2,10 @@
 Nsight Compute to read its counters (pipe utilisation, issue stalls, clocks):
 
     ncu --clock-control none -k regex:_gl_attn_kernel --launch-skip 2 --section WarpStateStats \\
-        python benchmarks/gluon_profile.py --variants 128-key 256-key
+        python benchmarks/gluon_profile.py --variants "128-key s4" "256-key s2"
 
 Each variant is launched twice: the first launch compiles, the second is the one to profile
-(``--launch-skip`` = the number of variants). Variants are `gluon_schedule.VARIANTS`' switches.
+(``--launch-skip`` = the number of variants). Variants are `gluon_schedule.VARIANTS`' labels.
 """
 
 from __future__ import annotations
@@ -18,23 +18,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gluon_schedule import CONFIG, TILE
+from gluon_schedule import CONFIG, TILE, VARIANTS, launcher
 from kernel_bench import SHAPES, random_qkv, spec_of
-
-SWITCHES = {
-    "128-key": {},
-    "128-key-pingpong": {"pingpong": True},
-    "256-key": {"block_n": 256, "num_stages": 2},
-}
 
 
 def main() -> None:
-    from fpstune.kernels.gluon_attention import launch
     from fpstune.kernels.tiling import TileLayout
     from fpstune.kernels.triton_attention import launch_args, prepare
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--variants", nargs="+", default=["128-key", "256-key"], choices=list(SWITCHES))
+    default = ["128-key s4", "256-key s2"]
+    ap.add_argument("--variants", nargs="+", default=default, choices=list(VARIANTS))
     ap.add_argument("--shape", default="720p", choices=list(SHAPES))
     ap.add_argument("--sparsity", type=float, default=0.0, help="0: fp8_dense; else window")
     args = ap.parse_args()
@@ -44,11 +38,11 @@ def main() -> None:
     spec = spec_of(*mode, tile=TILE, kernel=CONFIG)
     prep = prepare(q, k, v, layout=TileLayout(grid, TILE), spec=spec, impl="gluon_ws")
     out = torch.empty_like(q)
-    launch_grid, rest = launch_args(prep, block_m=128, scale=d**-0.5, out=out)
+    launch_grid, rest = launch_args(prep, block_m=CONFIG["block_m"], scale=d**-0.5, out=out)
+    runs = [launcher(prep, launch_grid, rest, VARIANTS[name]) for name in args.variants]
     for _ in range(2):
-        for name in args.variants:
-            switches = {"block_n": 128, "num_stages": CONFIG["num_stages"], **SWITCHES[name]}
-            launch(prep, launch_grid, rest, block_m=128, warp_specialize=True, **switches)
+        for run in runs:
+            run()
     torch.cuda.synchronize()
     print("launched", args.variants, "twice each")
 

@@ -17,6 +17,7 @@ import json
 import math
 import statistics
 import sys
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -39,10 +40,21 @@ VARIANTS: dict[str, dict[str, Any]] = {
 CASES = (("fp8_dense", 0.0, None), ("fp8_sparse", 0.9, "window"))
 
 
+def launcher(
+    prep: Any, launch_grid: Any, rest: Any, switches: dict[str, Any]
+) -> Callable[[], None]:
+    """`gluon_attention.launch` of one `VARIANTS` entry: CONFIG's launch with ``switches``."""
+    from fpstune.kernels.gluon_attention import launch
+
+    kw = {"block_n": CONFIG["block_n"], "num_stages": CONFIG["num_stages"], **switches}
+    return partial(
+        launch, prep, launch_grid, rest, block_m=CONFIG["block_m"], warp_specialize=True, **kw
+    )
+
+
 def run_shape(name: str, budget_s: float) -> list[dict[str, Any]]:
     from torch.nn.attention import SDPBackend
 
-    from fpstune.kernels.gluon_attention import launch
     from fpstune.kernels.tiling import TileLayout
     from fpstune.kernels.triton_attention import launch_args, prepare
 
@@ -70,10 +82,7 @@ def run_shape(name: str, budget_s: float) -> list[dict[str, Any]]:
         launch_grid, rest = launch_args(prep, block_m=CONFIG["block_m"], scale=d**-0.5, out=out)
         first = None
         for label, switches in VARIANTS.items():
-            run = partial(
-                launch, prep, launch_grid, rest, block_m=128, warp_specialize=True,
-                **{"block_n": 128, "num_stages": CONFIG["num_stages"], **switches},
-            )  # fmt: skip
+            run = launcher(prep, launch_grid, rest, switches)
             add(f"{what} {label}", time_op(run, budget_s=budget_s))
             assert not out.isnan().any(), f"{what} {label}: rows left unwritten"
             if first is None:

@@ -64,19 +64,34 @@ WS_LAUNCH = {"maxnreg": 168}
 
 
 @gluon.jit
+def _block_start(kv_tile, it, TILE_TOKENS: gl.constexpr, BLOCK_N: gl.constexpr):
+    """First key (padded, tile-major) of block ``it`` of the kv list, in tile ``kv_tile``."""
+    return kv_tile * TILE_TOKENS + (it % (TILE_TOKENS // BLOCK_N)) * BLOCK_N
+
+
+@gluon.jit
+def _tma_block(k_desc, v_desc, k_dst, v_dst, bar, idx_ptr, it, bh, N_PAD, pred,
+               HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+               TILE_TOKENS: gl.constexpr):  # fmt: skip
+    """TMA K and V of block ``it`` of the kv list into ``k_dst`` / ``v_dst``, counted on
+    ``bar`` (``pred``: whether to)."""
+    kv_tile = gl.load(idx_ptr + it // (TILE_TOKENS // BLOCK_N), mask=pred, other=0)
+    start = _block_start(kv_tile, it, TILE_TOKENS, BLOCK_N)
+    tma.async_copy_global_to_shared(k_desc, [bh * N_PAD + start, 0], bar, k_dst, pred)
+    tma.async_copy_global_to_shared(v_desc, [bh * HEAD_DIM, start], bar, v_dst, pred)
+
+
+@gluon.jit
 def _issue_load(k_desc, v_desc, k_smem, v_smem, bars, idx_ptr, it, total, bh, N_PAD,
                 HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr, TILE_TOKENS: gl.constexpr,
                 STAGES: gl.constexpr):  # fmt: skip
     """TMA block ``it`` of the kv list (if it exists) into slot ``it % STAGES``."""
-    NB: gl.constexpr = TILE_TOKENS // BLOCK_N
     pred = it < total
-    kv_tile = gl.load(idx_ptr + it // NB, mask=pred, other=0)
-    start = kv_tile * TILE_TOKENS + (it % NB) * BLOCK_N
     slot = it % STAGES
     bar = bars.index(slot)
     mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes, pred=pred)
-    tma.async_copy_global_to_shared(k_desc, [bh * N_PAD + start, 0], bar, k_smem.index(slot), pred)
-    tma.async_copy_global_to_shared(v_desc, [bh * HEAD_DIM, start], bar, v_smem.index(slot), pred)
+    _tma_block(k_desc, v_desc, k_smem.index(slot), v_smem.index(slot), bar, idx_ptr, it, bh,
+               N_PAD, pred, HEAD_DIM, BLOCK_N, TILE_TOKENS)  # fmt: skip
 
 
 @gluon.jit
@@ -196,9 +211,9 @@ def _pair_loop(q_smem, ring, work, c_q, ks_ptr, bias_ptr, m_i, l_i, acc,
                            is_async=True)  # fmt: skip
         kv_a, kv_b, c_a, c_b = _pair_entries(idx_ptr, ks_ptr, c_q, it, NB)
         qk_a, qk_b = warpgroup_mma_wait(0, deps=[ta, tb])
-        qk_a = _masked_scores(qk_a, bias_ptr, kv_a * TILE_TOKENS + (it % NB) * BLOCK_N,
+        qk_a = _masked_scores(qk_a, bias_ptr, _block_start(kv_a, it, TILE_TOKENS, BLOCK_N),
                               it >= n_plain, s_layout, BLOCK_N)  # fmt: skip
-        qk_b = _masked_scores(qk_b, bias_ptr, kv_b * TILE_TOKENS + ((it + 1) % NB) * BLOCK_N,
+        qk_b = _masked_scores(qk_b, bias_ptr, _block_start(kv_b, it + 1, TILE_TOKENS, BLOCK_N),
                               it + 1 >= n_plain, s_layout, BLOCK_N)  # fmt: skip
         p_a, p_b, m_i, l_i, alpha = _pair_softmax(qk_a, qk_b, m_i, l_i, c_a, c_b)
         acc = acc * gl.convert_layout(alpha, row_o)[:, None]
@@ -215,7 +230,7 @@ def _pair_loop(q_smem, ring, work, c_q, ks_ptr, bias_ptr, m_i, l_i, acc,
         qk = warpgroup_mma(q_smem, k_smem.index(sl).permute((1, 0)), s_zero, use_acc=False)
         kv = gl.load(idx_ptr + it // NB)
         p, m_i, l_i, alpha = _softmax(qk, m_i, l_i, c_q * gl.load(ks_ptr + kv), bias_ptr,
-                                      kv * TILE_TOKENS + (it % NB) * BLOCK_N, it >= n_plain,
+                                      _block_start(kv, it, TILE_TOKENS, BLOCK_N), it >= n_plain,
                                       s_layout, BLOCK_N)  # fmt: skip
         acc = acc * gl.convert_layout(alpha, row_o)[:, None]
         acc = warpgroup_mma(_p_operand(p, p_layout, ROWS, BLOCK_N),
@@ -280,12 +295,11 @@ def _warpgroup_rows(WG: gl.constexpr, ptrs, dims, ring, work, SPARSE: gl.constex
     fence_async_shared()  # the wgmma reads Q through the async proxy
     c_q = gl.load(QS + bh64 * N_TILES + tile_of_row) * qk_scale
     ks_ptr = KS + bh64 * N_TILES
-    NEG_INF: gl.constexpr = float("-inf")
+    m_i = gl.full([ROWS], float("-inf"), gl.float32, row_s)
+    l_i = gl.zeros([ROWS], gl.float32, row_s)
+    acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
 
     if PAIRS:
-        m_i = gl.full([ROWS], NEG_INF, gl.float32, row_s)
-        l_i = gl.zeros([ROWS], gl.float32, row_s)
-        acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
         acc, l_i = _pair_loop(q_smem, ring, work, c_q, ks_ptr, KV_BIAS, m_i, l_i, acc, s_layout,
                               o_layout, p_layout, ROWS, BLOCK_N, TILE_TOKENS, STAGES)  # fmt: skip
     else:
@@ -301,11 +315,8 @@ def _warpgroup_rows(WG: gl.constexpr, ptrs, dims, ring, work, SPARSE: gl.constex
             _turn(15 - WG, TURN_ARRIVE)
         kv_tile = gl.load(idx_ptr)
         c = c_q * gl.load(ks_ptr + kv_tile)
-        m_i = gl.full([ROWS], NEG_INF, gl.float32, row_s)
-        l_i = gl.zeros([ROWS], gl.float32, row_s)
         p, m_i, l_i, alpha = _softmax(qk, m_i, l_i, c, KV_BIAS, kv_tile * TILE_TOKENS, n_plain <= 0,
                                       s_layout, BLOCK_N)  # fmt: skip
-        acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
         # Block 1's list entry and K scale, loaded one iteration ahead from here on.
         kv_next = gl.load(idx_ptr + 1 // NB, mask=total > 1, other=0)
         ks_next = gl.load(ks_ptr + kv_next)
@@ -327,7 +338,7 @@ def _warpgroup_rows(WG: gl.constexpr, ptrs, dims, ring, work, SPARSE: gl.constex
             c = c_q * ks_next
             kv_next = gl.load(idx_ptr + (it + 1) // NB, mask=it + 1 < total, other=0)
             ks_next = gl.load(ks_ptr + kv_next)
-            start = kv_tile * TILE_TOKENS + (it % NB) * BLOCK_N
+            start = _block_start(kv_tile, it, TILE_TOKENS, BLOCK_N)
             qk = warpgroup_mma_wait(1, deps=[qk_tok])
             p, m_i, l_i, alpha = _softmax(qk, m_i, l_i, c, KV_BIAS, start, it >= n_plain, s_layout,
                                           BLOCK_N)  # fmt: skip
@@ -366,18 +377,13 @@ def _issue_pair(k_desc, v_desc, k_smem, v_smem, bars, idx_ptr, j, total, bh, N_P
     """TMA blocks 2j and 2j+1 of the kv list into pair slot ``j % STAGES`` (its two halves, one
     barrier). An odd list's last slot gets its last block twice: the bytes the barrier expects
     stay constant, and the consumer reads only the first half."""
-    NB: gl.constexpr = TILE_TOKENS // BLOCK_N
     slot = j % STAGES
     bar = bars.index(slot)
     mbarrier.expect(bar, 2 * (k_desc.block_type.nbytes + v_desc.block_type.nbytes))
     for h in gl.static_range(2):
-        it = gl.minimum(2 * j + h, total - 1)
-        kv_tile = gl.load(idx_ptr + it // NB)
-        start = kv_tile * TILE_TOKENS + (it % NB) * BLOCK_N
-        tma.async_copy_global_to_shared(k_desc, [bh * N_PAD + start, 0], bar,
-                                        k_smem.index(2 * slot + h))  # fmt: skip
-        tma.async_copy_global_to_shared(v_desc, [bh * HEAD_DIM, start], bar,
-                                        v_smem.index(2 * slot + h))  # fmt: skip
+        _tma_block(k_desc, v_desc, k_smem.index(2 * slot + h), v_smem.index(2 * slot + h), bar,
+                   idx_ptr, gl.minimum(2 * j + h, total - 1), bh, N_PAD, True, HEAD_DIM,
+                   BLOCK_N, TILE_TOKENS)  # fmt: skip
 
 
 @gluon.jit
