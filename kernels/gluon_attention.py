@@ -23,8 +23,8 @@ Two kernels share the per-warpgroup body `_warpgroup_rows`:
   partition and a 4-warp worker, 240 registers each) fed by a 1-warp TMA producer
   (`gl.warp_specialize`); slots go back to the producer through ``empty`` mbarriers that both
   consumers arrive on. One CTA per SM. ``block_n=256`` (v12, `_pair_loop`): two 128-key
-  TMA blocks per softmax step, so the per-block bookkeeping is paid once per 256 keys; 3-5 %
-  faster than 128-key steps, 1.41-1.44x cuDNN dense and 12.5-12.8x at 90 % sparsity on the
+  TMA blocks per softmax step, so the per-block bookkeeping is paid once per 256 keys; 2-5 %
+  faster than 128-key steps, 1.41-1.44x cuDNN dense and 12.5-12.9x at 90 % sparsity on the
   H100. FA3's ping-pong turns between the consumers are a launch switch for benchmarks
   (measured slower in every run, off).
 
