@@ -1,7 +1,8 @@
 """Schedule ablation of the warp-specialised Gluon kernel (``impl: gluon_ws``), kernel alone,
 against SDPA's cuDNN backend in the same process, at the Wan2.1 720p shapes, dense and 90 %
 sparse: 128-key softmax steps with its two consumer warpgroups taking turns at the tensor cores
-(ping-pong) or not; 256-key steps (``block_n=256``, v12) at 2 and 3 stages; and the pre-pass with
+(ping-pong) or not; 256-key steps (``block_n=256``, v12) at 2 and 3 stages, with some
+exponentials on the FMA pipe or warpgroup 1 started half a step behind (v13); and the pre-pass with
 V in natural or in the Gluon kernels' key order. The turns are a launch argument of
 `gluon_attention.launch`, not a `KernelConfig` knob: they exist to measure what they are worth
 (docs/kernel_notes.md, v11, v12). With and without turns the outputs must be bit-identical
@@ -36,27 +37,34 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "128-key s4 ping-pong": {"pingpong": True},
     "256-key s2": {"block_n": 256, "num_stages": 2},
     "256-key s3": {"block_n": 256, "num_stages": 3},
+    # v13: one exponential in 8 / 4 on the FMA pipe; warpgroup 1 half a step behind
+    "256-key s2 emu 1/8": {"block_n": 256, "num_stages": 2, "emu": 8},
+    "256-key s2 emu 1/4": {"block_n": 256, "num_stages": 2, "emu": 4},
+    "256-key s2 stagger": {"block_n": 256, "num_stages": 2, "stagger": True},
+    # v13: 192 rows on three consumer warpgroups, serial 128-key steps (dense only)
+    "192-row 3wg s3": {"block_m": 192, "num_stages": 3},
+    "192-row 3wg s4": {"block_m": 192, "num_stages": 4},
+    "192-row 3wg s6": {"block_m": 192, "num_stages": 6},
 }
 CASES = (("fp8_dense", 0.0, None), ("fp8_sparse", 0.9, "window"))
 
 
-def launcher(
-    prep: Any, launch_grid: Any, rest: Any, switches: dict[str, Any]
-) -> Callable[[], None]:
+def launcher(prep: Any, out: torch.Tensor, switches: dict[str, Any]) -> Callable[[], None]:
     """`gluon_attention.launch` of one `VARIANTS` entry: CONFIG's launch with ``switches``."""
     from fpstune.kernels.gluon_attention import launch
+    from fpstune.kernels.triton_attention import launch_args
 
-    kw = {"block_n": CONFIG["block_n"], "num_stages": CONFIG["num_stages"], **switches}
-    return partial(
-        launch, prep, launch_grid, rest, block_m=CONFIG["block_m"], warp_specialize=True, **kw
-    )
+    kw = {"block_m": CONFIG["block_m"], "block_n": CONFIG["block_n"],
+          "num_stages": CONFIG["num_stages"], **switches}  # fmt: skip
+    grid, rest = launch_args(prep, block_m=kw["block_m"], scale=prep.shape[3] ** -0.5, out=out)
+    return partial(launch, prep, grid, rest, warp_specialize=True, **kw)
 
 
-def run_shape(name: str, budget_s: float) -> list[dict[str, Any]]:
+def run_shape(name: str, budget_s: float, only: list[str] | None = None) -> list[dict[str, Any]]:
     from torch.nn.attention import SDPBackend
 
     from fpstune.kernels.tiling import TileLayout
-    from fpstune.kernels.triton_attention import launch_args, prepare
+    from fpstune.kernels.triton_attention import prepare
 
     b, h, grid, d = SHAPES[name]
     n = math.prod(grid)
@@ -79,19 +87,22 @@ def run_shape(name: str, budget_s: float) -> list[dict[str, Any]]:
             add(f"{what} prepare(impl={impl})", time_op(run_prep, budget_s=budget_s))
         prep = prepare(q, k, v, layout=layout, spec=spec, impl="gluon_ws")
         out = torch.full_like(q, float("nan"))
-        launch_grid, rest = launch_args(prep, block_m=CONFIG["block_m"], scale=d**-0.5, out=out)
         first = None
         for label, switches in VARIANTS.items():
-            run = launcher(prep, launch_grid, rest, switches)
+            if only and label not in only and label != next(iter(VARIANTS)):
+                continue
+            if pat and switches.get("block_m") == 192:
+                continue  # a 192-row block is not within one 128-token tile: dense only
+            run = launcher(prep, out, switches)
             add(f"{what} {label}", time_op(run, budget_s=budget_s))
             assert not out.isnan().any(), f"{what} {label}: rows left unwritten"
             if first is None:
                 first = out.clone()
-            elif switches.get("block_n") == 256:  # other numbers: how far from 128-key steps
+            elif not set(switches) <= {"pingpong", "stagger"}:  # other numbers: how far off
                 diff = (out.float() - first.float()).abs()
                 rows[-1]["max_rel_diff"] = (diff.max() / first.float().abs().max()).item()
                 print(f"    max |diff| / max |out| = {rows[-1]['max_rel_diff']:.2e}", flush=True)
-            elif not torch.equal(out, first):  # turns change when each warpgroup issues only
+            elif not torch.equal(out, first) and not switches.get("stagger"):  # turns: issue only
                 raise SystemExit(f"{what} {label}: output differs from {next(iter(VARIANTS))}'s")
             out.fill_(float("nan"))
         del prep, first
@@ -105,8 +116,10 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=["720p", "720p-14b"], choices=list(SHAPES))
     ap.add_argument("--budget-s", type=float, default=3.0, help="timing budget per op")
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    ap.add_argument("--only", nargs="+", choices=list(VARIANTS), default=None,
+                    help="these variants (and the first, the reference) only")  # fmt: skip
     args = ap.parse_args()
-    rows = [r for s in args.shapes for r in run_shape(s, args.budget_s)]
+    rows = [r for s in args.shapes for r in run_shape(s, args.budget_s, args.only)]
     if args.out:
         args.out.write_text(json.dumps({"env": environment(), "rows": rows}, indent=1))
     print(f"\n{'shape':9s} {'op':40s} {'ms':>9s} {'vs cuDNN':>8s}")
