@@ -7,7 +7,6 @@ memory, and the instruction mix of the kv loop, per variant. This is what docs/k
     python benchmarks/kernel_sass.py --variants gluon --stages 3  # the Gluon kernel (v9)
     python benchmarks/kernel_sass.py --variants gluon_ws --stages 4  # its warp-specialised form
     python benchmarks/kernel_sass.py --variants gluon_ws --block 128x256 --stages 2  # 256-key steps
-    python benchmarks/kernel_sass.py --variants gluon_ws --block 128x256 --stages 2 --emu 4
 
 A variant is ``base`` (the default config), ``e16`` (``KernelConfig.exp2 = "f16x2"``),
 ``gluon`` or ``gluon_ws`` (``KernelConfig.impl``; ``--stages`` applies, the block is fixed
@@ -36,8 +35,8 @@ OPS = ("QGMMA", "MUFU.EX2", "MUFU.EX2.F16", "HADD2", "FADD", "FMUL", "FFMA", "FM
 
 
 def compile_variant(knobs: set[str], *, block_m: int, block_n: int, warps: int, stages: int,
-                    sparse: bool, tile_tokens: int, maxnreg: int | None = None, emu: int = 0,
-                    stagger: bool = False) -> tuple[str, dict[str, int]]:  # fmt: skip
+                    sparse: bool, tile_tokens: int, maxnreg: int | None = None,
+                    ) -> tuple[str, dict[str, int]]:  # fmt: skip
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -48,7 +47,7 @@ def compile_variant(knobs: set[str], *, block_m: int, block_n: int, warps: int, 
         ws = "gluon_ws" in knobs
         gl_src, gl_options = _gluon_source(
             stages=stages, sparse=sparse, tile_tokens=tile_tokens, ws=ws,
-            pairs=ws and block_n == 256, emu=emu, stagger=stagger, three=block_m == 192,
+            pairs=ws and block_n == 256,
         )  # fmt: skip
         return _compiled(
             triton.compile(gl_src, target=GPUTarget("cuda", 90, 32), options=gl_options)
@@ -71,15 +70,7 @@ def compile_variant(knobs: set[str], *, block_m: int, block_n: int, warps: int, 
 
 
 def _gluon_source(
-    *,
-    stages: int,
-    sparse: bool,
-    tile_tokens: int,
-    ws: bool,
-    pairs: bool = False,
-    emu: int = 0,
-    stagger: bool = False,
-    three: bool = False,
+    *, stages: int, sparse: bool, tile_tokens: int, ws: bool, pairs: bool = False
 ) -> tuple[Any, dict[str, int]]:
     """`gluon_attention._gl_attn_kernel` as the launcher specialises it (64x128 on 4 warps, or
     with ``ws`` 128x128 warp-specialised); its K/V descriptors' types come from descriptors
@@ -90,8 +81,6 @@ def _gluon_source(
 
     from fpstune.kernels.gluon_attention import (
         CONSUMER_REGS,
-        THREE_WG_LAUNCH,
-        THREE_WG_REGS,
         WS_LAUNCH,
         _gl_attn_kernel,
         descriptors,
@@ -104,14 +93,11 @@ def _gluon_source(
     types |= {n: "*i32" for n in ("VAMAX", "KV_INDEX", "KV_COUNT", "KV_FULL", "SLOT_SRC")}
     types |= {"QC": "*fp8e4nv", "OUT": "*bf16", "qk_scale": "fp32"}
     types |= {"k_desc": mangle_type(k_desc), "v_desc": mangle_type(v_desc)}
-    block_m = 192 if three else 128 if ws else 64
-    consts = {"SPARSE": sparse, "HEAD_DIM": 128, "BLOCK_M": block_m, "BLOCK_N": 128,
+    consts = {"SPARSE": sparse, "HEAD_DIM": 128, "BLOCK_M": 128 if ws else 64, "BLOCK_N": 128,
               "TILE_TOKENS": tile_tokens, "STAGES": stages, "WARP_SPECIALIZE": ws,
-              "PINGPONG": False, "PAIRS": pairs,
-              "CONSUMER_REGS": THREE_WG_REGS if three else CONSUMER_REGS,
-              "EMU": emu, "STAGGER": stagger}  # fmt: skip
+              "PINGPONG": False, "PAIRS": pairs, "CONSUMER_REGS": CONSUMER_REGS}  # fmt: skip
     sig, attrs = _specialised(fn, types, consts)
-    options = {"num_warps": 4, **((THREE_WG_LAUNCH if three else WS_LAUNCH) if ws else {})}
+    options = {"num_warps": 4, **(WS_LAUNCH if ws else {})}
     return GluonASTSource(fn, sig, constexprs=consts, attrs=attrs), options
 
 
@@ -193,18 +179,6 @@ def main() -> None:
     ap.add_argument("--sparse", action="store_true", help="the sparse kernel (default dense)")
     ap.add_argument("--tile-tokens", type=int, default=128)
     ap.add_argument("--maxnreg", type=int, default=None, help="register cap per thread (ptxas)")
-    ap.add_argument(
-        "--emu",
-        type=int,
-        default=0,
-        choices=(0, 2, 4, 8),
-        help="gluon_ws 128x256: one exponential in EMU on the FMA pipe (v13)",
-    )
-    ap.add_argument(
-        "--stagger",
-        action="store_true",
-        help="gluon_ws 128x256: warpgroup 1 starts half a step behind (v13)",
-    )
     args = ap.parse_args()
     bm, bn = (int(x) for x in args.block.split("x"))
     print(
@@ -221,7 +195,6 @@ def main() -> None:
         sass, meta = compile_variant(
             knobs, block_m=bm, block_n=bn, warps=args.warps, stages=args.stages,
             sparse=args.sparse, tile_tokens=args.tile_tokens, maxnreg=args.maxnreg,
-            emu=args.emu, stagger=args.stagger,
         )  # fmt: skip
         mix = loop_mix(sass, gluon=bool(knobs & {"gluon", "gluon_ws"}))
         print(

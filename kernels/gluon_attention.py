@@ -61,10 +61,6 @@ LOG2_448 = gl.constexpr(8.807354922057604)  # log2(448): P comes out as P·448
 # consumer warpgroups get 240 (setmaxnreg; 168 * 384 = 24 * 128 + 2 * 240 * 128).
 CONSUMER_REGS = 240
 WS_LAUNCH = {"maxnreg": 168}
-# v13: 192 rows on three consumer warpgroups (dense), 4 + 4 + 4 + 1 warps in four warpgroups:
-# 128 on average, 160 for each consumer and 24 for the producer (3 * 160 + 24 <= 4 * 128).
-THREE_WG_REGS = 160
-THREE_WG_LAUNCH = {"maxnreg": 128}
 
 
 @gluon.jit
@@ -152,56 +148,6 @@ TURN_SYNC = gl.constexpr("bar.sync $1, 256; mov.b32 $0, $1;")
 TURN_ARRIVE = gl.constexpr("bar.arrive $1, 256; mov.b32 $0, $1;")
 
 
-def _exp2_mixed_asm(pack: int) -> str:
-    """PTX for ``pack`` exponentials (fp32 in, fp32 out): the first ``pack - 1`` on the MUFU
-    (``ex2.approx.ftz``), the last on the FMA pipe (FlashAttention-4's emulation, degree 2):
-    2**x = 2**floor(x) * poly(x - floor(x)), floor by adding 1.5 * 2**23 rounding down, the
-    power of two built by an integer multiply-add on the sum's bits. Minimax relative error
-    1.7e-3, far below e4m3's 2**-4 rounding of P. ``max.NaN`` keeps NaN scores NaN and
-    clamps -inf (padded keys) to 2**-126."""
-    outs, ins = list(range(pack)), list(range(pack, 2 * pack))
-    mufu = " ".join(
-        f"ex2.approx.ftz.f32 ${o}, ${i};" for o, i in zip(outs[:-1], ins[:-1], strict=True)
-    )
-    emu = (
-        f"max.NaN.f32 x, ${ins[-1]}, 0fC2FC0000; add.rm.f32 r, x, 0f4B400000; "
-        "sub.f32 fl, r, 0f4B400000; sub.f32 fr, x, fl; "
-        "fma.rn.f32 p, fr, 0f3EACA3BB, 0f3F285AC8; fma.rn.f32 p, p, fr, 0f3F80388E; "
-        f"mad.lo.s32 e, r, 8388608, 1065353216; mul.f32 ${outs[-1]}, p, e;"
-    )
-    return "{ .reg .b32 x, r, fl, fr, p, e; " + mufu + " " + emu + " }"
-
-
-def _cons(pack: int) -> str:
-    return ",".join(["=r"] * pack + ["r"] * pack)
-
-
-# One exponential in EMU on the FMA pipe (`_exp2`): 2, 4 or 8 (0: all on the MUFU).
-EXP2_MIXED_2 = gl.constexpr(_exp2_mixed_asm(2))
-EXP2_MIXED_4 = gl.constexpr(_exp2_mixed_asm(4))
-EXP2_MIXED_8 = gl.constexpr(_exp2_mixed_asm(8))
-CONS_2 = gl.constexpr(_cons(2))
-CONS_4 = gl.constexpr(_cons(4))
-CONS_8 = gl.constexpr(_cons(8))
-
-
-@gluon.jit
-def _exp2(x, EMU: gl.constexpr):
-    """exp2 of fp32 ``x``; with ``EMU`` (2, 4, 8) one element in EMU is computed on the FMA
-    pipe instead of the MUFU (v13; a launch switch for benchmarks)."""
-    if EMU == 2:
-        return gl.inline_asm_elementwise(EXP2_MIXED_2, CONS_2, [x], dtype=gl.float32,
-                                         is_pure=True, pack=2)  # fmt: skip
-    elif EMU == 4:
-        return gl.inline_asm_elementwise(EXP2_MIXED_4, CONS_4, [x], dtype=gl.float32,
-                                         is_pure=True, pack=4)  # fmt: skip
-    elif EMU == 8:
-        return gl.inline_asm_elementwise(EXP2_MIXED_8, CONS_8, [x], dtype=gl.float32,
-                                         is_pure=True, pack=8)  # fmt: skip
-    else:
-        return gl.exp2(x)
-
-
 @gluon.jit
 def _turn(ID, ASM: gl.constexpr):
     """``ASM`` (`TURN_SYNC` / `TURN_ARRIVE`) on hardware named barrier ``ID``, once per thread
@@ -213,13 +159,13 @@ def _turn(ID, ASM: gl.constexpr):
 
 
 @gluon.jit
-def _pair_softmax(qk_a, qk_b, m_i, l_i, c_a, c_b, EMU: gl.constexpr):
+def _pair_softmax(qk_a, qk_b, m_i, l_i, c_a, c_b):
     """One online-softmax update over two blocks' scores: P·448 of each (fp32), the new max,
-    the row sum, and the accumulator's rescale factor (``EMU``: `_exp2`)."""
+    the row sum, and the accumulator's rescale factor."""
     m_new = gl.maximum(m_i, gl.maximum(gl.max(qk_a, 1) * c_a, gl.max(qk_b, 1) * c_b))
     shift = (m_new - LOG2_448)[:, None]
-    p_a = _exp2(qk_a * c_a[:, None] - shift, EMU)
-    p_b = _exp2(qk_b * c_b[:, None] - shift, EMU)
+    p_a = gl.exp2(qk_a * c_a[:, None] - shift)
+    p_b = gl.exp2(qk_b * c_b[:, None] - shift)
     alpha = gl.exp2(m_i - m_new)
     l_i = l_i * alpha + (gl.sum(p_a, 1) + gl.sum(p_b, 1))
     return p_a, p_b, m_new, l_i, alpha
@@ -234,29 +180,10 @@ def _pair_entries(idx_ptr, ks_ptr, c_q, it, NB: gl.constexpr):
 
 
 @gluon.jit
-def _one_block(q_smem, k_blk, v_blk, s_zero, it, work, c_q, ks_ptr, bias_ptr, m_i, l_i, acc,
-               s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
-               ROWS: gl.constexpr, BLOCK_N: gl.constexpr, TILE_TOKENS: gl.constexpr):  # fmt: skip
-    """Block ``it`` of the kv list, already in ``k_blk`` / ``v_blk``, start to finish: QK,
-    softmax, rescale, P·V, each wgmma waited on at once."""
-    idx_ptr, n_plain = work[2], work[4]
-    row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
-    qk = warpgroup_mma(q_smem, k_blk.permute((1, 0)), s_zero, use_acc=False)
-    kv = gl.load(idx_ptr + it // (TILE_TOKENS // BLOCK_N))
-    p, m_i, l_i, alpha = _softmax(qk, m_i, l_i, c_q * gl.load(ks_ptr + kv), bias_ptr,
-                                  _block_start(kv, it, TILE_TOKENS, BLOCK_N), it >= n_plain,
-                                  s_layout, BLOCK_N)  # fmt: skip
-    acc = acc * gl.convert_layout(alpha, row_o)[:, None]
-    acc = warpgroup_mma(_p_operand(p, p_layout, ROWS, BLOCK_N), v_blk.permute((1, 0)), acc)
-    return m_i, l_i, acc
-
-
-@gluon.jit
 def _pair_loop(q_smem, ring, work, c_q, ks_ptr, bias_ptr, m_i, l_i, acc,
                s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
                ROWS: gl.constexpr, BLOCK_N: gl.constexpr, TILE_TOKENS: gl.constexpr,
-               STAGES: gl.constexpr, WG: gl.constexpr, EMU: gl.constexpr,
-               STAGGER: gl.constexpr):  # fmt: skip
+               STAGES: gl.constexpr):  # fmt: skip
     """Two kv blocks per step, one online-softmax update for both (v12).
 
     The ring's slot ``j`` holds blocks 2j and 2j+1 (one ``ready`` and one ``empty`` barrier per
@@ -267,10 +194,6 @@ def _pair_loop(q_smem, ring, work, c_q, ks_ptr, bias_ptr, m_i, l_i, acc,
     and packed P live at once: ptxas then spills P and serialises the wgmmas (tried). The
     per-block bookkeeping (waits, barriers, the rescale, the row max's shuffles) is paid once
     per two blocks. An odd last block goes through the same step alone.
-
-    Benchmark switches (v13): ``EMU``, some exponentials on the FMA pipe (`_exp2`);
-    ``STAGGER``, warpgroup 1 starts once warpgroup 0 has its first scores, half a step behind
-    (named barrier 14, once), so that one's softmax can meet the other's matrix products.
     """
     _kd, _vd, k_smem, v_smem, _q, ready, empty = ring
     _pid, _bh, idx_ptr, total, n_plain, _np = work
@@ -278,8 +201,6 @@ def _pair_loop(q_smem, ring, work, c_q, ks_ptr, bias_ptr, m_i, l_i, acc,
     row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
     s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
     npairs = total // 2
-    if STAGGER and WG == 1:
-        _turn(14, TURN_SYNC)
     for j in range(npairs):
         it = 2 * j
         sl = 2 * (j % STAGES)
@@ -290,13 +211,11 @@ def _pair_loop(q_smem, ring, work, c_q, ks_ptr, bias_ptr, m_i, l_i, acc,
                            is_async=True)  # fmt: skip
         kv_a, kv_b, c_a, c_b = _pair_entries(idx_ptr, ks_ptr, c_q, it, NB)
         qk_a, qk_b = warpgroup_mma_wait(0, deps=[ta, tb])
-        if STAGGER and WG == 0 and j == 0:
-            _turn(14, TURN_ARRIVE)
         qk_a = _masked_scores(qk_a, bias_ptr, _block_start(kv_a, it, TILE_TOKENS, BLOCK_N),
                               it >= n_plain, s_layout, BLOCK_N)  # fmt: skip
         qk_b = _masked_scores(qk_b, bias_ptr, _block_start(kv_b, it + 1, TILE_TOKENS, BLOCK_N),
                               it + 1 >= n_plain, s_layout, BLOCK_N)  # fmt: skip
-        p_a, p_b, m_i, l_i, alpha = _pair_softmax(qk_a, qk_b, m_i, l_i, c_a, c_b, EMU)
+        p_a, p_b, m_i, l_i, alpha = _pair_softmax(qk_a, qk_b, m_i, l_i, c_a, c_b)
         acc = acc * gl.convert_layout(alpha, row_o)[:, None]
         op_a = _p_operand(p_a, p_layout, ROWS, BLOCK_N)
         op_b = _p_operand(p_b, p_layout, ROWS, BLOCK_N)
@@ -304,37 +223,19 @@ def _pair_loop(q_smem, ring, work, c_q, ks_ptr, bias_ptr, m_i, l_i, acc,
         tok = warpgroup_mma(op_b, v_smem.index(sl + 1).permute((1, 0)), tok, is_async=True)
         acc = warpgroup_mma_wait(0, deps=[tok])
         mbarrier.arrive(empty.index(j % STAGES), count=1)
-    if STAGGER and WG == 0 and npairs == 0:  # warpgroup 1 waits for this arrive
-        _turn(14, TURN_ARRIVE)
     if total % 2 == 1:  # the odd last block, alone in the first half of its slot
         it = total - 1
         sl = 2 * (npairs % STAGES)
         mbarrier.wait(ready.index(npairs % STAGES), (npairs // STAGES) & 1)
-        m_i, l_i, acc = _one_block(q_smem, k_smem.index(sl), v_smem.index(sl), s_zero, it, work,
-                                   c_q, ks_ptr, bias_ptr, m_i, l_i, acc, s_layout, o_layout,
-                                   p_layout, ROWS, BLOCK_N, TILE_TOKENS)  # fmt: skip
+        qk = warpgroup_mma(q_smem, k_smem.index(sl).permute((1, 0)), s_zero, use_acc=False)
+        kv = gl.load(idx_ptr + it // NB)
+        p, m_i, l_i, alpha = _softmax(qk, m_i, l_i, c_q * gl.load(ks_ptr + kv), bias_ptr,
+                                      _block_start(kv, it, TILE_TOKENS, BLOCK_N), it >= n_plain,
+                                      s_layout, BLOCK_N)  # fmt: skip
+        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+        acc = warpgroup_mma(_p_operand(p, p_layout, ROWS, BLOCK_N),
+                            v_smem.index(sl).permute((1, 0)), acc)  # fmt: skip
         mbarrier.arrive(empty.index(npairs % STAGES), count=1)
-    return acc, l_i
-
-
-@gluon.jit
-def _serial_loop(q_smem, ring, work, c_q, ks_ptr, bias_ptr, m_i, l_i, acc,
-                 s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
-                 ROWS: gl.constexpr, BLOCK_N: gl.constexpr, TILE_TOKENS: gl.constexpr,
-                 STAGES: gl.constexpr):  # fmt: skip
-    """One 128-key block per step, each wgmma waited on at once (v13, three consumer
-    warpgroups): S and P are never live together with another block's, so the step fits the
-    160 registers a third warpgroup leaves."""
-    _kd, _vd, k_smem, v_smem, _q, ready, empty = ring
-    total = work[3]
-    s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
-    for it in range(total):
-        slot = it % STAGES
-        mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
-        m_i, l_i, acc = _one_block(q_smem, k_smem.index(slot), v_smem.index(slot), s_zero, it,
-                                   work, c_q, ks_ptr, bias_ptr, m_i, l_i, acc, s_layout, o_layout,
-                                   p_layout, ROWS, BLOCK_N, TILE_TOKENS)  # fmt: skip
-        mbarrier.arrive(empty.index(slot), count=1)
     return acc, l_i
 
 
@@ -343,8 +244,7 @@ def _warpgroup_rows(WG: gl.constexpr, ptrs, dims, ring, work, SPARSE: gl.constex
                     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                     TILE_TOKENS: gl.constexpr, STAGES: gl.constexpr,
                     REFILL: gl.constexpr, PINGPONG: gl.constexpr,
-                    PAIRS: gl.constexpr, EMU: gl.constexpr = 0,
-                    STAGGER: gl.constexpr = False):  # fmt: skip
+                    PAIRS: gl.constexpr):  # fmt: skip
     """One warpgroup's 64 rows of the CTA's ``BLOCK_M``: Q, the kv loop, the epilogue.
 
     ``REFILL``: this warpgroup refills the ring itself (the one-warpgroup kernel); otherwise a
@@ -399,14 +299,9 @@ def _warpgroup_rows(WG: gl.constexpr, ptrs, dims, ring, work, SPARSE: gl.constex
     l_i = gl.zeros([ROWS], gl.float32, row_s)
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
 
-    if BLOCK_M == 192:
-        acc, l_i = _serial_loop(q_smem, ring, work, c_q, ks_ptr, KV_BIAS, m_i, l_i, acc,
-                                s_layout, o_layout, p_layout, ROWS, BLOCK_N, TILE_TOKENS,
-                                STAGES)  # fmt: skip
-    elif PAIRS:
+    if PAIRS:
         acc, l_i = _pair_loop(q_smem, ring, work, c_q, ks_ptr, KV_BIAS, m_i, l_i, acc, s_layout,
-                              o_layout, p_layout, ROWS, BLOCK_N, TILE_TOKENS, STAGES, WG, EMU,
-                              STAGGER)  # fmt: skip
+                              o_layout, p_layout, ROWS, BLOCK_N, TILE_TOKENS, STAGES)  # fmt: skip
     else:
         # ---- block 0: QK and softmax
         mbarrier.wait(ready.index(0), 0)
@@ -576,8 +471,6 @@ def _gl_attn_kernel(
     PINGPONG: gl.constexpr,
     PAIRS: gl.constexpr,
     CONSUMER_REGS: gl.constexpr,
-    EMU: gl.constexpr = 0,
-    STAGGER: gl.constexpr = False,
 ):
     """Grid (q blocks, batch*heads). ``WARP_SPECIALIZE=False``: one warpgroup (4 warps) of 64
     rows that refills its own ring. ``True``: 128 rows, two consumer warpgroups (the default
@@ -606,22 +499,12 @@ def _gl_attn_kernel(
             s_ob, s_oh, s_on)  # fmt: skip
     ring = (k_desc, v_desc, k_smem, v_smem, q_smem, ready, empty)
     work = (pid, bh, idx_ptr, total, n_plain, N_PAD)
-    if WARP_SPECIALIZE and WARPGROUPS == 3:  # v13: three consumer warpgroups, dense only
+    if WARP_SPECIALIZE:
         gl.warp_specialize([
             (_warpgroup_rows, (0, ptrs, dims, ring, work, SPARSE, HEAD_DIM, BLOCK_M, BLOCK_N,
-                               TILE_TOKENS, STAGES, False, False, False)),
+                               TILE_TOKENS, STAGES, False, PINGPONG, PAIRS)),
             (_warpgroup_rows, (1, ptrs, dims, ring, work, SPARSE, HEAD_DIM, BLOCK_M, BLOCK_N,
-                               TILE_TOKENS, STAGES, False, False, False)),
-            (_warpgroup_rows, (2, ptrs, dims, ring, work, SPARSE, HEAD_DIM, BLOCK_M, BLOCK_N,
-                               TILE_TOKENS, STAGES, False, False, False)),
-            (_produce, (ring, work, HEAD_DIM, BLOCK_N, TILE_TOKENS, STAGES, False)),
-        ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, 24])  # fmt: skip
-    elif WARP_SPECIALIZE:
-        gl.warp_specialize([
-            (_warpgroup_rows, (0, ptrs, dims, ring, work, SPARSE, HEAD_DIM, BLOCK_M, BLOCK_N,
-                               TILE_TOKENS, STAGES, False, PINGPONG, PAIRS, EMU, STAGGER)),
-            (_warpgroup_rows, (1, ptrs, dims, ring, work, SPARSE, HEAD_DIM, BLOCK_M, BLOCK_N,
-                               TILE_TOKENS, STAGES, False, PINGPONG, PAIRS, EMU, STAGGER)),
+                               TILE_TOKENS, STAGES, False, PINGPONG, PAIRS)),
             (_produce, (ring, work, HEAD_DIM, BLOCK_N, TILE_TOKENS, STAGES, PAIRS)),
         ], [4, 1], [CONSUMER_REGS, 24])  # fmt: skip
     else:
@@ -645,8 +528,6 @@ def launch(
     num_stages: int,
     warp_specialize: bool = False,
     pingpong: bool = False,
-    emu: int = 0,
-    stagger: bool = False,
 ) -> None:
     """Run `_gl_attn_kernel` on a `Prepared` (fp8 modes). ``grid`` and ``rest`` (the kv lists,
     output, sizes and strides) are what `triton_attention.attend` gives `_attn_kernel`.
@@ -654,10 +535,7 @@ def launch(
     ``block_n=256`` it takes two 128-key TMA blocks per softmax step (`_pair_loop`, v12), and a
     stage is such a pair. ``pingpong`` (benchmarks only, 128-key steps) makes its warpgroups
     take turns at the tensor cores: slower in every measurement (docs/kernel_notes.md, v11b,
-    v12). ``emu`` (0, 2, 4, 8) and ``stagger`` (benchmarks only, 256-key steps): `_pair_loop`'s
-    v13 switches."""
-    if emu not in (0, 2, 4, 8):
-        raise ValueError(f"emu: expected 0, 2, 4 or 8, got {emu!r}")
+    v12)."""
     assert prep.q_scale is not None and prep.k_scale is not None and prep.v_amax is not None
     pairs = warp_specialize and block_n == 256
     tma_block = 128 if pairs else block_n
@@ -667,9 +545,7 @@ def launch(
         SPARSE=prep.spec.mode.sparse, HEAD_DIM=prep.shape[3], BLOCK_M=block_m, BLOCK_N=tma_block,
         TILE_TOKENS=prep.layout.tile_tokens, STAGES=num_stages, WARP_SPECIALIZE=warp_specialize,
         PINGPONG=warp_specialize and pingpong and not pairs, PAIRS=pairs,
-        CONSUMER_REGS=THREE_WG_REGS if block_m == 192 else CONSUMER_REGS,
-        EMU=emu if pairs else 0, STAGGER=stagger and pairs, num_warps=4,
-        **((THREE_WG_LAUNCH if block_m == 192 else WS_LAUNCH) if warp_specialize else {}),
+        CONSUMER_REGS=CONSUMER_REGS, num_warps=4, **(WS_LAUNCH if warp_specialize else {}),
     )  # fmt: skip
 
 
