@@ -245,6 +245,16 @@ class KernelSpace(_SourcedFrozen):
     def _non_empty_unique(cls, v: tuple[Any, ...]) -> tuple[Any, ...]:
         return unique(non_empty(v))
 
+    @field_validator("block_m", "block_n")
+    @classmethod
+    def _powers_of_two(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        # The kernels' rule (`config.infeasibility`); named here so that a typo is not silently
+        # dropped with the infeasible points.
+        for i, b in enumerate(v):
+            if b < 16 or b & (b - 1):
+                raise at(str(i), f"block sizes are powers of two >= 16, got {b}")
+        return v
+
     @field_validator("patterns")
     @classmethod
     def _one_per_kind(cls, v: tuple[Pattern, ...]) -> tuple[Pattern, ...]:

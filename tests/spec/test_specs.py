@@ -509,10 +509,17 @@ CORPUS: list[Case] = [
     ),
     Case(
         "kernel-only-infeasible",
-        _set("block_m", [48, 256], "kernel"),
+        _set("block_m", [256], "kernel"),
         "kernel",
         None,
         "kernel space is empty after removing infeasible points",
+    ),
+    Case(
+        "kernel-block-not-power-of-two",
+        _set("block_n", [64, 128, 300], "kernel"),
+        "kernel",
+        "block_n.2",
+        "powers of two >= 16, got 300",
     ),
     Case(
         "kernel-lacks-schedule-mode",
