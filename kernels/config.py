@@ -71,6 +71,11 @@ def smem_bytes(config: KernelConfig, head_dim: int, mode: Mode) -> int:
     return q + kv
 
 
+def is_block_size(b: int) -> bool:
+    """Whether ``b`` can be a kernel block dimension: a power of two >= 16."""
+    return b >= 16 and not b & (b - 1)
+
+
 def infeasibility(
     config: KernelConfig,
     *,
@@ -86,7 +91,7 @@ def infeasibility(
         b = getattr(config, name)
         # gluon_ws's 256-key steps are two 128-key blocks, each within one tile.
         unit = min(b, 128) if name == "block_n" and config.impl == "gluon_ws" else b
-        if b & (b - 1) or b < 16:
+        if not is_block_size(b):
             reasons.append(f"{name}={b} is not a power of two >= 16")
         elif tokens % unit:
             reasons.append(f"{name}={unit} does not divide the tile's {tokens} tokens {list(tile)}")

@@ -34,6 +34,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from fpstune.kernels import Mode, Pattern
+from fpstune.kernels.config import is_block_size
 
 from .loading import show
 
@@ -248,10 +249,10 @@ class KernelSpace(_SourcedFrozen):
     @field_validator("block_m", "block_n")
     @classmethod
     def _powers_of_two(cls, v: tuple[int, ...]) -> tuple[int, ...]:
-        # The kernels' rule (`config.infeasibility`); named here so that a typo is not silently
-        # dropped with the infeasible points.
+        # The kernels' own rule, checked here so that a typo is named instead of being dropped
+        # silently with the infeasible points.
         for i, b in enumerate(v):
-            if b < 16 or b & (b - 1):
+            if not is_block_size(b):
                 raise at(str(i), f"block sizes are powers of two >= 16, got {b}")
         return v
 
