@@ -40,22 +40,23 @@ VARIANTS: dict[str, dict[str, Any]] = {
 CASES = (("fp8_dense", 0.0, None), ("fp8_sparse", 0.9, "window"))
 
 
-def launcher(prep: Any, out: torch.Tensor, switches: dict[str, Any]) -> Callable[[], None]:
+def launcher(
+    prep: Any, launch_grid: Any, rest: Any, switches: dict[str, Any]
+) -> Callable[[], None]:
     """`gluon_attention.launch` of one `VARIANTS` entry: CONFIG's launch with ``switches``."""
     from fpstune.kernels.gluon_attention import launch
-    from fpstune.kernels.triton_attention import launch_args
 
-    kw = {"block_m": CONFIG["block_m"], "block_n": CONFIG["block_n"],
-          "num_stages": CONFIG["num_stages"], **switches}  # fmt: skip
-    grid, rest = launch_args(prep, block_m=kw["block_m"], scale=prep.shape[3] ** -0.5, out=out)
-    return partial(launch, prep, grid, rest, warp_specialize=True, **kw)
+    kw = {"block_n": CONFIG["block_n"], "num_stages": CONFIG["num_stages"], **switches}
+    return partial(
+        launch, prep, launch_grid, rest, block_m=CONFIG["block_m"], warp_specialize=True, **kw
+    )
 
 
 def run_shape(name: str, budget_s: float, only: list[str] | None = None) -> list[dict[str, Any]]:
     from torch.nn.attention import SDPBackend
 
     from fpstune.kernels.tiling import TileLayout
-    from fpstune.kernels.triton_attention import prepare
+    from fpstune.kernels.triton_attention import launch_args, prepare
 
     b, h, grid, d = SHAPES[name]
     n = math.prod(grid)
@@ -78,11 +79,12 @@ def run_shape(name: str, budget_s: float, only: list[str] | None = None) -> list
             add(f"{what} prepare(impl={impl})", time_op(run_prep, budget_s=budget_s))
         prep = prepare(q, k, v, layout=layout, spec=spec, impl="gluon_ws")
         out = torch.full_like(q, float("nan"))
+        launch_grid, rest = launch_args(prep, block_m=CONFIG["block_m"], scale=d**-0.5, out=out)
         first = None
         for label, switches in VARIANTS.items():
             if only and label not in only and label != next(iter(VARIANTS)):
                 continue
-            run = launcher(prep, out, switches)
+            run = launcher(prep, launch_grid, rest, switches)
             add(f"{what} {label}", time_op(run, budget_s=budget_s))
             assert not out.isnan().any(), f"{what} {label}: rows left unwritten"
             if first is None:
