@@ -42,6 +42,9 @@ import torch.nn.functional as F
 
 from fpstune.kernels import AttentionSpec, attention
 
+sys.path.insert(0, str(Path(__file__).parent))
+from kernel_bench import time_op
+
 CONFIGS = {
     "tiny": {"num_attention_heads": 2, "ffn_dim": 64, "num_layers": 2},  # CPU smoke runs
     "1.3b": {"num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30},
@@ -159,11 +162,6 @@ def op_ms(fn: Callable[[], object]) -> float:
     made the bound 10 % lower than the step speed-up it bounds (H200 run, 2026-12-03)."""
     if DEVICE.type != "cuda":
         return statistics.median(timed(fn, 5))
-    here = str(Path(__file__).parent)
-    if here not in sys.path:
-        sys.path.insert(0, here)
-    from kernel_bench import time_op
-
     return statistics.median(time_op(fn, budget_s=0.5))
 
 
