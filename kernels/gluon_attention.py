@@ -180,10 +180,10 @@ def _pair_entries(idx_ptr, ks_ptr, c_q, it, NB: gl.constexpr):
 
 
 @gluon.jit
-def _pair_loop(q_smem, ring, work, c_q, ks_ptr, bias_ptr, m_i, l_i, acc,
+def _pair_loop(q_smem, ring, work, c_q, ks_ptr, bias_ptr, m_i, l_i, acc, p_smem,
                s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
                ROWS: gl.constexpr, BLOCK_N: gl.constexpr, TILE_TOKENS: gl.constexpr,
-               STAGES: gl.constexpr):  # fmt: skip
+               STAGES: gl.constexpr, P_SMEM: gl.constexpr, WG: gl.constexpr):  # fmt: skip
     """Two kv blocks per step, one online-softmax update for both (v12).
 
     The ring's slot ``j`` holds blocks 2j and 2j+1 (one ``ready`` and one ``empty`` barrier per
@@ -219,8 +219,18 @@ def _pair_loop(q_smem, ring, work, c_q, ks_ptr, bias_ptr, m_i, l_i, acc,
         acc = acc * gl.convert_layout(alpha, row_o)[:, None]
         op_a = _p_operand(p_a, p_layout, ROWS, BLOCK_N)
         op_b = _p_operand(p_b, p_layout, ROWS, BLOCK_N)
-        tok = warpgroup_mma(op_a, v_smem.index(sl).permute((1, 0)), acc, is_async=True)
-        tok = warpgroup_mma(op_b, v_smem.index(sl + 1).permute((1, 0)), tok, is_async=True)
+        if P_SMEM:  # P·V reads P from shared memory (an SS wgmma), not from registers
+            p_smem.index(2 * WG).store(op_a)
+            p_smem.index(2 * WG + 1).store(op_b)
+            fence_async_shared()
+            gl.thread_barrier()
+            tok = warpgroup_mma(p_smem.index(2 * WG), v_smem.index(sl).permute((1, 0)), acc,
+                                is_async=True)  # fmt: skip
+            tok = warpgroup_mma(p_smem.index(2 * WG + 1), v_smem.index(sl + 1).permute((1, 0)),
+                                tok, is_async=True)  # fmt: skip
+        else:
+            tok = warpgroup_mma(op_a, v_smem.index(sl).permute((1, 0)), acc, is_async=True)
+            tok = warpgroup_mma(op_b, v_smem.index(sl + 1).permute((1, 0)), tok, is_async=True)
         acc = warpgroup_mma_wait(0, deps=[tok])
         mbarrier.arrive(empty.index(j % STAGES), count=1)
     if total % 2 == 1:  # the odd last block, alone in the first half of its slot
@@ -244,7 +254,8 @@ def _warpgroup_rows(WG: gl.constexpr, ptrs, dims, ring, work, SPARSE: gl.constex
                     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                     TILE_TOKENS: gl.constexpr, STAGES: gl.constexpr,
                     REFILL: gl.constexpr, PINGPONG: gl.constexpr,
-                    PAIRS: gl.constexpr):  # fmt: skip
+                    PAIRS: gl.constexpr, P_SMEM: gl.constexpr = False,
+                    p_smem=None):  # fmt: skip
     """One warpgroup's 64 rows of the CTA's ``BLOCK_M``: Q, the kv loop, the epilogue.
 
     ``REFILL``: this warpgroup refills the ring itself (the one-warpgroup kernel); otherwise a
@@ -300,8 +311,10 @@ def _warpgroup_rows(WG: gl.constexpr, ptrs, dims, ring, work, SPARSE: gl.constex
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
 
     if PAIRS:
-        acc, l_i = _pair_loop(q_smem, ring, work, c_q, ks_ptr, KV_BIAS, m_i, l_i, acc, s_layout,
-                              o_layout, p_layout, ROWS, BLOCK_N, TILE_TOKENS, STAGES)  # fmt: skip
+        p_mine = p_smem
+        acc, l_i = _pair_loop(q_smem, ring, work, c_q, ks_ptr, KV_BIAS, m_i, l_i, acc, p_mine,
+                              s_layout, o_layout, p_layout, ROWS, BLOCK_N, TILE_TOKENS, STAGES,
+                              P_SMEM, WG)  # fmt: skip
     else:
         # ---- block 0: QK and softmax
         mbarrier.wait(ready.index(0), 0)
@@ -471,6 +484,7 @@ def _gl_attn_kernel(
     PINGPONG: gl.constexpr,
     PAIRS: gl.constexpr,
     CONSUMER_REGS: gl.constexpr,
+    P_SMEM: gl.constexpr = False,
 ):
     """Grid (q blocks, batch*heads). ``WARP_SPECIALIZE=False``: one warpgroup (4 warps) of 64
     rows that refills its own ring. ``True``: 128 rows, two consumer warpgroups (the default
@@ -488,6 +502,9 @@ def _gl_attn_kernel(
     k_smem = gl.allocate_shared_memory(gl.float8e4nv, [SLOTS, BLOCK_N, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(gl.float8e4nv, [SLOTS, HEAD_DIM, BLOCK_N], v_desc.layout)
     q_smem = gl.allocate_shared_memory(gl.float8e4nv, [WARPGROUPS, 64, HEAD_DIM], q_layout)
+    p_smem = q_smem  # unused unless P_SMEM
+    if P_SMEM:  # benchmarks: P·V with P from shared memory, two 64x128 halves per warpgroup
+        p_smem = gl.allocate_shared_memory(gl.float8e4nv, [2 * WARPGROUPS, 64, BLOCK_N], q_layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
@@ -502,9 +519,9 @@ def _gl_attn_kernel(
     if WARP_SPECIALIZE:
         gl.warp_specialize([
             (_warpgroup_rows, (0, ptrs, dims, ring, work, SPARSE, HEAD_DIM, BLOCK_M, BLOCK_N,
-                               TILE_TOKENS, STAGES, False, PINGPONG, PAIRS)),
+                               TILE_TOKENS, STAGES, False, PINGPONG, PAIRS, P_SMEM, p_smem)),
             (_warpgroup_rows, (1, ptrs, dims, ring, work, SPARSE, HEAD_DIM, BLOCK_M, BLOCK_N,
-                               TILE_TOKENS, STAGES, False, PINGPONG, PAIRS)),
+                               TILE_TOKENS, STAGES, False, PINGPONG, PAIRS, P_SMEM, p_smem)),
             (_produce, (ring, work, HEAD_DIM, BLOCK_N, TILE_TOKENS, STAGES, PAIRS)),
         ], [4, 1], [CONSUMER_REGS, 24])  # fmt: skip
     else:
@@ -528,6 +545,7 @@ def launch(
     num_stages: int,
     warp_specialize: bool = False,
     pingpong: bool = False,
+    p_smem: bool = False,
 ) -> None:
     """Run `_gl_attn_kernel` on a `Prepared` (fp8 modes). ``grid`` and ``rest`` (the kv lists,
     output, sizes and strides) are what `triton_attention.attend` gives `_attn_kernel`.
@@ -545,7 +563,8 @@ def launch(
         SPARSE=prep.spec.mode.sparse, HEAD_DIM=prep.shape[3], BLOCK_M=block_m, BLOCK_N=tma_block,
         TILE_TOKENS=prep.layout.tile_tokens, STAGES=num_stages, WARP_SPECIALIZE=warp_specialize,
         PINGPONG=warp_specialize and pingpong and not pairs, PAIRS=pairs,
-        CONSUMER_REGS=CONSUMER_REGS, num_warps=4, **(WS_LAUNCH if warp_specialize else {}),
+        CONSUMER_REGS=CONSUMER_REGS, P_SMEM=pairs and p_smem, num_warps=4,
+        **(WS_LAUNCH if warp_specialize else {}),
     )  # fmt: skip
 
 
