@@ -159,16 +159,55 @@ def _turn(ID, ASM: gl.constexpr):
 
 
 @gluon.jit
-def _pair_softmax(qk_a, qk_b, m_i, l_i, c_a, c_b):
+def _pair_softmax(qk_a, qk_b, m_i, l_i, c_a, c_b, TAU: gl.constexpr):
     """One online-softmax update over two blocks' scores: P·448 of each (fp32), the new max,
-    the row sum, and the accumulator's rescale factor."""
-    m_new = gl.maximum(m_i, gl.maximum(gl.max(qk_a, 1) * c_a, gl.max(qk_b, 1) * c_b))
-    shift = (m_new - LOG2_448)[:, None]
+    the row sum, and the accumulator's rescale factor. ``TAU`` > 0 (v14, benchmarks): a row's
+    max moves only when it grows by more than ``TAU`` (log2 units) and P is P·448/2^TAU, so
+    rescales are rare and P still fits e4m3 (FlashAttention-4's threshold)."""
+    top = gl.maximum(gl.max(qk_a, 1) * c_a, gl.max(qk_b, 1) * c_b)
+    if TAU > 0:
+        m_new = gl.where(top > m_i + TAU, top, m_i)
+        shift = (m_new - (LOG2_448 - TAU))[:, None]
+    else:
+        m_new = gl.maximum(m_i, top)
+        shift = (m_new - LOG2_448)[:, None]
     p_a = gl.exp2(qk_a * c_a[:, None] - shift)
     p_b = gl.exp2(qk_b * c_b[:, None] - shift)
     alpha = gl.exp2(m_i - m_new)
     l_i = l_i * alpha + (gl.sum(p_a, 1) + gl.sum(p_b, 1))
     return p_a, p_b, m_new, l_i, alpha
+
+
+# The accumulator's rescale, skipped by the whole warp when no row of it has a new max (alpha
+# is then exactly 1, so skipping changes no bit): 8 elements per instance, outputs tied to the
+# inputs; $16-$23 carry the warp's vote (1: skip), $24-$31 each element's row factor.
+RESCALE8 = gl.constexpr(
+    "{ .reg .pred p; setp.ne.b32 p, $16, 0; @p bra.uni SKIP${:uid}; "
+    + " ".join(f"mul.f32 ${i}, ${i}, ${24 + i};" for i in range(8))
+    + " SKIP${:uid}: }"
+)
+RESCALE8_C = gl.constexpr(",".join(["=f"] * 8 + [str(i) for i in range(8)] + ["r"] * 8 + ["f"] * 8))
+# Both of a thread's rows (pack 2): 1 when every thread of the warp has alpha == 1 for both.
+VOTE_ONE = gl.constexpr(
+    "{ .reg .pred p, q; setp.eq.f32 p, $2, 0f3F800000; setp.eq.f32 q, $3, 0f3F800000; "
+    "and.pred p, p, q; vote.sync.all.pred p, p, 0xffffffff; selp.b32 $0, 1, 0, p; "
+    "mov.b32 $1, $0; }"
+)
+
+
+@gluon.jit
+def _rescale(acc, alpha, row_o: gl.constexpr, LAZY: gl.constexpr):
+    """``acc`` times each row's ``alpha``; ``LAZY``: a warp whose rows all kept their max skips
+    the multiplies (v14)."""
+    a = gl.convert_layout(alpha, row_o)
+    if LAZY:
+        skip = gl.inline_asm_elementwise(VOTE_ONE, "=r,=r,f,f", [a], dtype=gl.int32,
+                                         is_pure=True, pack=2)  # fmt: skip
+        return gl.inline_asm_elementwise(
+            RESCALE8, RESCALE8_C, [acc, skip[:, None], a[:, None]], dtype=gl.float32,
+            is_pure=True, pack=8,
+        )  # fmt: skip
+    return acc * a[:, None]
 
 
 @gluon.jit
@@ -180,10 +219,10 @@ def _pair_entries(idx_ptr, ks_ptr, c_q, it, NB: gl.constexpr):
 
 
 @gluon.jit
-def _pair_loop(q_smem, ring, work, c_q, ks_ptr, bias_ptr, m_i, l_i, acc, p_smem,
+def _pair_loop(q_smem, ring, work, c_q, ks_ptr, bias_ptr, m_i, l_i, acc,
                s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
                ROWS: gl.constexpr, BLOCK_N: gl.constexpr, TILE_TOKENS: gl.constexpr,
-               STAGES: gl.constexpr, P_SMEM: gl.constexpr, WG: gl.constexpr):  # fmt: skip
+               STAGES: gl.constexpr, LAZY: gl.constexpr, TAU: gl.constexpr):  # fmt: skip
     """Two kv blocks per step, one online-softmax update for both (v12).
 
     The ring's slot ``j`` holds blocks 2j and 2j+1 (one ``ready`` and one ``empty`` barrier per
@@ -215,22 +254,12 @@ def _pair_loop(q_smem, ring, work, c_q, ks_ptr, bias_ptr, m_i, l_i, acc, p_smem,
                               it >= n_plain, s_layout, BLOCK_N)  # fmt: skip
         qk_b = _masked_scores(qk_b, bias_ptr, _block_start(kv_b, it + 1, TILE_TOKENS, BLOCK_N),
                               it + 1 >= n_plain, s_layout, BLOCK_N)  # fmt: skip
-        p_a, p_b, m_i, l_i, alpha = _pair_softmax(qk_a, qk_b, m_i, l_i, c_a, c_b)
-        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
+        p_a, p_b, m_i, l_i, alpha = _pair_softmax(qk_a, qk_b, m_i, l_i, c_a, c_b, TAU)
+        acc = _rescale(acc, alpha, row_o, LAZY)
         op_a = _p_operand(p_a, p_layout, ROWS, BLOCK_N)
         op_b = _p_operand(p_b, p_layout, ROWS, BLOCK_N)
-        if P_SMEM:  # P·V reads P from shared memory (an SS wgmma), not from registers
-            p_smem.index(2 * WG).store(op_a)
-            p_smem.index(2 * WG + 1).store(op_b)
-            fence_async_shared()
-            gl.thread_barrier()
-            tok = warpgroup_mma(p_smem.index(2 * WG), v_smem.index(sl).permute((1, 0)), acc,
-                                is_async=True)  # fmt: skip
-            tok = warpgroup_mma(p_smem.index(2 * WG + 1), v_smem.index(sl + 1).permute((1, 0)),
-                                tok, is_async=True)  # fmt: skip
-        else:
-            tok = warpgroup_mma(op_a, v_smem.index(sl).permute((1, 0)), acc, is_async=True)
-            tok = warpgroup_mma(op_b, v_smem.index(sl + 1).permute((1, 0)), tok, is_async=True)
+        tok = warpgroup_mma(op_a, v_smem.index(sl).permute((1, 0)), acc, is_async=True)
+        tok = warpgroup_mma(op_b, v_smem.index(sl + 1).permute((1, 0)), tok, is_async=True)
         acc = warpgroup_mma_wait(0, deps=[tok])
         mbarrier.arrive(empty.index(j % STAGES), count=1)
     if total % 2 == 1:  # the odd last block, alone in the first half of its slot
@@ -254,8 +283,8 @@ def _warpgroup_rows(WG: gl.constexpr, ptrs, dims, ring, work, SPARSE: gl.constex
                     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                     TILE_TOKENS: gl.constexpr, STAGES: gl.constexpr,
                     REFILL: gl.constexpr, PINGPONG: gl.constexpr,
-                    PAIRS: gl.constexpr, P_SMEM: gl.constexpr = False,
-                    p_smem=None):  # fmt: skip
+                    PAIRS: gl.constexpr, LAZY: gl.constexpr = False,
+                    TAU: gl.constexpr = 0.0):  # fmt: skip
     """One warpgroup's 64 rows of the CTA's ``BLOCK_M``: Q, the kv loop, the epilogue.
 
     ``REFILL``: this warpgroup refills the ring itself (the one-warpgroup kernel); otherwise a
@@ -311,10 +340,9 @@ def _warpgroup_rows(WG: gl.constexpr, ptrs, dims, ring, work, SPARSE: gl.constex
     acc = gl.zeros([ROWS, HEAD_DIM], gl.float32, o_layout)
 
     if PAIRS:
-        p_mine = p_smem
-        acc, l_i = _pair_loop(q_smem, ring, work, c_q, ks_ptr, KV_BIAS, m_i, l_i, acc, p_mine,
-                              s_layout, o_layout, p_layout, ROWS, BLOCK_N, TILE_TOKENS, STAGES,
-                              P_SMEM, WG)  # fmt: skip
+        acc, l_i = _pair_loop(q_smem, ring, work, c_q, ks_ptr, KV_BIAS, m_i, l_i, acc, s_layout,
+                              o_layout, p_layout, ROWS, BLOCK_N, TILE_TOKENS, STAGES,
+                              LAZY, TAU)  # fmt: skip
     else:
         # ---- block 0: QK and softmax
         mbarrier.wait(ready.index(0), 0)
@@ -484,7 +512,8 @@ def _gl_attn_kernel(
     PINGPONG: gl.constexpr,
     PAIRS: gl.constexpr,
     CONSUMER_REGS: gl.constexpr,
-    P_SMEM: gl.constexpr = False,
+    LAZY: gl.constexpr = False,
+    TAU: gl.constexpr = 0.0,
 ):
     """Grid (q blocks, batch*heads). ``WARP_SPECIALIZE=False``: one warpgroup (4 warps) of 64
     rows that refills its own ring. ``True``: 128 rows, two consumer warpgroups (the default
@@ -502,9 +531,6 @@ def _gl_attn_kernel(
     k_smem = gl.allocate_shared_memory(gl.float8e4nv, [SLOTS, BLOCK_N, HEAD_DIM], k_desc.layout)
     v_smem = gl.allocate_shared_memory(gl.float8e4nv, [SLOTS, HEAD_DIM, BLOCK_N], v_desc.layout)
     q_smem = gl.allocate_shared_memory(gl.float8e4nv, [WARPGROUPS, 64, HEAD_DIM], q_layout)
-    p_smem = q_smem  # unused unless P_SMEM
-    if P_SMEM:  # benchmarks: P·V with P from shared memory, two 64x128 halves per warpgroup
-        p_smem = gl.allocate_shared_memory(gl.float8e4nv, [2 * WARPGROUPS, 64, BLOCK_N], q_layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
@@ -519,9 +545,9 @@ def _gl_attn_kernel(
     if WARP_SPECIALIZE:
         gl.warp_specialize([
             (_warpgroup_rows, (0, ptrs, dims, ring, work, SPARSE, HEAD_DIM, BLOCK_M, BLOCK_N,
-                               TILE_TOKENS, STAGES, False, PINGPONG, PAIRS, P_SMEM, p_smem)),
+                               TILE_TOKENS, STAGES, False, PINGPONG, PAIRS, LAZY, TAU)),
             (_warpgroup_rows, (1, ptrs, dims, ring, work, SPARSE, HEAD_DIM, BLOCK_M, BLOCK_N,
-                               TILE_TOKENS, STAGES, False, PINGPONG, PAIRS, P_SMEM, p_smem)),
+                               TILE_TOKENS, STAGES, False, PINGPONG, PAIRS, LAZY, TAU)),
             (_produce, (ring, work, HEAD_DIM, BLOCK_N, TILE_TOKENS, STAGES, PAIRS)),
         ], [4, 1], [CONSUMER_REGS, 24])  # fmt: skip
     else:
@@ -545,7 +571,7 @@ def launch(
     num_stages: int,
     warp_specialize: bool = False,
     pingpong: bool = False,
-    p_smem: bool = False,
+    lazy: float | None = None,
 ) -> None:
     """Run `_gl_attn_kernel` on a `Prepared` (fp8 modes). ``grid`` and ``rest`` (the kv lists,
     output, sizes and strides) are what `triton_attention.attend` gives `_attn_kernel`.
@@ -563,7 +589,8 @@ def launch(
         SPARSE=prep.spec.mode.sparse, HEAD_DIM=prep.shape[3], BLOCK_M=block_m, BLOCK_N=tma_block,
         TILE_TOKENS=prep.layout.tile_tokens, STAGES=num_stages, WARP_SPECIALIZE=warp_specialize,
         PINGPONG=warp_specialize and pingpong and not pairs, PAIRS=pairs,
-        CONSUMER_REGS=CONSUMER_REGS, P_SMEM=pairs and p_smem, num_warps=4,
+        CONSUMER_REGS=CONSUMER_REGS, LAZY=pairs and lazy is not None,
+        TAU=float(lazy or 0.0) if pairs else 0.0, num_warps=4,
         **(WS_LAUNCH if warp_specialize else {}),
     )  # fmt: skip
 
