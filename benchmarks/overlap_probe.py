@@ -13,6 +13,8 @@ clock per SM). If both together take about as long as the longer alone, the SM o
 if as long as the two added, it does not.
 
     python benchmarks/overlap_probe.py --steps 4000 --out overlap.json   # on the GPU
+    ncu --clock-control none --section WarpStateStats -k regex:_probe_kernel \
+        python benchmarks/overlap_probe.py --cases ss/ffma --reps 1           # why it stalls
 """
 
 from __future__ import annotations
@@ -170,10 +172,19 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4000, help="steps per side (default 4000)")
     ap.add_argument("--reps", type=int, default=10, help="timed launches per case (default 10)")
     ap.add_argument("--out", type=Path, default=None, help="write the table as JSON here")
+    names = [f"{t}/{v}" for t, v in CASES]
+    ap.add_argument("--cases", nargs="+", choices=names, default=None,
+                    help="launch only these (for a profiler; no table)")  # fmt: skip
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("error: overlap_probe needs a CUDA GPU (Hopper, sm_90)")
     props = torch.cuda.get_device_properties(0)
+    if args.cases:
+        for name in args.cases:
+            tensor, vector = name.split("/")
+            ms_one, ghz = run_case(tensor, vector, args.steps, args.reps)
+            print(f"{name}: {ms_one:.3f} ms at {ghz:.3f} GHz")
+        return
     runs = {f"{t}/{v}": run_case(t, v, args.steps, args.reps) for t, v in CASES}
     ms = {k: r[0] for k, r in runs.items()}
     base = ms["none/none"]

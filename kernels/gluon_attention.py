@@ -159,55 +159,16 @@ def _turn(ID, ASM: gl.constexpr):
 
 
 @gluon.jit
-def _pair_softmax(qk_a, qk_b, m_i, l_i, c_a, c_b, TAU: gl.constexpr):
+def _pair_softmax(qk_a, qk_b, m_i, l_i, c_a, c_b):
     """One online-softmax update over two blocks' scores: P·448 of each (fp32), the new max,
-    the row sum, and the accumulator's rescale factor. ``TAU`` > 0 (v14, benchmarks): a row's
-    max moves only when it grows by more than ``TAU`` (log2 units) and P is P·448/2^TAU, so
-    rescales are rare and P still fits e4m3 (FlashAttention-4's threshold)."""
-    top = gl.maximum(gl.max(qk_a, 1) * c_a, gl.max(qk_b, 1) * c_b)
-    if TAU > 0:
-        m_new = gl.where(top > m_i + TAU, top, m_i)
-        shift = (m_new - (LOG2_448 - TAU))[:, None]
-    else:
-        m_new = gl.maximum(m_i, top)
-        shift = (m_new - LOG2_448)[:, None]
+    the row sum, and the accumulator's rescale factor."""
+    m_new = gl.maximum(m_i, gl.maximum(gl.max(qk_a, 1) * c_a, gl.max(qk_b, 1) * c_b))
+    shift = (m_new - LOG2_448)[:, None]
     p_a = gl.exp2(qk_a * c_a[:, None] - shift)
     p_b = gl.exp2(qk_b * c_b[:, None] - shift)
     alpha = gl.exp2(m_i - m_new)
     l_i = l_i * alpha + (gl.sum(p_a, 1) + gl.sum(p_b, 1))
     return p_a, p_b, m_new, l_i, alpha
-
-
-# The accumulator's rescale, skipped by the whole warp when no row of it has a new max (alpha
-# is then exactly 1, so skipping changes no bit): 8 elements per instance, outputs tied to the
-# inputs; $16-$23 carry the warp's vote (1: skip), $24-$31 each element's row factor.
-RESCALE8 = gl.constexpr(
-    "{ .reg .pred p; setp.ne.b32 p, $16, 0; @p bra.uni SKIP${:uid}; "
-    + " ".join(f"mul.f32 ${i}, ${i}, ${24 + i};" for i in range(8))
-    + " SKIP${:uid}: }"
-)
-RESCALE8_C = gl.constexpr(",".join(["=f"] * 8 + [str(i) for i in range(8)] + ["r"] * 8 + ["f"] * 8))
-# Both of a thread's rows (pack 2): 1 when every thread of the warp has alpha == 1 for both.
-VOTE_ONE = gl.constexpr(
-    "{ .reg .pred p, q; setp.eq.f32 p, $2, 0f3F800000; setp.eq.f32 q, $3, 0f3F800000; "
-    "and.pred p, p, q; vote.sync.all.pred p, p, 0xffffffff; selp.b32 $0, 1, 0, p; "
-    "mov.b32 $1, $0; }"
-)
-
-
-@gluon.jit
-def _rescale(acc, alpha, row_o: gl.constexpr, LAZY: gl.constexpr):
-    """``acc`` times each row's ``alpha``; ``LAZY``: a warp whose rows all kept their max skips
-    the multiplies (v14)."""
-    a = gl.convert_layout(alpha, row_o)
-    if LAZY:
-        skip = gl.inline_asm_elementwise(VOTE_ONE, "=r,=r,f,f", [a], dtype=gl.int32,
-                                         is_pure=True, pack=2)  # fmt: skip
-        return gl.inline_asm_elementwise(
-            RESCALE8, RESCALE8_C, [acc, skip[:, None], a[:, None]], dtype=gl.float32,
-            is_pure=True, pack=8,
-        )  # fmt: skip
-    return acc * a[:, None]
 
 
 @gluon.jit
@@ -222,7 +183,7 @@ def _pair_entries(idx_ptr, ks_ptr, c_q, it, NB: gl.constexpr):
 def _pair_loop(q_smem, ring, work, c_q, ks_ptr, bias_ptr, m_i, l_i, acc,
                s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
                ROWS: gl.constexpr, BLOCK_N: gl.constexpr, TILE_TOKENS: gl.constexpr,
-               STAGES: gl.constexpr, LAZY: gl.constexpr, TAU: gl.constexpr):  # fmt: skip
+               STAGES: gl.constexpr):  # fmt: skip
     """Two kv blocks per step, one online-softmax update for both (v12).
 
     The ring's slot ``j`` holds blocks 2j and 2j+1 (one ``ready`` and one ``empty`` barrier per
@@ -254,8 +215,8 @@ def _pair_loop(q_smem, ring, work, c_q, ks_ptr, bias_ptr, m_i, l_i, acc,
                               it >= n_plain, s_layout, BLOCK_N)  # fmt: skip
         qk_b = _masked_scores(qk_b, bias_ptr, _block_start(kv_b, it + 1, TILE_TOKENS, BLOCK_N),
                               it + 1 >= n_plain, s_layout, BLOCK_N)  # fmt: skip
-        p_a, p_b, m_i, l_i, alpha = _pair_softmax(qk_a, qk_b, m_i, l_i, c_a, c_b, TAU)
-        acc = _rescale(acc, alpha, row_o, LAZY)
+        p_a, p_b, m_i, l_i, alpha = _pair_softmax(qk_a, qk_b, m_i, l_i, c_a, c_b)
+        acc = acc * gl.convert_layout(alpha, row_o)[:, None]
         op_a = _p_operand(p_a, p_layout, ROWS, BLOCK_N)
         op_b = _p_operand(p_b, p_layout, ROWS, BLOCK_N)
         tok = warpgroup_mma(op_a, v_smem.index(sl).permute((1, 0)), acc, is_async=True)
@@ -283,8 +244,7 @@ def _warpgroup_rows(WG: gl.constexpr, ptrs, dims, ring, work, SPARSE: gl.constex
                     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                     TILE_TOKENS: gl.constexpr, STAGES: gl.constexpr,
                     REFILL: gl.constexpr, PINGPONG: gl.constexpr,
-                    PAIRS: gl.constexpr, LAZY: gl.constexpr = False,
-                    TAU: gl.constexpr = 0.0):  # fmt: skip
+                    PAIRS: gl.constexpr):  # fmt: skip
     """One warpgroup's 64 rows of the CTA's ``BLOCK_M``: Q, the kv loop, the epilogue.
 
     ``REFILL``: this warpgroup refills the ring itself (the one-warpgroup kernel); otherwise a
@@ -341,8 +301,7 @@ def _warpgroup_rows(WG: gl.constexpr, ptrs, dims, ring, work, SPARSE: gl.constex
 
     if PAIRS:
         acc, l_i = _pair_loop(q_smem, ring, work, c_q, ks_ptr, KV_BIAS, m_i, l_i, acc, s_layout,
-                              o_layout, p_layout, ROWS, BLOCK_N, TILE_TOKENS, STAGES,
-                              LAZY, TAU)  # fmt: skip
+                              o_layout, p_layout, ROWS, BLOCK_N, TILE_TOKENS, STAGES)  # fmt: skip
     else:
         # ---- block 0: QK and softmax
         mbarrier.wait(ready.index(0), 0)
@@ -512,8 +471,6 @@ def _gl_attn_kernel(
     PINGPONG: gl.constexpr,
     PAIRS: gl.constexpr,
     CONSUMER_REGS: gl.constexpr,
-    LAZY: gl.constexpr = False,
-    TAU: gl.constexpr = 0.0,
 ):
     """Grid (q blocks, batch*heads). ``WARP_SPECIALIZE=False``: one warpgroup (4 warps) of 64
     rows that refills its own ring. ``True``: 128 rows, two consumer warpgroups (the default
@@ -545,9 +502,9 @@ def _gl_attn_kernel(
     if WARP_SPECIALIZE:
         gl.warp_specialize([
             (_warpgroup_rows, (0, ptrs, dims, ring, work, SPARSE, HEAD_DIM, BLOCK_M, BLOCK_N,
-                               TILE_TOKENS, STAGES, False, PINGPONG, PAIRS, LAZY, TAU)),
+                               TILE_TOKENS, STAGES, False, PINGPONG, PAIRS)),
             (_warpgroup_rows, (1, ptrs, dims, ring, work, SPARSE, HEAD_DIM, BLOCK_M, BLOCK_N,
-                               TILE_TOKENS, STAGES, False, PINGPONG, PAIRS, LAZY, TAU)),
+                               TILE_TOKENS, STAGES, False, PINGPONG, PAIRS)),
             (_produce, (ring, work, HEAD_DIM, BLOCK_N, TILE_TOKENS, STAGES, PAIRS)),
         ], [4, 1], [CONSUMER_REGS, 24])  # fmt: skip
     else:
@@ -571,7 +528,6 @@ def launch(
     num_stages: int,
     warp_specialize: bool = False,
     pingpong: bool = False,
-    lazy: float | None = None,
 ) -> None:
     """Run `_gl_attn_kernel` on a `Prepared` (fp8 modes). ``grid`` and ``rest`` (the kv lists,
     output, sizes and strides) are what `triton_attention.attend` gives `_attn_kernel`.
@@ -589,9 +545,7 @@ def launch(
         SPARSE=prep.spec.mode.sparse, HEAD_DIM=prep.shape[3], BLOCK_M=block_m, BLOCK_N=tma_block,
         TILE_TOKENS=prep.layout.tile_tokens, STAGES=num_stages, WARP_SPECIALIZE=warp_specialize,
         PINGPONG=warp_specialize and pingpong and not pairs, PAIRS=pairs,
-        CONSUMER_REGS=CONSUMER_REGS, LAZY=pairs and lazy is not None,
-        TAU=float(lazy or 0.0) if pairs else 0.0, num_warps=4,
-        **(WS_LAUNCH if warp_specialize else {}),
+        CONSUMER_REGS=CONSUMER_REGS, num_warps=4, **(WS_LAUNCH if warp_specialize else {}),
     )  # fmt: skip
 
 
