@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernel_bench import SHAPES, environment, random_qkv, sdpa, spec_of, time_op
+from kernel_bench import SHAPES, environment, random_qkv, sdpa, shape_args, spec_of, time_op
 
 E4M3_MAX = 448.0
 
@@ -149,9 +149,7 @@ def run_shape(name: str, budget_s: float, ours: bool) -> list[dict[str, Any]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--shapes", nargs="+", default=["720p", "720p-14b"], choices=list(SHAPES))
-    ap.add_argument("--budget-s", type=float, default=3.0, help="timing budget per op")
-    ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    shape_args(ap)
     ap.add_argument("--no-fpstune", action="store_true", help="cuDNN only (no fpstune install)")
     args = ap.parse_args()
     if not torch.cuda.is_available():

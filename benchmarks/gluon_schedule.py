@@ -25,7 +25,16 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernel_bench import SHAPES, environment, random_qkv, sdpa, set_vs_cudnn, spec_of, time_op
+from kernel_bench import (
+    SHAPES,
+    environment,
+    random_qkv,
+    sdpa,
+    set_vs_cudnn,
+    shape_args,
+    spec_of,
+    time_op,
+)
 
 TILE = (1, 8, 16)
 CONFIG = {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 4, "impl": "gluon_ws"}
@@ -104,9 +113,7 @@ def run_shape(name: str, budget_s: float, only: list[str] | None = None) -> list
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--shapes", nargs="+", default=["720p", "720p-14b"], choices=list(SHAPES))
-    ap.add_argument("--budget-s", type=float, default=3.0, help="timing budget per op")
-    ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    shape_args(ap)
     ap.add_argument("--only", nargs="+", choices=list(VARIANTS), default=None,
                     help="these variants (and the first, the reference) only")  # fmt: skip
     args = ap.parse_args()

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -113,6 +114,13 @@ def sdpa(backend: Any) -> Callable[..., torch.Tensor]:
             return F.scaled_dot_product_attention(q, k, v)
 
     return run
+
+
+def shape_args(ap: argparse.ArgumentParser) -> None:
+    """The options the per-shape benchmarks share: --shapes, --budget-s, --out."""
+    ap.add_argument("--shapes", nargs="+", default=["720p", "720p-14b"], choices=list(SHAPES))
+    ap.add_argument("--budget-s", type=float, default=3.0, help="timing budget per op")
+    ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
 
 
 def environment() -> dict[str, Any]:
