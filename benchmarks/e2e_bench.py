@@ -5,12 +5,15 @@ one transformer forward (batch 1: a CFG step is two) at 480p and 720p.
 Per model and resolution, in one process on one GPU:
 - ``sdpa``: the model as diffusers runs it, every attention on SDPA's cuDNN backend;
 - ``no self-attn``: fpstune's processor with the self-attention call returning v (everything
-  but the attention kernel: projections, norms, RoPE, cross-attention, FFN): the rest of a step;
+  but the attention kernel: projections, norms, RoPE as diffusers applies it, cross-attention,
+  FFN): the rest of a step;
 - one row per attention spec (fp8_dense, fp8_sparse window at each sparsity): every self-
   attention layer on that spec, through fpstune's processor.
 The attention share is (sdpa - rest) / sdpa. The Amdahl bound of a spec is the step's speed-up
 if only its attention calls got faster, by the op's own speed-up over cuDNN measured here on one
-layer's q, k, v: sdpa / (rest + (sdpa - rest) / s_attn). "of bound" = speed-up / bound.
+layer's q, k, v: sdpa / (rest + (sdpa - rest) / s_attn). "of bound" = speed-up / bound. With
+``--rope fused`` (the default) the spec rows no longer pay diffusers' separate RoPE pass, which
+the rest includes, so a step can pass its bound by that much; ``--rope unfused`` keeps it.
 
 With ``--policy FILE`` (a policy YAML, e.g. `fpstune export` of a mini-e2e study) a whole 50-step
 generation is costed at 1.3B-720p: the policy's (layer, step) cells are mapped onto the target
@@ -104,7 +107,8 @@ class _NoAttention:
     grid: tuple[int, int, int] | None = None
     step = 0
 
-    def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            rope: object = None) -> torch.Tensor:  # fmt: skip
         return v
 
 
@@ -166,7 +170,12 @@ def op_ms(fn: Callable[[], object]) -> float:
 
 
 def run_model(
-    model: str, res: str, reps: int, policy_file: Path | None, kernel: str = "default"
+    model: str,
+    res: str,
+    reps: int,
+    policy_file: Path | None,
+    kernel: str = "default",
+    fuse_rope: bool = True,
 ) -> dict[str, Any]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -195,9 +204,9 @@ def run_model(
     router = AttentionRouter(grid=grid)
     noattn = _NoAttention()
     noattn.grid = grid
-    install(m, noattn)  # type: ignore[arg-type]
+    install(m, noattn, fuse_rope=False)  # type: ignore[arg-type]  # the rest keeps diffusers' RoPE
     rest_ms = statistics.median(timed(forward, reps))
-    install(m, router)
+    install(m, router, fuse_rope=fuse_rope)
     share = (sdpa_ms - rest_ms) / sdpa_ms
     row.update(sdpa_ms=sdpa_ms, rest_ms=rest_ms, attention_share=share, specs=[])
     print(f"  sdpa {sdpa_ms:9.1f} ms  rest {rest_ms:9.1f} ms  attention share {share:.1%}")
@@ -293,15 +302,18 @@ def main() -> None:
     ap.add_argument("--policy", type=Path, help="policy YAML: cost a 50-step 1.3B-720p generation")
     ap.add_argument("--kernel", choices=list(KERNELS), default="default",
                     help="fp8 kernel config of every fp8 spec: the runtime's default (Triton) or "
-                    "the warp-specialised Gluon kernel, 128x128 s4 (Hopper)")  # fmt: skip
+                    "the warp-specialised Gluon kernel, 128x256 s2 (Hopper)")  # fmt: skip
+    ap.add_argument("--rope", choices=["fused", "unfused"], default="fused",
+                    help="fpstune's processor hands RoPE to the kernels' pre-pass (fused, the "
+                    "default) or rotates q and k first as diffusers does")  # fmt: skip
     args = ap.parse_args()
     rows = []
     for model in args.models:
         for res in args.res:
             use = args.policy if (model, res) == ("1.3b", "720p") else None
-            rows.append(run_model(model, res, args.reps, use, args.kernel))
+            rows.append(run_model(model, res, args.reps, use, args.kernel, args.rope == "fused"))
     gpu = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
-    env = {"gpu": gpu, "torch": torch.__version__, "kernel": args.kernel}
+    env = {"gpu": gpu, "torch": torch.__version__, "kernel": args.kernel, "rope": args.rope}
     args.out.write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
     head = ("model", "res", "share", "spec", "step", "bound", "of")
     print("\n{:5s} {:5s} {:>6s} {:34s} {:>6s} {:>6s} {:>6s}".format(*head))

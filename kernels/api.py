@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import check_feasible, default_config, default_tile
+from .rope import Rope, rotary, tables
 from .spec import AttentionSpec, Mode
 from .tiling import TileLayout
 
@@ -24,6 +25,7 @@ def attention(
     spec: AttentionSpec,
     scale: float | None = None,
     backend: Backend = "auto",
+    rope: Rope | None = None,
 ) -> torch.Tensor:
     """Attention over a (T, H, W) latent-patch grid as ``spec`` says.
 
@@ -32,6 +34,11 @@ def attention(
     ``backend="auto"`` runs the Triton kernels on CUDA tensors and the PyTorch reference elsewhere;
     ``bf16_dense`` on CUDA goes to torch SDPA (cuDNN on Hopper).
 
+    ``rope`` (cos, sin): attend with q and k rotated as Wan does (`fpstune.kernels.rope`). The
+    Triton path rotates inside its pre-pass, in fp32 as the FP8 scales are taken (no rotated
+    copy of q and k is written); the other paths rotate first with `rope.rotary` (SDPA in the
+    input dtype as diffusers does, the reference in fp32).
+
     Non-finite inputs are not checked (that would cost a device sync per call); they propagate as
     NaN and never as finite garbage. A NaN/Inf in q makes its row NaN; in k, every row that
     visits its key NaN; in v, that channel of every row that visits it. FP8 scales widen the
@@ -39,28 +46,35 @@ def attention(
     per-channel scale), in every row of that (batch, head).
     """
     _check_inputs(q, k, v, grid)
+    out_dtype = q.dtype
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     use_triton = backend == "triton" or (backend == "auto" and q.is_cuda)
+    fused = use_triton and spec.mode is not Mode.BF16_DENSE
+    if rope is not None and not fused:
+        cos, sin = tables(rope, q.shape[2], q.shape[3], q.device)
+        low = use_triton  # SDPA takes the input dtype; the reference rotates in fp32
+        q, k = ((x if low else x.float()) for x in (q, k))
+        q, k = rotary(q, cos, sin), rotary(k, cos, sin)
+        rope = None
     if spec.mode is Mode.BF16_DENSE:
         if use_triton:
             return F.scaled_dot_product_attention(q, k, v, scale=scale)
         from .reference import reference_attention
 
-        return reference_attention(q, k, v, grid=grid, spec=spec, tile=(1, 1, 1), scale=scale).to(
-            q.dtype
-        )
+        out = reference_attention(q, k, v, grid=grid, spec=spec, tile=(1, 1, 1), scale=scale)
+        return out.to(out_dtype)
     tile = spec.tile or default_tile(grid)
     if not use_triton:
         from .reference import reference_attention
 
         out = reference_attention(q, k, v, grid=grid, spec=spec, tile=tile, scale=scale)
-        return out.to(q.dtype)
+        return out.to(out_dtype)
     config = spec.kernel or default_config(tile, q.shape[-1], spec.mode)
     check_feasible(config, tile=tile, head_dim=q.shape[-1], mode=spec.mode)
     from .triton_attention import triton_attention
 
     return triton_attention(
-        q, k, v, layout=TileLayout(grid, tile), spec=spec, config=config, scale=scale
+        q, k, v, layout=TileLayout(grid, tile), spec=spec, config=config, scale=scale, rope=rope
     )
 
 

@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from .patterns import BlockIndex, block_index, keep_count
+from .rope import Rope, tables
 from .spec import AttentionSpec, KernelConfig, Pattern
 from .tiling import TileLayout
 
@@ -117,6 +118,23 @@ def _load_rows(X, base, src, offs_d, stride_n, stride_d):
 
 
 @triton.jit
+def _load_qk(X, base, src, offs_d, stride_n, stride_d, COS, SIN, ROPE: tl.constexpr,
+             HEAD_DIM: tl.constexpr):  # fmt: skip
+    """`_load_rows` of q or k, rotated by the rope tables if ``ROPE`` (`rope.rotary`'s
+    arithmetic: each channel times its pair's cos, plus its partner times -sin or +sin)."""
+    x = _load_rows(X, base, src, offs_d, stride_n, stride_d)
+    if ROPE:
+        partner = _load_rows(X, base, src, offs_d ^ 1, stride_n, stride_d)
+        row = src[:, None].to(tl.int64) * HEAD_DIM
+        real = src[:, None] >= 0
+        c = tl.load(COS + row + (offs_d & ~1)[None, :], mask=real, other=0.0)
+        s = tl.load(SIN + row + (offs_d | 1)[None, :], mask=real, other=0.0)
+        s = tl.where((offs_d % 2 == 0)[None, :], -s, s)
+        x = x * c + partner * s
+    return x
+
+
+@triton.jit
 def _store_rows(
     XC, y, src, slots, offs_d, bh64, N, N_PAD, TILE_MAJOR: tl.constexpr, HEAD_DIM: tl.constexpr
 ):
@@ -138,6 +156,8 @@ def _prep_qk(
     XS,
     XSUM,
     SLOT_SRC,
+    COS,
+    SIN,
     tile,
     bh,
     N,
@@ -150,8 +170,10 @@ def _prep_qk(
     TILE_TOKENS: tl.constexpr,
     CHUNK: tl.constexpr,
     EXACT: tl.constexpr,
+    ROPE: tl.constexpr,
 ):
-    """Quantise (or copy) one tile of Q or K; write its scale and, if POOL, its row sum."""
+    """Quantise (or copy) one tile of Q or K, rotated first if ``ROPE``; write its scale and,
+    if POOL, its row sum."""
     offs_c = tl.arange(0, CHUNK)
     offs_d = tl.arange(0, HEAD_DIM)
     slot0 = tile * TILE_TOKENS
@@ -159,7 +181,7 @@ def _prep_qk(
     if CHUNK == TILE_TOKENS:
         # The whole tile fits: one read, amax and quantise from registers.
         src = tl.load(SLOT_SRC + slot0 + offs_c)
-        x = _load_rows(X, x_base, src, offs_d, stride_n, stride_d)
+        x = _load_qk(X, x_base, src, offs_d, stride_n, stride_d, COS, SIN, ROPE, HEAD_DIM)
         if POOL:
             tl.store(XSUM + (bh64 * N_TILES + tile) * HEAD_DIM + offs_d, tl.sum(x, axis=0))
         if FP8:
@@ -173,7 +195,7 @@ def _prep_qk(
             total = tl.zeros([HEAD_DIM], dtype=tl.float32)
             for c0 in range(0, TILE_TOKENS, CHUNK):
                 src = tl.load(SLOT_SRC + slot0 + c0 + offs_c)
-                x = _load_rows(X, x_base, src, offs_d, stride_n, stride_d)
+                x = _load_qk(X, x_base, src, offs_d, stride_n, stride_d, COS, SIN, ROPE, HEAD_DIM)
                 if FP8:
                     amax = tl.maximum(amax, tl.max(_abs_bits(x), axis=0))
                 if POOL:
@@ -186,7 +208,7 @@ def _prep_qk(
         # Second sweep re-reads the tile (from L2: it was just read).
         for c0 in range(0, TILE_TOKENS, CHUNK):
             src = tl.load(SLOT_SRC + slot0 + c0 + offs_c)
-            x = _load_rows(X, x_base, src, offs_d, stride_n, stride_d)
+            x = _load_qk(X, x_base, src, offs_d, stride_n, stride_d, COS, SIN, ROPE, HEAD_DIM)
             y = _to_e4m3(tl.math.div_rn(x, scale), EXACT) if FP8 else x.to(XC.dtype.element_ty)
             slots = slot0 + c0 + offs_c
             _store_rows(XC, y, src, slots, offs_d, bh64, N, N_PAD, TILE_MAJOR, HEAD_DIM)
@@ -295,6 +317,8 @@ def _prepass_kernel(
     QSUM,
     KSUM,
     SLOT_SRC,
+    COS,
+    SIN,
     H,
     N,
     N_PAD,
@@ -319,8 +343,10 @@ def _prepass_kernel(
     CHUNK: tl.constexpr,
     EXACT: tl.constexpr,
     WGMMA_KEYS: tl.constexpr,
+    ROPE: tl.constexpr,
 ):
-    """Grid (n_tiles, batch*heads, 3): axis 2 picks q, k or v."""
+    """Grid (n_tiles, batch*heads, 3): axis 2 picks q, k or v. ``ROPE``: q and k are rotated by
+    the (tokens, head_dim) tables ``COS`` / ``SIN`` as they are loaded."""
     tile = tl.program_id(0)
     bh = tl.program_id(1)
     which = tl.program_id(2)
@@ -328,13 +354,13 @@ def _prepass_kernel(
     h = (bh % H).to(tl.int64)
     if which == 0:
         _prep_qk(
-            Q, b * sqb + h * sqh, sqn, sqd, QC, QS, QSUM, SLOT_SRC, tile, bh, N, N_PAD, N_TILES,
-            FP8, POOL, Q_TILE_MAJOR, HEAD_DIM, TILE_TOKENS, CHUNK, EXACT,
+            Q, b * sqb + h * sqh, sqn, sqd, QC, QS, QSUM, SLOT_SRC, COS, SIN, tile, bh, N, N_PAD,
+            N_TILES, FP8, POOL, Q_TILE_MAJOR, HEAD_DIM, TILE_TOKENS, CHUNK, EXACT, ROPE,
         )  # fmt: skip
     elif which == 1:
         _prep_qk(
-            K, b * skb + h * skh, skn, skd, KC, KS, KSUM, SLOT_SRC, tile, bh, N, N_PAD, N_TILES,
-            FP8, POOL, True, HEAD_DIM, TILE_TOKENS, CHUNK, EXACT,
+            K, b * skb + h * skh, skn, skd, KC, KS, KSUM, SLOT_SRC, COS, SIN, tile, bh, N, N_PAD,
+            N_TILES, FP8, POOL, True, HEAD_DIM, TILE_TOKENS, CHUNK, EXACT, ROPE,
         )  # fmt: skip
     else:
         _prep_v(
@@ -654,11 +680,15 @@ def prepare(
     spec: AttentionSpec,
     blocks: BlockIndex | None = None,
     impl: str = "triton",
+    rope: Rope | None = None,
 ) -> Prepared:
     """Run the pre-pass and build the kv lists. ``blocks`` overrides the pattern's choice;
-    ``impl`` is the kernel that will read it (the Gluon kernels take V's keys reordered)."""
+    ``impl`` is the kernel that will read it (the Gluon kernels take V's keys reordered);
+    ``rope`` (cos, sin): q and k are rotated as Wan does (`rope.rotary`) inside the pre-pass,
+    in fp32, before their tiles are scaled."""
     B, H, N, D = q.shape
     dev = q.device
+    cos, sin = (None, None) if rope is None else tables(rope, N, D, dev)
     fp8, sparse = spec.mode.fp8, spec.mode.sparse
     st = _static(layout, dev)
     n_tiles, n_pad, tt = layout.n_tiles, layout.padded_tokens, layout.tile_tokens
@@ -686,10 +716,11 @@ def prepare(
         dummy if qs is None else qs, dummy if ks is None else ks,
         dummy if vamax is None else vamax,
         dummy if qsum is None else qsum, dummy if ksum is None else ksum,
-        st.slot_source, H, N, n_pad, n_tiles, *q.stride(), *k.stride(), *v.stride(),
+        st.slot_source, dummy if cos is None else cos, dummy if sin is None else sin,
+        H, N, n_pad, n_tiles, *q.stride(), *k.stride(), *v.stride(),
         FP8=fp8, POOL=pool, Q_TILE_MAJOR=sparse, HEAD_DIM=D, TILE_TOKENS=tt,
         CHUNK=_chunk_rows(tt, D), EXACT=not q.is_cuda, WGMMA_KEYS=fp8 and wgmma_keys(impl),
-        num_warps=8,
+        ROPE=rope is not None, num_warps=8,
     )  # fmt: skip
 
     if not sparse:
@@ -789,8 +820,10 @@ def triton_attention(
     scale: float,
     blocks: BlockIndex | None = None,
     out: torch.Tensor | None = None,
+    rope: Rope | None = None,
 ) -> torch.Tensor:
     """The whole op for every non-``bf16_dense`` mode: pre-pass, block index, attention.
+    ``rope``: q and k are rotated in the pre-pass (`prepare`).
 
     q, k, v: (B, H, N, D) in model order, bf16/fp16, any strides; returns (B, H, N, D) in q's
     dtype. ``config`` must have passed `config.check_feasible`. ``blocks`` (tests) replaces
@@ -798,7 +831,7 @@ def triton_attention(
     """
     if spec.mode.fp8 and not hasattr(torch, "float8_e4m3fn"):
         raise RuntimeError("fp8 modes need torch.float8_e4m3fn")
-    prep = prepare(q, k, v, layout=layout, spec=spec, blocks=blocks, impl=config.impl)
+    prep = prepare(q, k, v, layout=layout, spec=spec, blocks=blocks, impl=config.impl, rope=rope)
     return attend(
         prep,
         block_m=config.block_m,

@@ -1,10 +1,12 @@
 """fpstune's attention processor for diffusers' Wan transformer.
 
 `install(transformer, router)` replaces the processor of every block's self-attention (``attn1``)
-with `WanSelfAttention`, which computes exactly what diffusers' ``WanAttnProcessor`` computes for
+with `WanSelfAttention`, which computes what diffusers' ``WanAttnProcessor`` computes for
 self-attention (q/k/v projections, RMS norms, rotary embedding, output projection) but routes the
 attention itself through `fpstune.kernels.attention` with the spec the router gives for (layer,
-current step). Cross-attention (``attn2``, text tokens) is left to diffusers.
+current step). The rotary embedding goes to the router with q and k (``fuse_rope``, the default):
+on the GPU the kernels' pre-pass applies it in fp32 while it quantises, instead of diffusers'
+separate bf16 pass. Cross-attention (``attn2``, text tokens) is left to diffusers.
 """
 
 from __future__ import annotations
@@ -13,25 +15,20 @@ from typing import Any
 
 import torch
 
+from fpstune.kernels.rope import rotary
+
 from .router import AttentionRouter
 
 
-def _rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # Same as diffusers' WanAttnProcessor (interleaved pairs).
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos[..., 0::2], sin[..., 1::2]
-    out = torch.empty_like(x)
-    out[..., 0::2] = x1 * cos - x2 * sin
-    out[..., 1::2] = x1 * sin + x2 * cos
-    return out.type_as(x)
-
-
 class WanSelfAttention:
-    """Processor for one Wan block's ``attn1``; ``layer`` is the block index."""
+    """Processor for one Wan block's ``attn1``; ``layer`` is the block index. ``fuse_rope``:
+    hand the rotary tables to the router (the kernels rotate q and k) instead of rotating here
+    as diffusers does."""
 
-    def __init__(self, router: AttentionRouter, layer: int) -> None:
+    def __init__(self, router: AttentionRouter, layer: int, fuse_rope: bool = True) -> None:
         self.router = router
         self.layer = layer
+        self.fuse_rope = fuse_rope
 
     def __call__(
         self,
@@ -46,26 +43,31 @@ class WanSelfAttention:
         q = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))
         k = attn.norm_k(attn.to_k(hidden_states)).unflatten(2, (attn.heads, -1))
         v = attn.to_v(hidden_states).unflatten(2, (attn.heads, -1))
-        if rotary_emb is not None:
-            q, k = _rotary(q, *rotary_emb), _rotary(k, *rotary_emb)
+        rope = None
+        if rotary_emb is not None and self.fuse_rope:
+            rope = rotary_emb
+        elif rotary_emb is not None:
+            q, k = rotary(q, *rotary_emb), rotary(k, *rotary_emb)
         # (batch, tokens, heads, dim) -> (batch, heads, tokens, dim), the runtime's layout.
-        out = self.router.run(self.layer, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        out = self.router.run(self.layer, qt, kt, vt, rope=rope)
         out = out.transpose(1, 2).flatten(2, 3).type_as(q)
         out = attn.to_out[0](out)
         out = attn.to_out[1](out)
         return out
 
 
-def install(transformer: Any, router: AttentionRouter) -> int:
+def install(transformer: Any, router: AttentionRouter, fuse_rope: bool = True) -> int:
     """Patch every block's self-attention of a diffusers ``WanTransformer3DModel``; returns the
-    number of layers patched. Idempotent: re-installing replaces the router."""
+    number of layers patched. Idempotent: re-installing replaces the router. ``fuse_rope``: see
+    `WanSelfAttention`."""
     blocks = getattr(transformer, "blocks", None)
     if blocks is None:
         raise TypeError(f"{type(transformer).__name__} has no Wan transformer blocks")
     for i, block in enumerate(blocks):
         if getattr(block.attn1, "fused_projections", False):
             raise ValueError(f"block {i}: fused q/k/v projections are not supported")
-        block.attn1.set_processor(WanSelfAttention(router, i))
+        block.attn1.set_processor(WanSelfAttention(router, i, fuse_rope))
     return len(blocks)
 
 

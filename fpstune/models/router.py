@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from fpstune.kernels import AttentionSpec, Mode, attention
+from fpstune.kernels.rope import Rope, rotary, tables
 
 DENSE = AttentionSpec(mode=Mode.BF16_DENSE)
 
@@ -41,11 +42,23 @@ class AttentionRouter:
         spec: AttentionSpec = self.policy.spec(layer=layer, step=self.step)
         return spec
 
-    def run(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Attention for ``layer`` at the current step; q, k, v as (batch, heads, tokens, dim)."""
+    def run(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rope: Rope | None = None,
+    ) -> torch.Tensor:
+        """Attention for ``layer`` at the current step; q, k, v as (batch, heads, tokens, dim).
+        ``rope`` (cos, sin): q and k are not rotated yet; `attention` rotates them (fused into
+        the pre-pass on the GPU). An observer sees them rotated."""
         if self.grid is None:
             raise RuntimeError("AttentionRouter.grid is not set: the loop sets it per video shape")
         if self.observer is not None:
+            if rope is not None:
+                cos, sin = tables(rope, q.shape[2], q.shape[3], q.device)
+                q, k, rope = rotary(q, cos, sin), rotary(k, cos, sin), None
             self.observer(layer, self.step, q, k, v)
         spec = self.spec_for(layer)
         key = (layer, self.step)
@@ -53,9 +66,9 @@ class AttentionRouter:
         if q.is_cuda and dtype != torch.bfloat16:  # the GPU kernels take bf16 (autocast may not)
             q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
         self.calls[key] = self.calls.get(key, 0) + 1
-        out = attention(q, k, v, grid=self.grid, spec=spec)
+        out = attention(q, k, v, grid=self.grid, spec=spec, rope=rope)
         if self.track_errors and spec.mode is not Mode.BF16_DENSE:
-            ref = attention(q, k, v, grid=self.grid, spec=DENSE).float()
+            ref = attention(q, k, v, grid=self.grid, spec=DENSE, rope=rope).float()
             sums = torch.stack(((out.float() - ref).square().sum(), ref.square().sum())).double()
             prev = self._err.get(key)
             self._err[key] = sums if prev is None else prev + sums

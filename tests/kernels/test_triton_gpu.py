@@ -62,7 +62,11 @@ def _check(
     tile: tuple[int, int, int] | None = None,
     config: KernelConfig | None = None,
     dtype: torch.dtype = torch.bfloat16,
+    rope: bool = False,
 ) -> None:
+    """``rope``: the pre-pass rotates q and k (random Wan-style tables); the truth and the
+    reference take them rotated in fp32 and rounded to the input dtype."""
+    from fpstune.kernels.rope import rotary
     from fpstune.kernels.triton_attention import attend, prepare
 
     tile = tile or default_tile(grid)
@@ -71,8 +75,17 @@ def _check(
     check_feasible(config, tile=tile, head_dim=head_dim, mode=spec.mode)
     layout = TileLayout(grid, tile)
     shape = (*SHAPE_BH, layout.tokens, head_dim)
-    q, k, v = make_qkv(shape, grid, kind, dtype, _gen(spec_d, grid, head_dim, kind), "cuda")
-    prep = prepare(q, k, v, layout=layout, spec=spec, impl=config.impl)
+    gen = _gen(spec_d, grid, head_dim, kind, rope)
+    q, k, v = make_qkv(shape, grid, kind, dtype, gen, "cuda")
+    tables = None
+    if rope:
+        n = layout.tokens
+        angle = (torch.rand(1, n, 1, head_dim // 2, generator=gen) * 6.3).repeat_interleave(2, -1)
+        tables = (angle.cos().cuda(), angle.sin().cuda())
+    prep = prepare(q, k, v, layout=layout, spec=spec, impl=config.impl, rope=tables)
+    if tables is not None:
+        c, s = (t.reshape(layout.tokens, head_dim) for t in tables)
+        q, k = rotary(q.float(), c, s).to(dtype), rotary(k.float(), c, s).to(dtype)
     if spec.pattern is not None and spec.pattern.kind != "window":
         assert prep.blocks is not None
         assert block_mismatch(prep.blocks, q, k, layout, spec) == ""
@@ -162,6 +175,19 @@ def test_gluon_kernel(
     config = KernelConfig(block_m=128 if ws else 64, block_n=block_n, num_warps=8 if ws else 4,
                           num_stages=stages, impl=impl)  # fmt: skip
     _check(MODES[mode], grid, 128, kind, tile=tile, config=config)
+
+
+GLUON_256 = KernelConfig(block_m=128, block_n=256, num_warps=8, num_stages=2, impl="gluon_ws")
+
+
+@pytest.mark.parametrize("config", [None, GLUON_256], ids=["default", "gluon_ws-256"])
+@pytest.mark.parametrize("mode", ["fp8_dense", "fp8_window", "fp8_topk", "bf16_window"])
+def test_rope_fused_into_the_prepass(mode: str, config: KernelConfig | None) -> None:
+    """Wan's rotary embedding applied by the pre-pass: the same rule against attention on the
+    rotated q and k, for the Triton kernel and the 256-key Gluon kernel."""
+    if config is not None and not (HOPPER and MODES[mode]["mode"].startswith("fp8")):
+        pytest.skip("the Gluon kernels: fp8 modes on sm_90")
+    _check(MODES[mode], (7, 15, 26), 128, "structured", tile=(1, 8, 16), config=config, rope=True)
 
 
 @pytest.mark.parametrize("mode", ["fp8_window", "bf16_window"])

@@ -291,6 +291,59 @@ def _run_wgmma_key_order_case() -> str:
     return ""
 
 
+ROPE_CASES = {  # fused rotary: the pre-pass's one-read path, its two-sweep path, pooled means
+    "rope_fp8_dense": ({"mode": "fp8_dense", "tile": (1, 4, 4)}, torch.bfloat16),
+    "rope_fp8_window_t48": (
+        {"mode": "fp8_sparse", "tile": (3, 4, 4), "pattern": {"kind": "window"}, "sparsity": 0.4},
+        torch.bfloat16,
+    ),
+    "rope_fp8_topk": (
+        {"mode": "fp8_sparse", "tile": (1, 4, 4), "pattern": {"kind": "topk"}, "sparsity": 0.5},
+        torch.bfloat16,
+    ),
+    "rope_fp16_window": (
+        {"mode": "bf16_sparse", "tile": (1, 4, 4), "pattern": {"kind": "window"}, "sparsity": 0.5},
+        torch.float16,
+    ),
+}
+
+
+def _run_rope_case(spec_d: dict[str, Any], dtype: torch.dtype) -> str:
+    """prepare(..., rope=tables) writes exactly what prepare writes for q and k rotated in fp32
+    first (`rope.rotary`; then in the input dtype for the non-fp8 modes, which copy)."""
+    from fpstune.kernels.rope import rotary
+    from fpstune.kernels.triton_attention import prepare
+
+    gen = torch.Generator().manual_seed(len(json.dumps(spec_d)))
+    spec = AttentionSpec.from_dict(spec_d)
+    assert spec.tile is not None
+    layout = TileLayout(GRID, spec.tile)
+    q, k, v = make_qkv(SHAPE, GRID, "structured", dtype, gen)
+    n, d = SHAPE[2], SHAPE[3]
+    angle = (torch.rand(1, n, 1, d // 2, generator=gen) * 6.3).repeat_interleave(2, dim=-1)
+    cos, sin = angle.cos(), angle.sin()
+    fused = prepare(q, k, v, layout=layout, spec=spec, rope=(cos, sin))
+    c, s = cos.reshape(n, d), sin.reshape(n, d)
+    rq, rk = rotary(q.float(), c, s), rotary(k.float(), c, s)
+    if not spec.mode.fp8:
+        rq, rk = rq.to(dtype), rk.to(dtype)
+    plain = prepare(rq, rk, v, layout=layout, spec=spec)
+    for field in ("q", "k", "v", "q_scale", "k_scale", "v_amax"):
+        a, b = getattr(fused, field), getattr(plain, field)
+        if (a is None) != (b is None):
+            return f"{field}: present in one pre-pass only"
+        if a is not None and not torch.equal(a.view(torch.uint8), b.view(torch.uint8)):
+            return f"{field} differs from the pre-pass of q and k rotated first"
+    if spec.pattern is not None and spec.pattern.kind != "window":
+        assert fused.blocks is not None and plain.blocks is not None
+        if not torch.equal(fused.blocks.kv_index, plain.blocks.kv_index):
+            return "the pooled tile means chose other blocks"
+    if torch.equal(fused.q.view(torch.uint8), prepare(q, k, v, layout=layout, spec=spec).q.view(
+            torch.uint8)):  # fmt: skip
+        return "the rotation was not applied"
+    return ""
+
+
 def _child() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1"
     results = {}
@@ -298,6 +351,11 @@ def _child() -> None:
         try:
             results[name] = _run_case(spec_d, kind, dtype, cfg)
         except Exception as e:  # reported per case, not as one crash
+            results[name] = f"{type(e).__name__}: {e}"
+    for name, (spec_d, dtype) in ROPE_CASES.items():
+        try:
+            results[name] = _run_rope_case(spec_d, dtype)
+        except Exception as e:
             results[name] = f"{type(e).__name__}: {e}"
     for name, run in (
         ("nan_fp16_sparse", _run_nan_case),
@@ -312,7 +370,7 @@ def _child() -> None:
 
 # ---- tests (parent process) ---------------------------------------------------------------
 
-CASE_NAMES = [c[0] for c in _cases()] + ["nan_fp16_sparse", "wgmma_key_order"]
+CASE_NAMES = [c[0] for c in _cases()] + [*ROPE_CASES, "nan_fp16_sparse", "wgmma_key_order"]
 
 
 @pytest.fixture(scope="module")

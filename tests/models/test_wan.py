@@ -82,7 +82,8 @@ def test_reference_run_is_bit_stable(checkpoint: Path, prompt_file: Path) -> Non
     assert torch.isfinite(a.record.final).all() and a.record.final.abs().max() > 0
 
 
-def test_processor_matches_diffusers_default(checkpoint: Path) -> None:
+@pytest.mark.parametrize("fuse_rope", [True, False], ids=["rope-to-router", "rope-here"])
+def test_processor_matches_diffusers_default(checkpoint: Path, fuse_rope: bool) -> None:
     transformer, _ = wan.load_wan(checkpoint)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, *LATENT, generator=g)
@@ -91,7 +92,7 @@ def test_processor_matches_diffusers_default(checkpoint: Path) -> None:
     with torch.no_grad():
         ref = transformer(x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
         router = AttentionRouter(grid=GRID)
-        install(transformer, router)
+        install(transformer, router, fuse_rope=fuse_rope)
         ours = transformer(x, timestep=t, encoder_hidden_states=text, return_dict=False)[0]
     assert router.calls == {(layer, 0): 1 for layer in range(LAYERS)}
     rel = ((ours - ref).norm() / ref.norm()).item()
