@@ -2,8 +2,9 @@
 against SDPA's cuDNN backend in the same process, at the Wan2.1 720p shapes, dense and 90 %
 sparse: 128-key softmax steps with its two consumer warpgroups taking turns at the tensor cores
 (ping-pong) or not; 256-key steps (``block_n=256``, v12) at 2 and 3 stages; and the pre-pass with
-V in natural or in the Gluon kernels' key order. The turns are a launch argument of
-`gluon_attention.launch`, not a `KernelConfig` knob: they exist to measure what they are worth
+V in natural or in the Gluon kernels' key order, and with Wan's RoPE fused into it. The turns
+are a launch argument of `gluon_attention.launch`, not a `KernelConfig` knob: they exist to
+measure what they are worth
 (docs/kernel_notes.md, v11, v12). With and without turns the outputs must be bit-identical
 (checked); 256-key steps print their largest difference from the 128-key output.
 
@@ -71,6 +72,8 @@ def run_shape(name: str, budget_s: float, only: list[str] | None = None) -> list
     n = math.prod(grid)
     q, k, v = random_qkv((b, h, n, d), seed=0)
     cudnn = sdpa(SDPBackend.CUDNN_ATTENTION)
+    angle = torch.rand(1, n, 1, d // 2, device=q.device).repeat_interleave(2, -1) * 6.3
+    rope = (angle.cos(), angle.sin())  # Wan's tables: (1, tokens, 1, head_dim) fp32
     rows: list[dict[str, Any]] = []
 
     def add(label: str, times: list[float]) -> None:
@@ -86,6 +89,8 @@ def run_shape(name: str, budget_s: float, only: list[str] | None = None) -> list
         for impl in ("triton", "gluon_ws"):  # the pre-pass, natural or wgmma key order for V
             run_prep = partial(prepare, q, k, v, layout=layout, spec=spec, impl=impl)
             add(f"{what} prepare(impl={impl})", time_op(run_prep, budget_s=budget_s))
+        run_prep = partial(prepare, q, k, v, layout=layout, spec=spec, impl="gluon_ws", rope=rope)
+        add(f"{what} prepare(impl=gluon_ws, rope)", time_op(run_prep, budget_s=budget_s))
         prep = prepare(q, k, v, layout=layout, spec=spec, impl="gluon_ws")
         out = torch.full_like(q, float("nan"))
         launch_grid, rest = launch_args(prep, block_m=CONFIG["block_m"], scale=d**-0.5, out=out)

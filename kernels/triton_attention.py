@@ -345,10 +345,12 @@ def _prepass_kernel(
     WGMMA_KEYS: tl.constexpr,
     ROPE: tl.constexpr,
 ):
-    """Grid (n_tiles, batch*heads, 3): axis 2 picks q, k or v. ``ROPE``: q and k are rotated by
-    the (tokens, head_dim) tables ``COS`` / ``SIN`` as they are loaded."""
-    tile = tl.program_id(0)
-    bh = tl.program_id(1)
+    """Grid (batch*heads, n_tiles, 3): axis 2 picks q, k or v; the heads of one tile run next to
+    each other (their rows share cache lines in (B, N, H, D) inputs, and ``ROPE``'s tables are
+    read once per tile from L2). ``ROPE``: q and k are rotated by the (tokens, head_dim) tables
+    ``COS`` / ``SIN`` as they are loaded."""
+    bh = tl.program_id(0)
+    tile = tl.program_id(1)
     which = tl.program_id(2)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
@@ -711,7 +713,7 @@ def prepare(
             v, vamax, H, N, *v.stride(), HEAD_DIM=D, ROWS=rows, num_warps=4
         )
     dummy = qc  # stands in for buffers a variant does not use
-    _prepass_kernel[(n_tiles, B * H, 3)](
+    _prepass_kernel[(B * H, n_tiles, 3)](
         q, k, v, qc, kc, vc,
         dummy if qs is None else qs, dummy if ks is None else ks,
         dummy if vamax is None else vamax,
