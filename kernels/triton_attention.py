@@ -121,16 +121,19 @@ def _load_rows(X, base, src, offs_d, stride_n, stride_d):
 def _load_qk(X, base, src, offs_d, stride_n, stride_d, COS, SIN, ROPE: tl.constexpr,
              HEAD_DIM: tl.constexpr):  # fmt: skip
     """`_load_rows` of q or k, rotated by the rope tables if ``ROPE`` (`rope.rotary`'s
-    arithmetic: each channel times its pair's cos, plus its partner times -sin or +sin)."""
+    arithmetic on the even and odd channels, split in registers so every load stays
+    contiguous)."""
     x = _load_rows(X, base, src, offs_d, stride_n, stride_d)
     if ROPE:
-        partner = _load_rows(X, base, src, offs_d ^ 1, stride_n, stride_d)
-        row = src[:, None].to(tl.int64) * HEAD_DIM
         real = src[:, None] >= 0
-        c = tl.load(COS + row + (offs_d & ~1)[None, :], mask=real, other=0.0)
-        s = tl.load(SIN + row + (offs_d | 1)[None, :], mask=real, other=0.0)
-        s = tl.where((offs_d % 2 == 0)[None, :], -s, s)
-        x = x * c + partner * s
+        table = src[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :]
+        c = tl.load(COS + table, mask=real, other=0.0)
+        s = tl.load(SIN + table, mask=real, other=0.0)
+        rows: tl.constexpr = x.shape[0]
+        x1, x2 = tl.split(x.reshape(rows, HEAD_DIM // 2, 2))
+        c, _ = tl.split(c.reshape(rows, HEAD_DIM // 2, 2))
+        _, s = tl.split(s.reshape(rows, HEAD_DIM // 2, 2))
+        x = tl.join(x1 * c - x2 * s, x1 * s + x2 * c).reshape(rows, HEAD_DIM)
     return x
 
 

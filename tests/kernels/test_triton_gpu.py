@@ -83,12 +83,13 @@ def _check(
         angle = (torch.rand(1, n, 1, head_dim // 2, generator=gen) * 6.3).repeat_interleave(2, -1)
         tables = (angle.cos().cuda(), angle.sin().cuda())
     prep = prepare(q, k, v, layout=layout, spec=spec, impl=config.impl, rope=tables)
-    if tables is not None:
+    if tables is not None:  # the pooled means see the fp32 rotation, the rule the rounded one
         c, s = (t.reshape(layout.tokens, head_dim) for t in tables)
-        q, k = rotary(q.float(), c, s).to(dtype), rotary(k.float(), c, s).to(dtype)
+        q, k = rotary(q.float(), c, s), rotary(k.float(), c, s)
     if spec.pattern is not None and spec.pattern.kind != "window":
         assert prep.blocks is not None
         assert block_mismatch(prep.blocks, q, k, layout, spec) == ""
+    q, k = q.to(dtype), k.to(dtype)
     out = torch.full_like(q, float("nan"))
     attend(prep, **config.model_dump(), scale=head_dim**-0.5, out_dtype=q.dtype, out=out)
     torch.cuda.synchronize()
