@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from .patterns import BlockIndex, block_index, keep_count
-from .rope import Rope, tables
+from .rope import Rope, pair_tables
 from .spec import AttentionSpec, KernelConfig, Pattern
 from .tiling import TileLayout
 
@@ -120,19 +120,18 @@ def _load_rows(X, base, src, offs_d, stride_n, stride_d):
 @triton.jit
 def _load_qk(X, base, src, offs_d, stride_n, stride_d, COS, SIN, ROPE: tl.constexpr,
              HEAD_DIM: tl.constexpr):  # fmt: skip
-    """`_load_rows` of q or k, rotated by the rope tables if ``ROPE`` (`rope.rotary`'s
-    arithmetic on the even and odd channels, split in registers so every load stays
-    contiguous)."""
+    """`_load_rows` of q or k, rotated if ``ROPE`` by the (tokens, head_dim / 2) tables of each
+    channel pair's cos and sin (`rope.tables`), as `rope.rotary` does; the even and odd
+    channels are split and joined in registers, so every load stays contiguous."""
     x = _load_rows(X, base, src, offs_d, stride_n, stride_d)
     if ROPE:
-        real = src[:, None] >= 0
-        table = src[:, None].to(tl.int64) * HEAD_DIM + offs_d[None, :]
-        c = tl.load(COS + table, mask=real, other=0.0)
-        s = tl.load(SIN + table, mask=real, other=0.0)
         rows: tl.constexpr = x.shape[0]
         x1, x2 = tl.split(x.reshape(rows, HEAD_DIM // 2, 2))
-        c, _ = tl.split(c.reshape(rows, HEAD_DIM // 2, 2))
-        _, s = tl.split(s.reshape(rows, HEAD_DIM // 2, 2))
+        pair = tl.arange(0, HEAD_DIM // 2)
+        table = src[:, None].to(tl.int64) * (HEAD_DIM // 2) + pair[None, :]
+        real = src[:, None] >= 0
+        c = tl.load(COS + table, mask=real, other=0.0)
+        s = tl.load(SIN + table, mask=real, other=0.0)
         x = tl.join(x1 * c - x2 * s, x1 * s + x2 * c).reshape(rows, HEAD_DIM)
     return x
 
@@ -693,7 +692,7 @@ def prepare(
     in fp32, before their tiles are scaled."""
     B, H, N, D = q.shape
     dev = q.device
-    cos, sin = (None, None) if rope is None else tables(rope, N, D, dev)
+    cos, sin = (None, None) if rope is None else pair_tables(rope, N, D, dev)
     fp8, sparse = spec.mode.fp8, spec.mode.sparse
     st = _static(layout, dev)
     n_tiles, n_pad, tt = layout.n_tiles, layout.padded_tokens, layout.tile_tokens
