@@ -9,9 +9,8 @@ by per-token angles before attention: for pair i of token n, with ``cos`` and ``
 
 `rotary` is that computation in PyTorch (the fallback for the paths that do not fuse it);
 `tables` checks and flattens the tables the model gives (diffusers: (1, tokens, 1, head_dim)
-fp32), `pair_tables` keeps the entries the rotation reads for the pre-pass, which applies the
-same rotation to each fp32 row it loads, before the tile's FP8 scale is taken, so the rotated
-q and k never make a round trip through memory.
+fp32) for the pre-pass, which applies the same rotation to each fp32 row it loads, before the
+tile's FP8 scale is taken, so the rotated q and k never make a round trip through memory.
 """
 
 from __future__ import annotations
@@ -34,8 +33,8 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 def tables(rope: Rope, tokens: int, head_dim: int, device: torch.device) -> Rope:
-    """``rope``'s (cos, sin) as fp32 (tokens, head_dim) tables on ``device``; a table of another
-    size, or on another device, is refused naming its shape."""
+    """``rope``'s (cos, sin) as contiguous fp32 (tokens, head_dim) tables on ``device``; a table
+    of another size, or on another device, is refused naming its shape."""
     out = []
     for name, t in zip(("cos", "sin"), rope, strict=True):
         if t.numel() != tokens * head_dim or t.shape[-1] != head_dim:
@@ -45,12 +44,5 @@ def tables(rope: Rope, tokens: int, head_dim: int, device: torch.device) -> Rope
             )
         if t.device != device:
             raise ValueError(f"rope {name} is on {t.device}, the inputs on {device}")
-        out.append(t.reshape(tokens, head_dim).float())
+        out.append(t.reshape(tokens, head_dim).float().contiguous())
     return out[0], out[1]
-
-
-def pair_tables(rope: Rope, tokens: int, head_dim: int, device: torch.device) -> Rope:
-    """What the pre-pass reads: each channel pair's cos and sin, contiguous fp32
-    (tokens, head_dim / 2) (pair i: ``cos[n, 2i]``, ``sin[n, 2i + 1]``, as `rotary` takes them)."""
-    cos, sin = tables(rope, tokens, head_dim, device)
-    return cos[:, 0::2].contiguous(), sin[:, 1::2].contiguous()

@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from .patterns import BlockIndex, block_index, keep_count
-from .rope import Rope, pair_tables
+from .rope import Rope, tables
 from .spec import AttentionSpec, KernelConfig, Pattern
 from .tiling import TileLayout
 
@@ -120,19 +120,17 @@ def _load_rows(X, base, src, offs_d, stride_n, stride_d):
 @triton.jit
 def _load_qk(X, base, src, offs_d, stride_n, stride_d, COS, SIN, ROPE: tl.constexpr,
              HEAD_DIM: tl.constexpr):  # fmt: skip
-    """`_load_rows` of q or k, rotated if ``ROPE`` by the (tokens, head_dim / 2) tables of each
-    channel pair's cos and sin (`rope.tables`), as `rope.rotary` does; the even and odd
-    channels are split and joined in registers, so every load stays contiguous."""
+    """`_load_rows` of q or k, rotated by the rope tables if ``ROPE`` (`rope.rotary`'s
+    arithmetic: each channel times its pair's cos, plus its partner times -sin or +sin)."""
     x = _load_rows(X, base, src, offs_d, stride_n, stride_d)
     if ROPE:
-        rows: tl.constexpr = x.shape[0]
-        x1, x2 = tl.split(x.reshape(rows, HEAD_DIM // 2, 2))
-        pair = tl.arange(0, HEAD_DIM // 2)
-        table = src[:, None].to(tl.int64) * (HEAD_DIM // 2) + pair[None, :]
+        partner = _load_rows(X, base, src, offs_d ^ 1, stride_n, stride_d)
+        row = src[:, None].to(tl.int64) * HEAD_DIM
         real = src[:, None] >= 0
-        c = tl.load(COS + table, mask=real, other=0.0)
-        s = tl.load(SIN + table, mask=real, other=0.0)
-        x = tl.join(x1 * c - x2 * s, x1 * s + x2 * c).reshape(rows, HEAD_DIM)
+        c = tl.load(COS + row + (offs_d & ~1)[None, :], mask=real, other=0.0)
+        s = tl.load(SIN + row + (offs_d | 1)[None, :], mask=real, other=0.0)
+        s = tl.where((offs_d % 2 == 0)[None, :], -s, s)
+        x = x * c + partner * s
     return x
 
 
@@ -347,12 +345,17 @@ def _prepass_kernel(
     WGMMA_KEYS: tl.constexpr,
     ROPE: tl.constexpr,
 ):
-    """Grid (batch*heads, n_tiles, 3): axis 2 picks q, k or v; the heads of one tile run next to
-    each other (their rows share cache lines in (B, N, H, D) inputs, and ``ROPE``'s tables are
-    read once per tile from L2). ``ROPE``: q and k are rotated by the (tokens, head_dim) tables
-    ``COS`` / ``SIN`` as they are loaded."""
-    bh = tl.program_id(0)
-    tile = tl.program_id(1)
+    """Grid (n_tiles, batch*heads, 3), axis 2 picking q, k or v. ``ROPE``: q and k are rotated by
+    the (tokens, head_dim) tables ``COS`` / ``SIN`` as they are loaded, and the grid is
+    (batch*heads, n_tiles, 3) so that a tile's heads run side by side and read its tables
+    from L2 (the order measured with RoPE; without it the tile-first order measured faster,
+    docs/kernel_notes.md v15)."""
+    if ROPE:
+        bh = tl.program_id(0)
+        tile = tl.program_id(1)
+    else:
+        tile = tl.program_id(0)
+        bh = tl.program_id(1)
     which = tl.program_id(2)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
@@ -692,7 +695,7 @@ def prepare(
     in fp32, before their tiles are scaled."""
     B, H, N, D = q.shape
     dev = q.device
-    cos, sin = (None, None) if rope is None else pair_tables(rope, N, D, dev)
+    cos, sin = (None, None) if rope is None else tables(rope, N, D, dev)
     fp8, sparse = spec.mode.fp8, spec.mode.sparse
     st = _static(layout, dev)
     n_tiles, n_pad, tt = layout.n_tiles, layout.padded_tokens, layout.tile_tokens
@@ -715,7 +718,7 @@ def prepare(
             v, vamax, H, N, *v.stride(), HEAD_DIM=D, ROWS=rows, num_warps=4
         )
     dummy = qc  # stands in for buffers a variant does not use
-    _prepass_kernel[(B * H, n_tiles, 3)](
+    _prepass_kernel[(B * H, n_tiles, 3) if rope is not None else (n_tiles, B * H, 3)](
         q, k, v, qc, kc, vc,
         dummy if qs is None else qs, dummy if ks is None else ks,
         dummy if vamax is None else vamax,
