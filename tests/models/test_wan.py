@@ -99,6 +99,25 @@ def test_processor_matches_diffusers_default(checkpoint: Path, fuse_rope: bool) 
     assert rel < 1e-5, rel
 
 
+def test_observer_sees_rotated_q_k_either_way(checkpoint: Path) -> None:
+    """With the rotary tables handed to the router, an observer (capture) still gets q and k
+    rotated, exactly as when the processor rotates them itself."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, *LATENT, generator=g)
+    text = torch.randn(1, 5, 16, generator=g)
+    seen: dict[bool, list[torch.Tensor]] = {}
+    for fuse in (True, False):
+        transformer, _ = wan.load_wan(checkpoint)
+        got: list[torch.Tensor] = []
+        router = AttentionRouter(grid=GRID, observer=lambda *a, got=got: got.extend(a[2:4]))
+        install(transformer, router, fuse_rope=fuse)
+        with torch.no_grad():
+            transformer(x, timestep=torch.tensor([500.0]), encoder_hidden_states=text)
+        seen[fuse] = got
+    assert len(seen[True]) == 2 * LAYERS
+    assert all(torch.equal(a, b) for a, b in zip(seen[True], seen[False], strict=True))
+
+
 def _run_cli(args: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
     monkeypatch.setattr(sys, "argv", ["fpstune", *args])
     with pytest.raises(SystemExit) as exc:
