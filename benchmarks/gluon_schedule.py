@@ -4,9 +4,9 @@ sparse: 128-key softmax steps with its two consumer warpgroups taking turns at t
 (ping-pong) or not; 256-key steps (``block_n=256``, v12) at 2 and 3 stages; and the pre-pass with
 V in natural or in the Gluon kernels' key order, and with Wan's RoPE fused into it. The turns
 are a launch argument of `gluon_attention.launch`, not a `KernelConfig` knob: they exist to
-measure what they are worth
-(docs/kernel_notes.md, v11, v12). With and without turns the outputs must be bit-identical
-(checked); 256-key steps print their largest difference from the 128-key output.
+measure what they are worth (docs/kernel_notes.md, v11, v12). With and without turns the
+outputs must be bit-identical (checked); 256-key steps print their largest difference from the
+128-key output.
 
     python benchmarks/gluon_schedule.py --out schedule.json     # ~2 min on an H100
 """

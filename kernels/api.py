@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import check_feasible, default_config, default_tile
-from .rope import Rope, rotary, tables
+from .rope import Rope, rotate_qk
 from .spec import AttentionSpec, Mode
 from .tiling import TileLayout
 
@@ -51,10 +51,9 @@ def attention(
     use_triton = backend == "triton" or (backend == "auto" and q.is_cuda)
     fused = use_triton and spec.mode is not Mode.BF16_DENSE
     if rope is not None and not fused:
-        cos, sin = tables(rope, q.shape[2], q.shape[3], q.device)
-        low = use_triton  # SDPA takes the input dtype; the reference rotates in fp32
-        q, k = ((x if low else x.float()) for x in (q, k))
-        q, k = rotary(q, cos, sin), rotary(k, cos, sin)
+        if not use_triton:  # the reference rotates in fp32; SDPA takes the input dtype
+            q, k = q.float(), k.float()
+        q, k = rotate_qk(q, k, rope)
         rope = None
     if spec.mode is Mode.BF16_DENSE:
         if use_triton:

@@ -7,10 +7,11 @@ by per-token angles before attention: for pair i of token n, with ``cos`` and ``
     out[2i]     = x[2i] * cos - x[2i + 1] * sin
     out[2i + 1] = x[2i] * sin + x[2i + 1] * cos
 
-`rotary` is that computation in PyTorch (the fallback for the paths that do not fuse it);
-`tables` checks and flattens the tables the model gives (diffusers: (1, tokens, 1, head_dim)
-fp32) for the pre-pass, which applies the same rotation to each fp32 row it loads, before the
-tile's FP8 scale is taken, so the rotated q and k never make a round trip through memory.
+`rotary` is that computation in PyTorch and `rotate_qk` applies it to (batch, heads, tokens,
+head_dim) q and k: the fallback for the paths that do not fuse it. `tables` checks and
+flattens the tables the model gives (diffusers: (1, tokens, 1, head_dim) fp32) for the
+pre-pass, which applies the same rotation to each fp32 row it loads, before the tile's FP8
+scale is taken, so the rotated q and k never make a round trip through memory.
 """
 
 from __future__ import annotations
@@ -46,3 +47,10 @@ def tables(rope: Rope, tokens: int, head_dim: int, device: torch.device) -> Rope
             raise ValueError(f"rope {name} is on {t.device}, the inputs on {device}")
         out.append(t.reshape(tokens, head_dim).float().contiguous())
     return out[0], out[1]
+
+
+def rotate_qk(q: torch.Tensor, k: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch, heads, tokens, head_dim) ``q`` and ``k`` rotated by the model's tables, each in its
+    own dtype."""
+    cos, sin = tables(rope, q.shape[2], q.shape[3], q.device)
+    return rotary(q, cos, sin), rotary(k, cos, sin)

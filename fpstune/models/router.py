@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from fpstune.kernels import AttentionSpec, Mode, attention
-from fpstune.kernels.rope import Rope, rotary, tables
+from fpstune.kernels.rope import Rope, rotate_qk
 
 DENSE = AttentionSpec(mode=Mode.BF16_DENSE)
 
@@ -57,8 +57,7 @@ class AttentionRouter:
             raise RuntimeError("AttentionRouter.grid is not set: the loop sets it per video shape")
         if self.observer is not None:
             if rope is not None:
-                cos, sin = tables(rope, q.shape[2], q.shape[3], q.device)
-                q, k, rope = rotary(q, cos, sin), rotary(k, cos, sin), None
+                (q, k), rope = rotate_qk(q, k, rope), None
             self.observer(layer, self.step, q, k, v)
         spec = self.spec_for(layer)
         key = (layer, self.step)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_triton_interpret import wan_rope_tables
 
 from fpstune.kernels import AttentionSpec, attention
 from fpstune.kernels.rope import rotary, tables
@@ -14,18 +15,10 @@ GRID = (3, 5, 7)
 B, H, N, D = 2, 3, 105, 64
 
 
-def wan_tables(n: int, d: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random per-token angles as diffusers' Wan gives them: (1, n, 1, d) fp32, each pair's
-    angle repeated in both of its channels."""
-    angle = torch.rand(1, n, 1, d // 2, generator=gen) * 6.3
-    angle = angle.repeat_interleave(2, dim=-1)
-    return angle.cos(), angle.sin()
-
-
 def test_rotary_is_the_complex_rotation() -> None:
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(B, N, H, D, generator=gen, dtype=torch.float64)
-    cos, sin = wan_tables(N, D, gen)
+    cos, sin = wan_rope_tables(N, D, gen)
     got = rotary(x, cos.double(), sin.double())
     z = torch.view_as_complex(x.unflatten(-1, (-1, 2)).contiguous())
     turn = torch.complex(cos[..., 0::2].double(), sin[..., 0::2].double())  # e^{i angle}
@@ -35,7 +28,7 @@ def test_rotary_is_the_complex_rotation() -> None:
 
 def test_tables_flatten_and_refuse_other_sizes() -> None:
     gen = torch.Generator().manual_seed(2)
-    cos, sin = wan_tables(N, D, gen)
+    cos, sin = wan_rope_tables(N, D, gen)
     c, s = tables((cos, sin), N, D, torch.device("cpu"))
     assert c.shape == s.shape == (N, D) and c.is_contiguous() and c.dtype == torch.float32
     assert torch.equal(c, cos.reshape(N, D))
@@ -57,7 +50,7 @@ def test_reference_path_rotates_in_fp32(mode: str) -> None:
     spec = AttentionSpec.from_dict(window if mode == "fp8_window" else {"mode": mode})
     gen = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(B, H, N, D, generator=gen).bfloat16() for _ in range(3))
-    cos, sin = wan_tables(N, D, gen)
+    cos, sin = wan_rope_tables(N, D, gen)
     out = attention(q, k, v, grid=GRID, spec=spec, rope=(cos, sin))
     c, s = cos.reshape(N, D), sin.reshape(N, D)
     rq, rk = rotary(q.float(), c, s), rotary(k.float(), c, s)
@@ -70,7 +63,7 @@ def test_reference_path_rotates_in_fp32(mode: str) -> None:
 def test_bad_tables_name_the_table() -> None:
     gen = torch.Generator().manual_seed(4)
     q, k, v = (torch.randn(1, 1, N, D, generator=gen) for _ in range(3))
-    cos, sin = wan_tables(N - 1, D, gen)
+    cos, sin = wan_rope_tables(N - 1, D, gen)
     with pytest.raises(ValueError, match="rope cos has shape"):
         attention(q, k, v, grid=GRID, spec=AttentionSpec.from_dict({"mode": "fp8_dense"}),
                   rope=(cos, sin))  # fmt: skip

@@ -20,6 +20,7 @@ from test_triton_interpret import (
     fa_rule_failure,
     make_qkv,
     nan_failure,
+    wan_rope_tables,
 )
 
 from fpstune.kernels import (
@@ -79,9 +80,8 @@ def _check(
     q, k, v = make_qkv(shape, grid, kind, dtype, gen, "cuda")
     tables = None
     if rope:
-        n = layout.tokens
-        angle = (torch.rand(1, n, 1, head_dim // 2, generator=gen) * 6.3).repeat_interleave(2, -1)
-        tables = (angle.cos().cuda(), angle.sin().cuda())
+        cos, sin = wan_rope_tables(layout.tokens, head_dim, gen)
+        tables = (cos.cuda(), sin.cuda())
     prep = prepare(q, k, v, layout=layout, spec=spec, impl=config.impl, rope=tables)
     if tables is not None:  # the pooled means see the fp32 rotation, the rule the rounded one
         c, s = (t.reshape(layout.tokens, head_dim) for t in tables)

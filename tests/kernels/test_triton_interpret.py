@@ -66,6 +66,13 @@ def make_qkv(
     return tuple(x.to(dtype).to(device) for x in (q, k, v))  # type: ignore[return-value]
 
 
+def wan_rope_tables(n: int, d: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random per-token rotary tables as diffusers' Wan gives them: (1, n, 1, d) fp32 cos and
+    sin, each channel pair's angle repeated in both of its channels."""
+    angle = (torch.rand(1, n, 1, d // 2, generator=gen) * 6.3).repeat_interleave(2, dim=-1)
+    return angle.cos(), angle.sin()
+
+
 def truth_spec(spec: AttentionSpec) -> AttentionSpec:
     """The same block mask without quantisation: what fp8 modes approximate."""
     if spec.mode is Mode.FP8_DENSE:
@@ -320,8 +327,7 @@ def _run_rope_case(spec_d: dict[str, Any], dtype: torch.dtype) -> str:
     layout = TileLayout(GRID, spec.tile)
     q, k, v = make_qkv(SHAPE, GRID, "structured", dtype, gen)
     n, d = SHAPE[2], SHAPE[3]
-    angle = (torch.rand(1, n, 1, d // 2, generator=gen) * 6.3).repeat_interleave(2, dim=-1)
-    cos, sin = angle.cos(), angle.sin()
+    cos, sin = wan_rope_tables(n, d, gen)
     fused = prepare(q, k, v, layout=layout, spec=spec, rope=(cos, sin))
     c, s = cos.reshape(n, d), sin.reshape(n, d)
     rq, rk = rotary(q.float(), c, s), rotary(k.float(), c, s)
