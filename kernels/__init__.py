@@ -6,20 +6,28 @@ server that imports ``fpstune.kernels`` pulls in none of the tuner's dependencie
 
 from __future__ import annotations
 
-from .api import attention
-from .config import (
-    DeviceLimits,
-    InfeasibleConfig,
-    check_feasible,
-    default_config,
-    default_tile,
-    infeasibility,
-)
-from .fingerprint import HardwareFingerprint, current_fingerprint, same_gpu_type
-from .patterns import BlockIndex, block_index, keep_count
-from .policy import ModelShape, Policy, PolicyEntry, PolicyError, PolicyWarning, Provenance
-from .spec import AttentionSpec, KernelConfig, Mode, Pattern, SpecError
-from .tiling import TileLayout
+if __name__ == "fpstune.kernels":
+    from .api import attention
+    from .config import (
+        DeviceLimits,
+        InfeasibleConfig,
+        check_feasible,
+        default_config,
+        default_tile,
+        infeasibility,
+    )
+    from .fingerprint import HardwareFingerprint, current_fingerprint, same_gpu_type
+    from .patterns import BlockIndex, block_index, keep_count
+    from .policy import ModelShape, Policy, PolicyEntry, PolicyError, PolicyWarning, Provenance
+    from .spec import AttentionSpec, KernelConfig, Mode, Pattern, SpecError
+    from .tiling import TileLayout
+else:
+    # Reached as a top-level ``kernels`` because the repository root is on sys.path (``python -c``,
+    # ``python -m pytest`` or a Ray worker started there). That name belongs to Hugging Face's
+    # ``kernels`` package, which transformers and diffusers import: hand it over.
+    from ._upstream import load_upstream
+
+    load_upstream(__name__, __file__)
 
 __all__ = [
     "AttentionSpec",
