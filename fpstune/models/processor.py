@@ -50,11 +50,26 @@ class WanSelfAttention:
             q, k = rotary(q, *rotary_emb), rotary(k, *rotary_emb)
         # (batch, tokens, heads, dim) -> (batch, heads, tokens, dim), the runtime's layout.
         qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        out = self.router.run(self.layer, qt, kt, vt, rope=rope)
-        out = out.transpose(1, 2).flatten(2, 3).type_as(q)
+        out = _route(self, qt, kt, vt, rope).flatten(2, 3).type_as(q)
         out = attn.to_out[0](out)
         out = attn.to_out[1](out)
         return out
+
+
+@torch.compiler.disable
+def _route(
+    processor: WanSelfAttention,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor] | None,
+) -> torch.Tensor:
+    """The router's output as (batch, tokens, heads, dim), contiguous whatever path ran it.
+
+    Outside any torch.compile graph, and reading the layer here rather than in the compiled
+    ``__call__``: Dynamo would guard on each processor's layer index (a recompile per layer),
+    and on the output's strides, which differ between SDPA and the kernels."""
+    return processor.router.run(processor.layer, q, k, v, rope=rope).transpose(1, 2).contiguous()
 
 
 def install(transformer: Any, router: AttentionRouter, fuse_rope: bool = True) -> int:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from fpstune.kernels import AttentionSpec, Mode, attention
 from fpstune.kernels.rope import Rope, rotate_qk
@@ -28,6 +29,8 @@ class AttentionRouter:
     policy: Any = None
     grid: tuple[int, int, int] | None = None
     step: int = 0
+    #: the CFG pass of the current call ("cond", "uncond") where the caller says it
+    pass_name: str | None = None
     track_errors: bool = False
     #: called with (layer, step, q, k, v) before each call (attention-structure analysis, capture)
     observer: Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None
@@ -42,6 +45,9 @@ class AttentionRouter:
         spec: AttentionSpec = self.policy.spec(layer=layer, step=self.step)
         return spec
 
+    # Outside any torch.compile graph: the step and the call counters are plain Python state
+    # that changes every step, and Dynamo would guard on them (a recompile per step).
+    @torch.compiler.disable
     def run(
         self,
         layer: int,
@@ -65,6 +71,12 @@ class AttentionRouter:
         if q.is_cuda and dtype != torch.bfloat16:  # the GPU kernels take bf16 (autocast may not)
             q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
         self.calls[key] = self.calls.get(key, 0) + 1
+        if spec.mode is Mode.BF16_DENSE:
+            # The model's own attention, as diffusers runs it on every device (SDPA, RoPE in
+            # the input dtype): a BF16 cell reproduces the unpatched model bit for bit.
+            if rope is not None:
+                q, k = rotate_qk(q, k, rope)
+            return F.scaled_dot_product_attention(q, k, v).to(dtype)
         out = attention(q, k, v, grid=self.grid, spec=spec, rope=rope)
         if self.track_errors and spec.mode is not Mode.BF16_DENSE:
             ref = attention(q, k, v, grid=self.grid, spec=DENSE, rope=rope).float()

@@ -81,3 +81,25 @@ def pipeline_dir(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     )
     pipe.save_pretrained(root)
     return root
+
+
+@pytest.fixture(scope="session")
+def full_pipeline_dir(pipeline_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`pipeline_dir` with a tiny Wan VAE (z_dim 4, Wan's 4x8x8 compression): a complete
+    ``WanPipeline`` folder as ``save_pretrained`` writes it, random weights."""
+    from diffusers import AutoencoderKLWan, WanPipeline
+
+    torch.manual_seed(2)
+    vae = AutoencoderKLWan(
+        base_dim=8,
+        z_dim=CONFIG["in_channels"],
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.0] * CONFIG["in_channels"],
+        latents_std=[1.0] * CONFIG["in_channels"],
+    )
+    pipe = WanPipeline.from_pretrained(pipeline_dir, vae=vae, local_files_only=True)
+    root = tmp_path_factory.mktemp("wan") / "tiny-wan-full"
+    pipe.save_pretrained(root)
+    return root
