@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from .errors import BadInput
+from .outputs import check_output
 
 if TYPE_CHECKING:
     import torch
@@ -74,6 +75,8 @@ def capture_cmd(
 
     if out.suffix != ".safetensors":
         raise BadInput(f"--out: {out}: expected a .safetensors file")
+    for path in (out, cap_mod.record_path(out)):  # before the run, which takes minutes
+        check_output(path, option="--out")
     if qkv_dtype not in _QKV_DTYPES:
         raise BadInput(f"--qkv-dtype: {qkv_dtype!r} is not one of {', '.join(_QKV_DTYPES)}")
     if (prompt is None) == (prompt_embeds is None):

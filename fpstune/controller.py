@@ -5,7 +5,11 @@ Bookkeeping rules:
 - a trial whose worker died, or that was RUNNING under a controller that died (its heartbeat went
   stale), is failed with the reason and re-queued with the same parameters, at most
   ``max_retries`` times (Optuna's `RetryFailedTrialCallback`);
-- a candidate at fault (infeasible, OOM, NaN) fails its trial with the reason; it is not retried.
+- a candidate at fault (infeasible, OOM, NaN) fails its trial with the reason; it is not retried;
+- an interrupted controller (Ctrl-C, SIGTERM: a KeyboardInterrupt, or SystemExit), or one stopped
+  by ``should_stop`` (``--timeout``), puts the trials it was running back to WAITING as they are
+  (`requeue_interrupted`): the next run's ``ask`` takes them first, with their parameters, and
+  they never count as failed.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -29,7 +35,7 @@ from .latency.table import LatencyTable
 from .pool import WorkerPool
 from .progress import StudyProgress
 from .spec.study import StudySpec
-from .storage import open_storage, retry_db
+from .storage import open_storage, requeue_interrupted, retry_db
 from .trial_writes import (
     TrialWriter,
     constraint_system_attrs,
@@ -50,13 +56,47 @@ def ensure_ray(address: str | None, workers: int) -> None:
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
             logging.ERROR
         )
-        ray.init(
-            address=address,
-            num_cpus=None if address else max(os.cpu_count() or 1, workers),
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-        )
+        # ray.init replaces the SIGTERM handler with sys.exit(15): keep the caller's (the CLI's
+        # stops a run as Ctrl-C does), and give it a SIGTERM that came during the start.
+        before = signal.getsignal(signal.SIGTERM)
+        try:
+            ray.init(
+                address=address,
+                num_cpus=None if address else max(os.cpu_count() or 1, workers),
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+            )
+        except SystemExit as e:
+            if e.code == signal.SIGTERM and callable(before):
+                before(signal.SIGTERM, None)
+            raise
+        finally:
+            if callable(before) and threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, before)
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM wait for the end of the block (main thread only; elsewhere a no-op), so
+    an interruption never comes between a trial's ``ask`` and the controller noting it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    handlers = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(sig)
+        if handler is not None:  # None: a handler not set from Python, left alone
+            handlers[sig] = handler
+            signal.signal(sig, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        if caught:
+            signal.raise_signal(caught[0])  # to the handler it was meant for
 
 
 class TooManyFailures(RuntimeError):
@@ -135,6 +175,10 @@ class Controller:
         self.max_retries = max_retries
         self.storage_url = storage_url
         self.storage = open_storage(storage_url, heartbeat_s=HEARTBEAT_S, max_retry=max_retries)
+        #: trials this controller asked for, over all its runs
+        self.trials_asked = 0
+        # Asked and not yet told, by trial id: what an interruption puts back in the queue.
+        self._open: dict[int, optuna.Trial] = {}
         # A trial's parameters, and its attributes, each in one transaction, not one per item.
         self.writer = TrialWriter(self.storage)
         self.latency_table = (
@@ -184,6 +228,7 @@ class Controller:
         finished = 0
         # Overhead = the loop's time less waiting for workers, the sampler and the final wait.
         loop, waiting, settling, self._sampler = (_Stopwatch() for _ in range(4))
+        interrupted = stopped = False  # stopped: by ``should_stop`` (--timeout)
         try:
             with bar, loop():
                 bar.sync(self._trials())
@@ -216,14 +261,21 @@ class Controller:
                         bar.sync(self._trials())
                         last_beat = time.monotonic()
                     if should_stop():
+                        stopped = True
                         break
                     if self._streak >= self.max_failures_in_a_row:
                         raise TooManyFailures(
                             f"{self._streak} trials failed in a row; last: {self._last_reason}"
                         )
+        except (KeyboardInterrupt, SystemExit):
+            interrupted = True
+            raise
         finally:
+            if interrupted or stopped:
+                self._requeue_open()
             for p in pending.values():
-                self._fail(p, "controller stopped before the trial finished", retry=True)
+                if p.trial._trial_id in self._open:
+                    self._fail(p, "controller stopped before the trial finished", retry=True)
             if own_pool:
                 pool.close()
         trials = self._trials()
@@ -249,8 +301,10 @@ class Controller:
         return WorkerPool(self.spec, self.source.stage, self.storage_url, self.workers)
 
     def _submit(self, actor: Any) -> tuple[ray.ObjectRef, _Pending]:
-        with self._sampler():
+        with self._sampler(), _signals_deferred():
             trial = retry_db(self.study.ask)
+            self._open[trial._trial_id] = trial
+            self.trials_asked += 1
             # Optuna runs the sampler's joint (relative) sampling lazily, inside the first
             # suggest, which follows at once anyway: run it here so it counts as the sampler's.
             _ = trial.relative_params
@@ -302,6 +356,7 @@ class Controller:
             )
         values = [result["values"][name] for name in self.source.metric_names]
         retry_db(lambda: tell_values(self.study, trial, values))
+        self._open.pop(trial._trial_id, None)
         self._streak = 0
         return p.actor, True
 
@@ -328,8 +383,21 @@ class Controller:
         user = {"fail_reason": reason, "candidate": p.candidate}
         retry_db(lambda: self.writer.attrs(trial._trial_id, user=user))
         frozen = retry_db(lambda: self.study.tell(trial, state=TrialState.FAIL))
+        self._open.pop(trial._trial_id, None)
         if retry:
             self._requeue(frozen)
+
+    def _requeue_open(self) -> None:
+        """Put the trials in flight back in the queue as they are, not failed: the controller
+        was stopped, the trials are not at fault. One that cannot be (the database is gone) stays
+        RUNNING, and the next run fails it as stale and re-queues it."""
+        for trial_id, trial in list(self._open.items()):
+            try:
+                if requeue_interrupted(self.storage, trial_id):
+                    log.info("trial %d interrupted, back in the queue", trial.number)
+            except Exception as e:
+                log.warning("trial %d left RUNNING: %s", trial.number, _first_line(e))
+        self._open.clear()
 
     def _requeue(self, failed: optuna.trial.FrozenTrial) -> None:
         """Queue the failed trial's parameters again, with Optuna's retry bookkeeping

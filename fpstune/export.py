@@ -20,6 +20,7 @@ from .evaluation import CandidateError
 from .evaluators import build_evaluator
 from .latency.e2e import measure_policy_run
 from .latency.table import stored_latency_table
+from .outputs import check_output
 from .pinning import pin_kernels
 from .spec.study import StudySpec
 from .storage import mask_url
@@ -75,9 +76,10 @@ def pick_trial(
 
     cands = [t for t in front if ok(t)]
     if not cands:
+        given = {"--min-quality": min_quality, "--max-latency": max_latency}
+        bounds = ", ".join(f"{opt} {v:g}" for opt, v in given.items() if v is not None)
         raise BadInput(
-            f"study {study.study_name}: no Pareto trial meets the bounds "
-            f"(--min-quality {min_quality}, --max-latency {max_latency}); the front spans "
+            f"study {study.study_name}: no Pareto trial meets {bounds}; the front spans "
             f"{names[qual_i]} {_span(front, qual_i)}, {names[lat_i]} {_span(front, lat_i)}"
         )
     if min_quality is not None:
@@ -96,6 +98,7 @@ def export_policy(
     max_latency: float | None = None,
     trial_number: int | None = None,
 ) -> ExportResult:
+    check_output(output, option="output")  # before the re-measurement, which takes a while
     study, spec = load_study_by_ref(study_ref, storage_url=storage_url, stage="schedule")
     if trial_number is None:
         trial = pick_trial(study, min_quality=min_quality, max_latency=max_latency)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import ray
@@ -13,7 +16,13 @@ from .pool import WorkerPool
 from .quality.calibration import CalibrationError, load_calibration
 from .space.kernel import kernel_buckets
 from .spec.study import SYNTHETIC, StudySpec, load_study
-from .storage import check_reachable, check_url, controller_lock
+from .storage import (
+    check_reachable,
+    check_url,
+    controller_lock,
+    remove_sqlite_file,
+    sqlite_path,
+)
 
 STAGES = ("kernel", "schedule")
 
@@ -28,11 +37,16 @@ def run_study(
     ray_address: str | None = None,
     progress: bool = True,
     max_retries: int = 2,
+    timeout_s: float | None = None,
 ) -> list[RunSummary]:
     """Everything is validated before the storage is touched, so bad input writes nothing.
 
     ``max_retries``: how often a trial whose worker or controller died is re-run with the same
-    parameters. On an SQLite file, a second controller is refused (`controller_lock`)."""
+    parameters. On an SQLite file, a second controller is refused (`controller_lock`); an SQLite
+    file the run created is removed if it stops (interrupted, failed) before its first trial.
+    ``timeout_s``: no trial is started after this many seconds (from the call); trials still
+    running then are stopped and re-queued for the next run."""
+    deadline = time.monotonic() + (float("inf") if timeout_s is None else timeout_s)
     if stage not in STAGES:
         raise BadInput(f"--stage: {stage!r} is not one of {', '.join(STAGES)}")
     if max_retries < 0:
@@ -54,7 +68,7 @@ def run_study(
         ]
         budget = trials or spec.trials.kernel
     check_reachable(storage_url)  # before Ray starts: a wrong password costs no Ray start
-    with controller_lock(storage_url):
+    with controller_lock(storage_url), _new_database_removed_unless_used(storage_url) as used:
         ensure_ray(ray_address, workers)
         if stage == "kernel" and not ray.cluster_resources().get("GPU"):
             raise BadInput(
@@ -65,8 +79,11 @@ def run_study(
         # bucket): each worker sets up, and warms its GPU, once per run.
         pool = WorkerPool(spec, stage, storage_url, workers)
         try:
-            return [
-                Controller(
+            summaries = []
+            for source in sources:
+                if time.monotonic() >= deadline:
+                    break  # --timeout: the remaining controllers do not start
+                controller = Controller(
                     spec,
                     source,
                     storage_url=storage_url,
@@ -76,11 +93,34 @@ def run_study(
                     max_retries=max_retries,
                     progress=progress,
                     pool=pool,
-                ).run()
-                for source in sources
-            ]
+                )
+                used.append(controller)
+                summaries.append(controller.run(should_stop=lambda: time.monotonic() >= deadline))
+            return summaries
         finally:
             pool.close()
+
+
+@contextlib.contextmanager
+def _new_database_removed_unless_used(storage_url: str) -> Iterator[list[Controller]]:
+    """Yields a list for the run's controllers. If the SQLite file did not exist on entry (enter
+    under `controller_lock`: then no other controller can be creating it) and the block raises
+    (Ctrl-C, a failed start) before any of them asked for a trial, the file is removed: an
+    interrupted start leaves nothing half-written. A file that was there is never touched."""
+    db = sqlite_path(storage_url)
+    controllers: list[Controller] = []
+    if db is None or db.exists():
+        yield controllers
+        return
+    ray_was_up = ray.is_initialized()
+    try:
+        yield controllers
+    except BaseException:
+        if not any(c.trials_asked for c in controllers):
+            if not ray_was_up and ray.is_initialized():
+                ray.shutdown()  # workers still setting up may yet create the file
+            remove_sqlite_file(db)
+        raise
 
 
 def check_calibration(spec: StudySpec, study_file: Path) -> None:

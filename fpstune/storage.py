@@ -355,6 +355,30 @@ def open_storage(
         raise BadInput(f"--storage {mask_url(url)}: {e.reason}") from None
 
 
+def requeue_interrupted(storage: optuna.storages.RDBStorage, trial_id: int) -> bool:
+    """Put an unfinished trial back to WAITING as it is (parameters, attributes, retry history):
+    the way to stop a trial that is not at fault (its controller was interrupted) without a FAIL
+    in the study. False if the trial had finished meanwhile.
+
+    Optuna's public storage API allows it: `BaseStorage.set_trial_state_values` refuses only a
+    finished trial; ``Study.ask`` takes WAITING trials first, and a trial's ``suggest_*`` returns
+    the value it already holds, so the re-run has the same parameters. The trial's heartbeat is
+    removed too: else another controller could find the trial stale between its next ``ask`` and
+    first beat."""
+    try:
+        storage.set_trial_state_values(trial_id, TrialState.WAITING)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+    beats = models.TrialHeartbeatModel.__table__
+
+    def forget_beat() -> None:
+        with storage.engine.begin() as c:
+            c.execute(sqlalchemy.delete(beats).where(beats.c.trial_id == trial_id))
+
+    retry_db(forget_beat, url=storage.url)
+    return True
+
+
 def check_reachable(url: str) -> None:
     """Fail early, writing nothing, if the storage cannot be used: a server database is
     connected to once (`BadInput` for a wrong password, database or host; `StorageUnavailable`
@@ -397,6 +421,13 @@ def sqlite_path(url: str) -> Path | None:
     if parsed.get_backend_name() != "sqlite" or db in (None, "", ":memory:"):
         return None
     return Path(str(db))
+
+
+def remove_sqlite_file(db: Path) -> None:
+    """Remove an SQLite file and the journal or WAL files SQLite keeps beside it."""
+    for path in (db, *(db.with_name(db.name + end) for end in ("-journal", "-wal", "-shm"))):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 @contextlib.contextmanager

@@ -133,7 +133,7 @@ def from_validation(
         loc.pop()
         msg = f"expected {err['loc'][-1] + 1} or more items, got {show(err.get('input'))}"
     elif kind == "missing":
-        msg = "required key is missing"
+        msg = "required key is missing" + _found_instead(e, err["loc"])
     elif kind not in _OWN_MESSAGE and "input" in err and not isinstance(err["input"], Mapping):
         msg = f"{msg} (got {show(err['input'])})"
     return BadInput(file, join(prefix, ".".join(loc)) or "(top level)", msg)
@@ -188,6 +188,18 @@ def _hint(model: type[BaseModel], loc: tuple[Any, ...]) -> str:
     if close:
         return f" (did you mean {close[0]!r}?)"
     return f" (expected one of: {', '.join(known)})" if known else ""
+
+
+def _found_instead(e: ValidationError, loc: tuple[Any, ...]) -> str:
+    """`` (found 'trails': did you mean 'trials'?)`` for a missing key that an unknown key beside
+    it nearly spells."""
+    unknown = [
+        str(x["loc"][-1])
+        for x in e.errors(include_url=False)
+        if x["type"] == "extra_forbidden" and x["loc"][:-1] == loc[:-1]
+    ]
+    close = difflib.get_close_matches(str(loc[-1]), unknown, n=1)
+    return f" (found {close[0]!r}: did you mean {str(loc[-1])!r}?)" if close else ""
 
 
 def _model_in(annotation: Any) -> type[BaseModel] | None:

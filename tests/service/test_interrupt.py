@@ -1,0 +1,176 @@
+"""Ctrl-C and SIGTERM as a user sends them: one line on stderr, exit 130 (143), no traceback;
+``study run`` puts its trials in flight back in the queue, never counted as failed, and the same
+command resumes; a start that is interrupted, or fails, leaves no database file it created."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+from service_helpers import DATA, TINY, fill_latency_table
+
+from fpstune import runner
+from fpstune.catalog import study_status
+from fpstune.cli import INTERRUPTED, INTERRUPTED_RESUMABLE
+from fpstune.controller import _signals_deferred
+from fpstune.pool import WorkerStartError
+from fpstune.spec.study import load_study
+
+CLI = [sys.executable, "-c", "from fpstune.cli import main; main()"]
+SLOW = DATA / "interrupt.yaml"  # trials of about a second
+MINI = Path(__file__).parents[2] / "studies" / "mini.yaml"  # its workers start on a new file
+
+
+def _start(args: list[str], cwd: Path) -> subprocess.Popen[str]:
+    # In a session of its own, to signal its process group as a terminal's Ctrl-C does (Ray's
+    # own processes block SIGINT).
+    return subprocess.Popen(
+        [*CLI, *args],
+        cwd=cwd,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _signal_when(
+    proc: subprocess.Popen[str], ready: Callable[[], bool], sig: int
+) -> tuple[int, str, str]:
+    deadline = time.monotonic() + 180
+    while not ready():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "timed out before the moment to signal"
+        time.sleep(0.02)
+    os.killpg(proc.pid, sig)
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, out, err
+
+
+def _trial_running(db: Path) -> bool:
+    """A trial is RUNNING with its parameters written (read-only: the controller writes)."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as c:
+            (n,) = c.execute(
+                "SELECT count(*) FROM trials t WHERE t.state = 'RUNNING' AND EXISTS "
+                "(SELECT 1 FROM trial_params p WHERE p.trial_id = t.trial_id)"
+            ).fetchone()
+    except sqlite3.Error:  # no file or no tables yet
+        return False
+    return bool(n)
+
+
+def _trials(url: str) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name="interrupt:schedule", storage=url).get_trials()
+
+
+def test_ctrl_c_mid_trial_requeues_it_and_the_same_command_resumes(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    fill_latency_table(sqlite_url, load_study(SLOW))
+    db = Path(sqlite_url.removeprefix("sqlite:///"))
+    args = ["study", "run", str(SLOW), "--storage", sqlite_url, "--trials", "2", "--no-progress"]
+    code, out, err = _signal_when(_start(args, tmp_path), lambda: _trial_running(db), signal.SIGINT)
+    assert (code, err) == (130, INTERRUPTED_RESUMABLE + "\n"), out + err
+
+    trials = _trials(sqlite_url)
+    assert not [t for t in trials if t.state in (TrialState.FAIL, TrialState.RUNNING)]
+    requeued = {t.number: t.params for t in trials if t.state == TrialState.WAITING}
+    assert len(requeued) == 1 and all(requeued.values())  # back in the queue, parameters kept
+    status = study_status("interrupt", storage_url=sqlite_url)
+    assert status["waiting"] == 1 and "fail" not in status
+
+    again = subprocess.run([*CLI, *args], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "2/2 complete, 0 failed" in again.stdout
+    done = {t.number: t for t in _trials(sqlite_url)}
+    assert Counter(t.state for t in done.values()) == {TrialState.COMPLETE: 2}
+    for number, params in requeued.items():  # the same trial ran again, with the same params
+        assert done[number].params == params
+
+
+def test_ctrl_c_during_start_up_leaves_no_database_file(tmp_path: Path) -> None:
+    db = tmp_path / "new.db"
+    args = [
+        "study",
+        "run",
+        str(MINI),
+        "--storage",
+        f"sqlite:///{db}",
+        "--trials",
+        "1",
+        "--no-progress",
+    ]
+    # The file appears while the workers set up (they open the latency table), before any trial.
+    code, out, err = _signal_when(_start(args, tmp_path), db.exists, signal.SIGINT)
+    assert (code, err) == (130, INTERRUPTED_RESUMABLE + "\n"), out + err
+    assert not list(tmp_path.glob("new.db*"))  # nor its journal or lock
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_policy_validate_interrupted_says_so(tmp_path: Path, sig: int, code: int) -> None:
+    """Blocked reading a FIFO given as the policy: the signal lands in the command's body."""
+    fifo = tmp_path / "policy.yaml"
+    os.mkfifo(fifo)
+    proc = _start(["policy", "validate", str(fifo), "--no-hardware-check"], tmp_path)
+    writer: list[int] = []
+
+    def reading() -> bool:  # opening the write end succeeds once the command has it open
+        try:
+            writer.append(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError as e:
+            assert e.errno == errno.ENXIO
+            return False
+        return True
+
+    try:
+        assert _signal_when(proc, reading, sig) == (code, "", INTERRUPTED + "\n")
+    finally:
+        for fd in writer:
+            os.close(fd)
+
+
+@pytest.mark.parametrize("existed", [False, True])
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, WorkerStartError])
+def test_a_start_stopped_before_any_trial_removes_only_a_file_it_created(
+    sqlite_url: str, tiny: Any, monkeypatch: pytest.MonkeyPatch, existed: bool, stop: type
+) -> None:
+    db = Path(sqlite_url.removeprefix("sqlite:///"))
+    if existed:
+        fill_latency_table(sqlite_url, tiny)
+
+    def workers_set_up_then_stopped(*args: Any) -> None:
+        with contextlib.closing(sqlite3.connect(db)) as c:  # as the workers' latency table does
+            c.execute("CREATE TABLE IF NOT EXISTS half_written (x)")
+        raise stop("stopped")
+
+    monkeypatch.setattr(runner, "ensure_ray", lambda address, workers: None)
+    monkeypatch.setattr(runner, "WorkerPool", workers_set_up_then_stopped)
+    with pytest.raises(stop):
+        runner.run_study(TINY, storage_url=sqlite_url, progress=False)
+    assert db.exists() == existed
+    assert not db.with_name(db.name + "-controller.lock").exists()
+
+
+def test_signals_wait_for_the_end_of_a_deferred_block() -> None:
+    before = signal.getsignal(signal.SIGINT)
+    reached_end = False
+    with pytest.raises(KeyboardInterrupt), _signals_deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)  # a handler would have run by now
+        reached_end = True
+    assert reached_end
+    assert signal.getsignal(signal.SIGINT) is before
