@@ -242,7 +242,9 @@ def test_build_evaluator_from_the_mini_study(table: LatencyTable) -> None:
 
     spec = load_study(REPO / "studies" / "mini.yaml")
     cal = spec.calibration.model_copy(update={"layers": (0, 3), "steps": (0, 9), "max_tokens": 256})
-    spec = spec.model_copy(update={"calibration": cal})
+    # costed at the mini's own shape, where the fixture table has rows (not at latency.target)
+    lat = spec.latency.model_copy(update={"target": None})
+    spec = spec.model_copy(update={"calibration": cal, "latency": lat})
     ev = build_evaluator(spec, stage="schedule", device="cpu", latency_table=table)
     assert isinstance(ev, ScheduleEvaluator)
     out = ev.evaluate(candidate(make_policy(FP8)))

@@ -97,6 +97,8 @@ class ComposedLatency:
     fingerprint: HardwareFingerprint
     shape: AttentionShape
     lookups: tuple[Lookup, ...] = field(default=())
+    # the shape the per-call costs were looked up at, when not ``shape`` (`latency.target`)
+    target: AttentionShape | None = None
 
     def attrs(self) -> dict[str, Any]:
         """JSON-ready trial attributes (the dashboard's latency breakdown)."""
@@ -107,6 +109,7 @@ class ComposedLatency:
             "latency_by_mode_ms": dict(self.by_mode),
             "calls_by_mode": dict(self.calls_by_mode),
             "latency_lookups": [lk.to_dict() for lk in self.lookups],
+            **({"latency_target": self.target.to_dict()} if self.target is not None else {}),
         }
 
 
@@ -151,6 +154,7 @@ def compose_with(policy: Any, per_call: CallLatency, *, batch: int = 1) -> Compo
         fingerprint=per_call.fingerprint,
         shape=shape,
         lookups=tuple(lookups),
+        target=getattr(per_call, "target", None),
     )
 
 
