@@ -1,30 +1,38 @@
 """Attach what the dashboard shows per trial: a note with the trial's schedule and latency split,
-and three files in Optuna's artifact store.
+and three files in Optuna's artifact store, listed on the trial's page under "Trial Artifacts".
 
 - ``trial-<n>-schedule.svg``: the step x layer heatmap (mode, sparsity), shown in the note;
 - ``trial-<n>-latency.csv``: how the latency splits over the schedule's distinct specs;
 - ``trial-<n>-policy.yaml``: the policy `fpstune export --trial N` would write, before it
   re-measures.
 
-Optuna refuses to change a finished trial, so the files are the *study's* artifacts, named by
-trial, and each trial's note (notes live in the study) embeds and links them. Lazy and idempotent:
-`annotate_storage` fills in only what a COMPLETE trial lacks, so `fpstune dashboard` runs it at
-start and again while a study runs; the controller's hot path never pays for it. A note the trial
-already has (written here before, or by hand in the dashboard) is never overwritten.
+Optuna refuses to change a finished trial, `optuna.artifacts.upload_artifact` included (it writes
+a trial system attribute). optuna-dashboard also reads a trial's artifacts from the *study's*
+system attribute ``dashboard:artifacts:<trial_id>:<artifact_id>``, which a finished trial does
+not block (the notes live in the study the same way), so each file is stored there: the trial's
+page lists it, the study page does not. Studies annotated by an earlier fpstune keep their files
+as study artifacts; they are found by name and not uploaded again.
+
+Lazy and idempotent: `annotate_storage` fills in only what a COMPLETE trial lacks, so
+`fpstune dashboard` runs it at start and again while a study runs; the controller's hot path never
+pays for it. A note the trial already has (written here before, or by hand in the dashboard) is
+never overwritten.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from xml.sax.saxutils import escape
 
 import optuna
-from optuna.artifacts import get_all_artifact_meta, upload_artifact
 from optuna.artifacts._protocol import ArtifactStore
 from optuna.trial import FrozenTrial, TrialState
 from optuna_dashboard import save_note, save_plotly_graph_object
@@ -48,6 +56,10 @@ SCHEDULE, LATENCY, POLICY = "schedule.svg", "latency.csv", "policy.yaml"
 _MIMETYPES = {SCHEDULE: "image/svg+xml", LATENCY: "text/csv", POLICY: "text/yaml"}
 #: fpstune's front (baselines marked) among the dashboard's plots on the study page
 FRONT_PLOT_ID = "fpstune-front"
+#: a study system attribute ``<this><trial_id>:<artifact_id>`` is one of the trial's artifacts to
+#: optuna-dashboard (`optuna_dashboard.artifact._backend.list_trial_artifacts`)
+TRIAL_ARTIFACT_PREFIX = "dashboard:artifacts:"
+_STUDY_ARTIFACT_PREFIX = "artifacts:"  # optuna.artifacts' study artifacts
 
 
 def artifact_name(trial: int, kind: str) -> str:
@@ -98,9 +110,7 @@ def annotate_study(
     names = metric_names(study)
     attrs = storage.get_study_system_attrs(study._study_id)
     noted = {k for k in attrs if k.endswith(":note_ver")}
-    stored: dict[str, str] = {}
-    if artifact_store is not None:
-        stored = {m.filename: m.artifact_id for m in get_all_artifact_meta(study)}
+    stored = stored_artifacts(study._study_id, attrs) if artifact_store is not None else {}
     trials = artifacts = notes = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         wanted = [artifact_name(t.number, k) for k in (SCHEDULE, LATENCY, POLICY)]
@@ -124,11 +134,11 @@ def annotate_study(
             for kind, text in files.items():
                 name = artifact_name(t.number, kind)
                 if name not in stored:
-                    stored[name] = _upload(artifact_store, study, name, kind, text)
+                    stored[name] = _upload(artifact_store, study, t, kind, text)
                     artifacts += 1
         if want_note:
             links = {
-                kind: f"/artifacts/{study._study_id}/{stored[artifact_name(t.number, kind)]}"
+                kind: stored[artifact_name(t.number, kind)]
                 for kind in (SCHEDULE, LATENCY, POLICY)
                 if artifact_name(t.number, kind) in stored
             }
@@ -138,19 +148,35 @@ def annotate_study(
         # a trial with nothing to show (no stored policy nor latency) is looked at, not counted
         if artifacts + notes > before:
             trials += 1
-    if trials or not any(FRONT_PLOT_ID in k for k in attrs):
-        _save_front(study)
+    _save_front(study, saved=_saved_plot(attrs, FRONT_PLOT_ID))
     return AnnotateResult(studies=1, trials=trials, artifacts=artifacts, notes=notes)
 
 
-def _save_front(study: optuna.Study) -> None:
-    """The dashboard's own Pareto plot cannot mark baselines; this one, beside it, does."""
+def _save_front(study: optuna.Study, *, saved: str) -> None:
+    """The dashboard's own Pareto plot has no axis titles and cannot mark baselines; this one,
+    among the study's plots, does both. Saved when it differs from the ``saved`` JSON: new
+    trials, or a figure an earlier fpstune drew."""
     front = front_info(study)
     if not front.points or len(front.directions) != 2:
         return
     fig = draw_front(front)
-    fig.update_layout(title="fpstune: front, baselines and knee points", height=440)
-    save_plotly_graph_object(study, fig, graph_object_id=FRONT_PLOT_ID)
+    fig.update_layout(
+        title={"text": "fpstune: front, baselines and knee points", "font": {"size": 14}},
+        height=440,  # the dashboard's plot box is 450 px high
+        margin={"t": 36, "l": 60, "r": 10, "b": 10},
+        legend={"font": {"size": 10}},
+    )
+    if fig.to_json() != saved:
+        save_plotly_graph_object(study, fig, graph_object_id=FRONT_PLOT_ID)
+
+
+def _saved_plot(study_attrs: dict[str, Any], plot_id: str) -> str:
+    """The JSON `save_plotly_graph_object` stored in chunks, ``""`` if none."""
+    prefix = f"dashboard:plot_data:{plot_id}:"
+    chunks = {
+        int(k.removeprefix(prefix)): v for k, v in study_attrs.items() if k.startswith(prefix)
+    }
+    return "".join(chunks[i] for i in sorted(chunks))
 
 
 def _artifact_files(
@@ -173,16 +199,40 @@ def _artifact_files(
     return files
 
 
-def _upload(store: ArtifactStore, study: optuna.Study, name: str, kind: str, text: str) -> str:
-    with tempfile.TemporaryDirectory() as d:
-        path = Path(d) / name
-        path.write_text(text, encoding="utf-8")
-        return upload_artifact(
-            artifact_store=store,
-            file_path=str(path),
-            study_or_trial=study,
-            mimetype=_MIMETYPES[kind],
-        )
+def stored_artifacts(study_id: int, study_attrs: dict[str, Any]) -> dict[str, str]:
+    """fpstune's files a study already has, ``{name: URL path the dashboard serves it at}``:
+    the trials' artifacts, and the study artifacts an earlier fpstune stored instead."""
+    out: dict[str, str] = {}
+    for key, value in study_attrs.items():
+        on_trial = key.startswith(TRIAL_ARTIFACT_PREFIX)
+        if not (on_trial or key.startswith(_STUDY_ARTIFACT_PREFIX)) or not isinstance(value, str):
+            continue
+        meta = json.loads(value)  # None: deleted in the dashboard
+        name = meta.get("filename", "") if isinstance(meta, dict) else ""
+        if not name.startswith("trial-"):
+            continue
+        if on_trial:
+            trial_id, artifact_id = key.removeprefix(TRIAL_ARTIFACT_PREFIX).split(":", 1)
+            out[name] = f"/artifacts/{study_id}/{trial_id}/{artifact_id}"
+        else:
+            out.setdefault(name, f"/artifacts/{study_id}/{meta['artifact_id']}")
+    return out
+
+
+def _upload(store: ArtifactStore, study: optuna.Study, t: FrozenTrial, kind: str, text: str) -> str:
+    """Store ``text`` as the trial's ``kind`` artifact; returns its URL path."""
+    name, artifact_id = artifact_name(t.number, kind), str(uuid.uuid4())
+    store.write(artifact_id, io.BytesIO(text.encode("utf-8")))  # the file first, then list it
+    # the metadata optuna.artifacts writes, under the key optuna-dashboard reads for the trial
+    meta = {
+        "artifact_id": artifact_id,
+        "filename": name,
+        "mimetype": _MIMETYPES[kind],
+        "encoding": None,
+    }
+    key = f"{TRIAL_ARTIFACT_PREFIX}{t._trial_id}:{artifact_id}"
+    study._storage.set_study_system_attr(study._study_id, key, json.dumps(meta))
+    return f"/artifacts/{study._study_id}/{t._trial_id}/{artifact_id}"
 
 
 def _policy_yaml(policy: Policy) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import plotly.graph_objects as go
 from optuna.study import StudyDirection
@@ -57,14 +57,27 @@ def cell_text(mode: Mode, sparsity: float) -> str:
     return f"{prefix} {sparsity:.0%}" if mode.sparse else prefix
 
 
+#: Units of the metrics a study can name (`fpstune.spec.study.Metric`); the others have none.
+METRIC_UNITS = {"latency_ms": "ms", "psnr": "dB"}
+
+
 def axis_title(name: str, direction: StudyDirection) -> str:
+    """``latency_ms (ms; lower is better)``: the metric name, its unit, which way is better."""
     better = "lower" if direction == StudyDirection.MINIMIZE else "higher"
-    return f"{name} ({better} is better)"
+    return f"{name} ({METRIC_UNITS.get(name, 'dimensionless')}; {better} is better)"
 
 
 def draw_front(front: FrontInfo) -> go.Figure:
     """Every COMPLETE trial: infeasible, feasible, the Pareto front, baselines, knee points."""
     x_name, y_name = front.metric_names[0], front.metric_names[1]
+    xs = [p.values[0] for p in front.points]
+    # latencies often span orders of magnitude; a log axis keeps the fast cluster readable
+    log_x = min(xs) > 0 and max(xs) / min(xs) > 5
+
+    def at_x(v: float) -> float:  # where plotly puts x: its log axes take log10 positions
+        return math.log10(v) if log_x else v
+
+    mid_x = (at_x(min(xs)) + at_x(max(xs))) / 2
     fig = go.Figure()
     searched = [p for p in front.points if p.baseline is None]
     groups = (
@@ -92,7 +105,10 @@ def draw_front(front: FrontInfo) -> go.Figure:
         trace.update(
             mode="markers+text",
             text=[label_of(p) for p in points],
-            textposition="middle right",
+            # towards the middle, so that a label at the edge is not cut off
+            textposition=[
+                "middle left" if at_x(p.values[0]) > mid_x else "middle right" for p in points
+            ],
             marker_symbol=[symbol if p.feasible else f"{symbol}-open" for p in points],
             marker_line_color=["#d62728" if p.on_front else "#333" for p in points],
             marker_line_width=2,
@@ -109,21 +125,7 @@ def draw_front(front: FrontInfo) -> go.Figure:
             hoverinfo="skip",
         )
     )
-    xs = [p.values[0] for p in front.points]
-    # latencies often span orders of magnitude; a log axis keeps the fast cluster readable
-    log_x = min(xs) > 0 and max(xs) / min(xs) > 5
-    for rank, number in enumerate(front.knees, 1):
-        p = front.point(number)
-        fig.add_annotation(
-            x=math.log10(p.values[0]) if log_x else p.values[0],  # plotly: log axes take log10
-            y=p.values[1],
-            # left of the point: nothing faster lies beside a front point, so it is free space
-            text=f"knee {rank}" + (" (export pick)" if rank == 1 else ""),
-            showarrow=False,
-            xanchor="right",
-            xshift=-9,
-            font={"size": 11, "color": "#a50f15"},
-        )
+    _label_knees(fig, front, at_x)
     fig.update_layout(
         title=f"{front.study}: {x_name} vs {y_name}, {len(front.points)} complete trials",
         xaxis_title=axis_title(x_name, front.directions[0]) + (", log scale" if log_x else ""),
@@ -134,6 +136,39 @@ def draw_front(front: FrontInfo) -> go.Figure:
         height=520,
     )
     return fig
+
+
+def _label_knees(fig: go.Figure, front: FrontInfo, at_x: Callable[[float], float]) -> None:
+    """Knees sit close together: their labels stack in the corner no feasible trial reaches
+    (below-left of the front when both objectives are minimised), an arrow from each to its
+    point, the highest point's label on top so that the arrows do not cross."""
+    if not front.knees:
+        return
+    knees = sorted((front.point(n) for n in front.knees), key=lambda p: -p.values[1])
+    ranks = {n: r for r, n in enumerate(front.knees, 1)}
+    xs = [at_x(p.values[0]) for p in front.points]
+    ys = [p.values[1] for p in front.points]
+    left = front.directions[0] == StudyDirection.MINIMIZE
+    low = front.directions[1] == StudyDirection.MINIMIZE
+    reach = 0.5 * (max(xs) - min(xs))  # room for the labels, inside the plot
+    knee_xs = [at_x(p.values[0]) for p in knees]
+    tail_x = max(min(xs), min(knee_xs) - reach) if left else min(max(xs), max(knee_xs) + reach)
+    row = 0.08 * (max(ys) - min(ys))
+    for slot, p in enumerate(knees):
+        rank = ranks[p.number]
+        fig.add_annotation(
+            x=at_x(p.values[0]),
+            y=p.values[1],
+            text=f"knee {rank}" + (" (export pick)" if rank == 1 else ""),
+            axref="x",
+            ayref="y",
+            ax=tail_x,
+            ay=min(ys) + row * (len(knees) - 1 - slot) if low else max(ys) - row * slot,
+            xanchor="left" if left else "right",
+            arrowhead=0,
+            arrowcolor="#a50f15",
+            font={"size": 11, "color": "#a50f15"},
+        )
 
 
 def draw_hypervolume(hv: HypervolumeInfo, metric_names: Sequence[str]) -> go.Figure:

@@ -1,9 +1,11 @@
 """`fpstune dashboard`: optuna-dashboard (the maintained package) on the study storage.
 
-The dashboard reads what the controller writes: metric names (axes), the ``constraints`` system
-attribute (feasibility), user attributes (``baseline``, latency source). Before serving, and then
-every ``annotate_every_s`` while it serves, missing per-trial notes and artifacts are attached
-(`annotate.annotate_storage`), so a running study's new trials get theirs too.
+The dashboard reads what the controller writes: metric names (its Pareto plot's objective
+selectors; that plot has no axis titles), the ``constraints`` system attribute (feasibility), user
+attributes (``baseline``, latency source). Before serving, and then every ``annotate_every_s``
+while it serves, missing per-trial notes and artifacts and fpstune's front (axis titles with the
+metric names and units, baselines, knees) are attached (`annotate.annotate_storage`), so a running
+study's new trials get theirs too.
 
 Served by wsgiref's threaded server on loopback by default: optuna-dashboard has no
 authentication, and anyone who reaches the port can read and edit the studies.
@@ -34,7 +36,8 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def default_artifact_dir(storage_url: str) -> Path | None:
-    """``<db>-artifacts`` beside an SQLite file; None for a server database (pass a folder)."""
+    """Beside an SQLite file, its name without the suffix + ``-artifacts``: ``fpstune-artifacts``
+    for ``fpstune.db``. None for a server database (pass a folder)."""
     url = make_url(storage_url)
     db = url.database
     if url.get_backend_name() != "sqlite" or not db or db == ":memory:":

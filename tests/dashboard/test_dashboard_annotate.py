@@ -5,27 +5,38 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import shutil
 import threading
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
 import yaml
 from dashboard_helpers import BASELINES, mini_study
-from optuna.artifacts import FileSystemArtifactStore, download_artifact, get_all_artifact_meta
+from optuna.artifacts import (
+    FileSystemArtifactStore,
+    download_artifact,
+    get_all_artifact_meta,
+    upload_artifact,
+)
 from optuna.trial import TrialState
 from optuna_dashboard import get_note
+from optuna_dashboard.artifact._backend import list_study_artifacts, list_trial_artifacts
 
+from fpstune.dashboard import annotate
 from fpstune.dashboard.annotate import (
     FRONT_PLOT_ID,
     AnnotateResult,
     _blocks,
+    _saved_plot,
     annotate_storage,
     artifact_name,
     schedule_svg,
+    stored_artifacts,
 )
 from fpstune.dashboard.server import _keep_annotating, default_artifact_dir, open_artifacts
 from fpstune.dashboard.trials import schedule_info, trial_policy
@@ -52,11 +63,25 @@ def _annotate(study: optuna.Study, store: FileSystemArtifactStore | None) -> Ann
     return annotate_storage(study._storage, artifact_store=store, storage_label="sqlite:///x.db")
 
 
+def _attrs(study: optuna.Study) -> dict[str, Any]:
+    return study._storage.get_study_system_attrs(study._study_id)
+
+
+def _links(study: optuna.Study) -> dict[str, str]:
+    return stored_artifacts(study._study_id, _attrs(study))
+
+
 def _read(store: FileSystemArtifactStore, study: optuna.Study, name: str, tmp: Path) -> str:
-    meta = {m.filename: m for m in get_all_artifact_meta(study)}[name]
+    artifact_id = _links(study)[name].rsplit("/", 1)[1]
     path = tmp / f"dl-{name}"
-    download_artifact(artifact_store=store, artifact_id=meta.artifact_id, file_path=str(path))
+    download_artifact(artifact_store=store, artifact_id=artifact_id, file_path=str(path))
     return path.read_text(encoding="utf-8")
+
+
+def _dashboard_lists(study: optuna.Study, t: optuna.trial.FrozenTrial) -> set[str]:
+    """The files optuna-dashboard lists on the trial's page, as it reads them."""
+    trial_attrs = study._storage.get_trial_system_attrs(t._trial_id)
+    return {a["filename"] for a in list_trial_artifacts(_attrs(study), trial_attrs, t)}
 
 
 def test_every_complete_trial_gets_a_note_and_three_files_once(
@@ -70,16 +95,38 @@ def test_every_complete_trial_gets_a_note_and_three_files_once(
     first = _annotate(study, store)
     assert (first.studies, first.trials, first.notes) == (1, len(complete), len(complete))
     assert first.artifacts == 3 * len(complete)
-    names = {m.filename for m in get_all_artifact_meta(study)}
-    assert names == {
-        artifact_name(t.number, k)
-        for t in complete
-        for k in ("schedule.svg", "latency.csv", "policy.yaml")
-    }
+    # each trial's own files on its page; none on the study page
+    for t in complete:
+        kinds = ("schedule.svg", "latency.csv", "policy.yaml")
+        assert _dashboard_lists(study, t) == {artifact_name(t.number, k) for k in kinds}
+    assert list_study_artifacts(_attrs(study)) == [] == get_all_artifact_meta(study)
 
     again = _annotate(study, store)
     assert (again.trials, again.artifacts, again.notes) == (0, 0, 0)
-    assert len(get_all_artifact_meta(study)) == len(names)
+    assert len(_links(study)) == first.artifacts
+
+
+def test_files_an_earlier_version_stored_on_the_study_are_kept_not_duplicated(
+    study: optuna.Study, tmp_path: Path
+) -> None:
+    """fpstune before trial artifacts: the files were the study's, the notes link them there."""
+    store = open_artifacts(f"sqlite:///{tmp_path / 'study.db'}", None)
+    assert store is not None
+    _annotate(study, store)
+    old = {}
+    for name in _links(study):
+        (tmp_path / name).write_text(_read(store, study, name, tmp_path), encoding="utf-8")
+        old[name] = upload_artifact(
+            artifact_store=store, file_path=str(tmp_path / name), study_or_trial=study
+        )
+    for key in [k for k in _attrs(study) if k.startswith("dashboard:artifacts:")]:
+        study._storage.set_study_system_attr(study._study_id, key, "null")  # as a delete does
+    assert {m.filename for m in get_all_artifact_meta(study)} == set(old)
+
+    again = _annotate(study, store)
+    assert again.artifacts == 0
+    sid = study._study_id
+    assert _links(study) == {name: f"/artifacts/{sid}/{aid}" for name, aid in old.items()}
 
 
 def test_new_complete_trials_are_annotated_on_the_next_round(tmp_path: Path) -> None:
@@ -113,16 +160,33 @@ def test_notes_say_what_the_trial_is(study: optuna.Study, tmp_path: Path) -> Non
         feasible = all(v <= 0 for v in t.constraints.values())
         assert ("; feasible." in note) == feasible and ("infeasible (rel_l2" in note) != feasible
         assert f"--trial {t.number}" in note
-        # the embedded image and links point at this study's artifacts, served by the dashboard
-        ids = {m.filename: m.artifact_id for m in get_all_artifact_meta(study)}
-        svg_id = ids[artifact_name(t.number, "schedule.svg")]
-        assert (
-            f"![step x layer schedule of trial {t.number}](/artifacts/{study._study_id}/{svg_id})"
-            in note
-        )
+        # the embedded image and the links point at the trial's artifacts, served by the dashboard
+        links = _links(study)
+        svg = links[artifact_name(t.number, "schedule.svg")]
+        assert svg.startswith(f"/artifacts/{study._study_id}/{t._trial_id}/")
+        assert f"![step x layer schedule of trial {t.number}]({svg})" in note
+        assert f"[policy]({links[artifact_name(t.number, 'policy.yaml')]})" in note
     # fpstune's front plot (baselines marked) sits among the dashboard's study plots
     attrs = study._storage.get_study_system_attrs(study._study_id)
     assert any(FRONT_PLOT_ID in k for k in attrs)
+
+
+def test_the_front_is_saved_again_only_when_it_changes(
+    study: optuna.Study, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _annotate(study, None)
+    saves: list[str] = []
+    with monkeypatch.context() as m:
+        m.setattr(annotate, "save_plotly_graph_object", lambda *a, **k: saves.append("front"))
+        _annotate(study, None)
+    assert saves == []  # nothing new: not rewritten every round
+    # a front an earlier fpstune drew (axis titles without units) is replaced
+    key = f"dashboard:plot_data:{FRONT_PLOT_ID}:0"
+    study._storage.set_study_system_attr(study._study_id, key, '{"data": [], "layout": {}}')
+    _annotate(study, None)
+    layout = json.loads(_saved_plot(_attrs(study), FRONT_PLOT_ID))["layout"]
+    assert layout["xaxis"]["title"]["text"].startswith("latency_ms (ms; lower is better)")
+    assert layout["yaxis"]["title"]["text"] == "rel_l2 (dimensionless; lower is better)"
 
 
 def test_files_agree_with_the_trial(study: optuna.Study, tmp_path: Path) -> None:
@@ -176,11 +240,13 @@ def test_schedule_blocks_tile_the_grid_with_equal_cells(study: optuna.Study) -> 
 def test_without_an_artifact_store_notes_only(study: optuna.Study) -> None:
     r = _annotate(study, None)
     assert r.artifacts == 0 and r.notes == r.trials > 0
-    assert get_all_artifact_meta(study) == []
+    assert _links(study) == {}
 
 
 def test_artifact_folder_defaults_beside_an_sqlite_file(tmp_path: Path) -> None:
     assert default_artifact_dir(f"sqlite:///{tmp_path / 'a.db'}") == tmp_path / "a-artifacts"
+    # the file's name without its suffix: fpstune-artifacts/ beside fpstune.db
+    assert default_artifact_dir("sqlite:///fpstune.db") == Path("fpstune-artifacts")
     assert default_artifact_dir("sqlite://") is None
     assert default_artifact_dir("postgresql+psycopg://u:p@h/db") is None
 

@@ -1,9 +1,10 @@
 """The dashboard and the report in a real browser: Debian's chromium driven by Playwright.
 
 `fpstune dashboard` runs as a user starts it; the test opens the study page, waits for the Pareto
-plot, counts its plotted points against the COMPLETE trials, clicks one and finds that trial's
-schedule image; then it opens the report page and checks its figures rendered. Screenshots go to
-``$FPSTUNE_TEST_OUTPUT`` (default: the test's tmp folder).
+plot, counts its plotted points against the COMPLETE trials, reads the axis titles of fpstune's
+front beside it, finds no trial's files among the study's artifacts, clicks a point and finds that
+trial's schedule image and its files; then it opens the report page and checks its figures
+rendered. Screenshots go to ``$FPSTUNE_TEST_OUTPUT`` (default: the test's tmp folder).
 
 By default the study is built by the test (`dashboard_helpers.mini_study`). To shoot the README's
 pictures from a real run, point ``FPSTUNE_TEST_DASHBOARD_DB`` at an SQLite file a study run wrote
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import shutil
 import subprocess
 import sys
@@ -28,6 +30,8 @@ import pytest
 from dashboard_helpers import mini_study
 from optuna.trial import TrialState
 
+from fpstune.dashboard.annotate import artifact_name
+from fpstune.dashboard.figures import axis_title
 from fpstune.dashboard.report import write_report
 
 CHROMIUM = Path(os.environ.get("FPSTUNE_CHROMIUM", "/usr/bin/chromium"))
@@ -133,17 +137,14 @@ def test_dashboard_and_report_render_the_study(
         # a trial with no values (the FAIL one) sits in a trace with nothing to draw
         assert sum(n for _, n in traces) == len(complete)
         assert sum(n for h, n in traces if "Infeasible" in h) == len(infeasible)
-        # axes named: the plot's objective selectors show the metric names
+        # optuna-dashboard names the axes in its objective selectors only, never on the plot
+        metric_names = study.metric_names or []
         card = page.locator("div", has=page.locator("#graph-pareto-front")).first.inner_text()
-        assert all(name in card for name in study.metric_names or [])
-        # fpstune's front, beside it, marks the baselines
-        page.wait_for_function(
-            "() => document.getElementById('user-defined-plot:fpstune-front')?.data"
-        )
-        names = page.evaluate(
-            "() => document.getElementById('user-defined-plot:fpstune-front').data.map(t => t.name)"
-        )
-        assert {f"baseline {b}" for b in baselines} <= set(names)
+        assert metric_names and all(name in card for name in metric_names)
+        assert page.locator("#graph-pareto-front .xtitle, #graph-pareto-front .ytitle").count() == 0
+        # the study's artifacts hold no trial's files (those are on the trials' pages)
+        page.get_by_role("heading", name="Study Artifacts", exact=True).wait_for()
+        assert page.get_by_text(re.compile(r"^trial-\d{4}-")).count() == 0
         page.screenshot(path=str(out_dir / "dashboard.png"))
 
         # click a point of the front: the trial's page, its note and schedule heatmap
@@ -164,7 +165,38 @@ def test_dashboard_and_report_render_the_study(
         page.wait_for_function(
             "img => img.complete && img.naturalWidth > 0", arg=img.element_handle()
         )
+        # the trial's own files, on its page (optuna-dashboard's "Artifacts" heading there)
+        page.get_by_role("heading", name="Artifacts", exact=True).wait_for(timeout=30_000)
+        listed = page.get_by_text(re.compile(r"^trial-\d{4}-")).all_text_contents()
+        kinds = ("schedule.svg", "latency.csv", "policy.yaml")
+        assert sorted(listed) == sorted(artifact_name(number, k) for k in kinds)
         page.screenshot(path=str(out_dir / "dashboard-trial.png"))
+
+        # fpstune's front, among the study's plots: axis titles with names and units, baselines
+        page.goto(f"{dashboard}dashboard/studies/{study._study_id}")
+        front = page.locator("#user-defined-plot\\:fpstune-front")
+        front.locator(".xtitle").wait_for(timeout=30_000)
+        names = page.evaluate(
+            "() => document.getElementById('user-defined-plot:fpstune-front').data.map(t => t.name)"
+        )
+        assert {f"baseline {b}" for b in baselines} <= set(names)
+        x_title = front.locator(".xtitle").text_content() or ""
+        assert x_title.startswith(axis_title(metric_names[0], study.directions[0]))
+        assert x_title.startswith("latency_ms (ms; lower is better)")
+        y_title = front.locator(".ytitle").text_content()
+        assert y_title == axis_title(metric_names[1], study.directions[1])
+        front.scroll_into_view_if_needed()
+        page.locator("div.MuiCard-root", has=front).screenshot(
+            path=str(out_dir / "dashboard-front.png")
+        )
+        # the dashboard's setting "Use Plotly Python library" draws Optuna's plot_pareto_front
+        # instead: its axes carry the metric names (no units)
+        page.evaluate("() => localStorage.setItem('plotBackendRendering', 'true')")
+        page.reload()
+        page.locator("#graph-pareto-front .xtitle").wait_for(timeout=30_000)
+        assert page.locator("#graph-pareto-front .xtitle").text_content() == metric_names[0]
+        assert page.locator("#graph-pareto-front .ytitle").text_content() == metric_names[1]
+        page.evaluate("() => localStorage.removeItem('plotBackendRendering')")
 
         # the report page: every figure rendered, the front holds every complete trial
         report = tmp_path / "report.html"
@@ -182,6 +214,8 @@ def test_dashboard_and_report_render_the_study(
         )
         assert on_front_plot == len(complete)
         assert page.locator("#fig-0 path.point").count() == len(complete)
+        assert (page.locator("#fig-0 .xtitle").text_content() or "").startswith(x_title)
+        assert page.locator("#fig-0 .ytitle").text_content() == y_title
         assert page.locator("#fig-2 .heatmaplayer image, #fig-2 .hm image").count() >= 1
         page.locator("#fig-0").screenshot(path=str(out_dir / "report-front.png"))
         page.locator("#fig-2").screenshot(path=str(out_dir / "report-schedules.png"))
