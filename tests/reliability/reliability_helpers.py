@@ -26,6 +26,16 @@ HERE = Path(__file__).parent
 DATA = HERE / "data"
 ROOT = HERE.parents[1]
 CHEAP = DATA / "cheap.yaml"
+#: the hardware block of a policy tuned on another GPU (the shipped table's H100)
+H100 = {
+    "gpu": "NVIDIA H100 80GB HBM3",
+    "sm_count": 132,
+    "capability": [9, 0],
+    "driver": "580.159.04",
+    "torch": "2.11.0+cu130",
+    "triton": "3.6.0",
+    "fpstune": "0.1.0",
+}
 sys.path.insert(0, str(HERE.parent / "service"))  # the service tests' tiny study and table
 
 from service_helpers import TINY, fill_latency_table  # noqa: E402

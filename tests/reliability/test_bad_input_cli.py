@@ -19,7 +19,7 @@ from typing import Any
 import optuna
 import pytest
 import yaml
-from reliability_helpers import CHEAP, ROOT, fpstune, run_main
+from reliability_helpers import CHEAP, H100, ROOT, fpstune, run_main
 from safetensors.torch import save_file
 
 from fpstune.candidates import ScheduleSource
@@ -27,15 +27,6 @@ from fpstune.quality.calibration import META_KEY, save_calibration, synthetic_ca
 from fpstune.spec.study import load_study
 
 SERVICE = ROOT / "tests" / "service" / "data"
-H100 = {
-    "gpu": "NVIDIA H100 80GB HBM3",
-    "sm_count": 132,
-    "capability": [9, 0],
-    "driver": "580.159.04",
-    "torch": "2.11.0+cu130",
-    "triton": "3.6.0",
-    "fpstune": "0.1.0",
-}
 
 Edit = Callable[[dict[str, Any]], None]
 

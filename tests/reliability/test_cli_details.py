@@ -18,7 +18,7 @@ import pytest
 import typer
 import yaml
 from optuna.trial import TrialState
-from reliability_helpers import TINY, fill_latency_table, fpstune, run_main
+from reliability_helpers import H100, TINY, fill_latency_table, fpstune, run_main
 
 from fpstune import __version__
 from fpstune.catalog import MODE_CODES, mode_grid
@@ -30,15 +30,6 @@ from fpstune.spec.study import load_study
 sys.path.insert(0, str(Path(__file__).parents[1] / "dashboard"))
 from dashboard_helpers import MINI, mini_study
 
-H100 = {
-    "gpu": "NVIDIA H100 80GB HBM3",
-    "sm_count": 132,
-    "capability": [9, 0],
-    "driver": "580.159.04",
-    "torch": "2.11.0+cu130",
-    "triton": "3.6.0",
-    "fpstune": "0.1.0",
-}
 STORE = ["--storage", "sqlite:///study.db"]
 
 
