@@ -166,11 +166,16 @@ def test_a_start_stopped_before_any_trial_removes_only_a_file_it_created(
 
 
 def test_signals_wait_for_the_end_of_a_deferred_block() -> None:
-    before = signal.getsignal(signal.SIGINT)
+    # Python's own Ctrl-C handler, whatever this process inherited (a shell's background job
+    # starts with SIGINT ignored).
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
     reached_end = False
-    with pytest.raises(KeyboardInterrupt), _signals_deferred():
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.01)  # a handler would have run by now
-        reached_end = True
-    assert reached_end
-    assert signal.getsignal(signal.SIGINT) is before
+    try:
+        with pytest.raises(KeyboardInterrupt), _signals_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)  # a handler would have run by now
+            reached_end = True
+        assert reached_end
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, inherited)
