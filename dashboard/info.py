@@ -15,6 +15,8 @@ import optuna
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
+from fpstune.trial_attrs import is_feasible, metric_names
+
 #: The user attribute that marks a baseline trial (its short name, e.g. ``fp8_dense_all``).
 BASELINE_ATTR = "baseline"
 
@@ -63,15 +65,6 @@ class HypervolumeInfo:
     values: tuple[float, ...]
     #: hypervolume of the feasible baselines alone (None when the study has none)
     baselines: float | None
-
-
-def metric_names(study: optuna.Study) -> tuple[str, ...]:
-    names = study.metric_names
-    return tuple(names) if names else tuple(f"objective_{i}" for i in range(len(study.directions)))
-
-
-def is_feasible(trial: FrozenTrial) -> bool:
-    return all(v <= 0.0 for v in trial.constraints.values())
 
 
 def baseline_name(trial: FrozenTrial) -> str | None:

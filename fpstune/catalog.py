@@ -19,6 +19,7 @@ from .errors import BadInput
 from .latency.table import LatencyRecord, LatencyTable, create_engine
 from .spec.study import StudySpec, load_study
 from .storage import controller_lock, mask_url, open_existing_storage, retry_db
+from .trial_attrs import is_feasible, metric_names
 
 #: One character per mode in `describe_policy`'s grid: upper case dense, lower case sparse.
 MODE_CODES: dict[Mode, str] = {
@@ -100,7 +101,7 @@ def study_trials(ref: str, *, storage_url: str, best: bool = False) -> list[dict
     constraints), baseline name (None for a searched trial) and parameters. ``best``: only the
     Pareto-optimal feasible trials, by the first objective."""
     study, _ = load_study_by_ref(ref, storage_url=storage_url)
-    names = study.metric_names or [f"objective_{i}" for i in range(len(study.directions))]
+    names = metric_names(study)
     trials = study.get_trials(deepcopy=False)
     if best:
         done = any(t.state == TrialState.COMPLETE for t in trials)
@@ -110,12 +111,11 @@ def study_trials(ref: str, *, storage_url: str, best: bool = False) -> list[dict
 
 def _trial_row(t: FrozenTrial, names: Sequence[str]) -> dict[str, Any]:
     values = t.values or [None] * len(names)
-    constraints = t.system_attrs.get("constraints")
     return {
         "trial": t.number,
         "state": t.state.name,
         **dict(zip(names, values, strict=True)),
-        "feasible": None if constraints is None else all(c <= 0 for c in constraints),
+        "feasible": is_feasible(t) if t.constraints else None,
         "baseline": t.user_attrs.get("baseline"),  # `fpstune baselines` trials have no params
         "params": dict(t.params),
     }

@@ -24,6 +24,7 @@ from .outputs import check_output
 from .pinning import pin_kernels
 from .spec.study import StudySpec
 from .storage import mask_url
+from .trial_attrs import metric_names
 
 LATENCY = "latency_ms"
 
@@ -60,7 +61,7 @@ def pick_trial(
     """A feasible Pareto trial: with bounds, the fastest within them (or the best quality under a
     latency bound alone); without, the knee — the front point nearest the ideal point after
     scaling each objective to [0, 1] over the front."""
-    names = study.metric_names or [f"objective_{i}" for i in range(len(study.directions))]
+    names = list(metric_names(study))
     front = study.best_trials
     if not front:
         raise BadInput(f"study {study.study_name}: no feasible complete trial to export")
