@@ -14,7 +14,7 @@ carry fpstune: its backends are a closed enum and a backend is called with q, k,
 the layer, the step or the grid. Self-attention therefore keeps fpstune's processor
 (`fpstune.models.processor`); cross-attention stays diffusers' own.
 
-`torch.compile`: the hook and the router run outside the compiled graph
+`torch.compile`: the hook and the routed attention run outside the compiled graph
 (``torch.compiler.disable``), so the step counter and the per-call bookkeeping are never guarded
 on and a compiled transformer does not recompile per step.
 """

@@ -67,8 +67,9 @@ def _route(
     """The router's output as (batch, tokens, heads, dim), contiguous whatever path ran it.
 
     Outside any torch.compile graph, and reading the layer here rather than in the compiled
-    ``__call__``: Dynamo would guard on each processor's layer index (a recompile per layer),
-    and on the output's strides, which differ between SDPA and the kernels."""
+    ``__call__``: Dynamo would guard on each processor's layer index (a recompile per layer), on
+    the router's step and call counters (a recompile per step), and on the output's strides,
+    which differ between SDPA and the kernels."""
     return processor.router.run(processor.layer, q, k, v, rope=rope).transpose(1, 2).contiguous()
 
 

@@ -45,9 +45,6 @@ class AttentionRouter:
         spec: AttentionSpec = self.policy.spec(layer=layer, step=self.step)
         return spec
 
-    # Outside any torch.compile graph: the step and the call counters are plain Python state
-    # that changes every step, and Dynamo would guard on them (a recompile per step).
-    @torch.compiler.disable
     def run(
         self,
         layer: int,
