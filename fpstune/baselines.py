@@ -33,6 +33,8 @@ from fpstune.kernels import AttentionSpec, Mode, attention, default_tile
 from fpstune.kernels.fingerprint import current_fingerprint
 from fpstune.kernels.policy import ModelShape, Policy, PolicyEntry
 
+from .errors import BadInput
+from .quality.calibration import CalibrationSet
 from .space.schedule import phase_params
 from .spec.space import ScheduleSpace
 from .trial_writes import constraint_system_attrs, user_attrs_of
@@ -201,6 +203,19 @@ def add_baselines(
     return out
 
 
+def calibration_cells(
+    cal: CalibrationSet, study_file: str | Path
+) -> dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Every cell's q, k, v for the greedy plan, which scores whole attention outputs: a set
+    that holds only sampled query rows (`fpstune capture --max-tokens`) is refused in one line."""
+    if cal.query_index is not None:
+        raise BadInput(
+            f"{study_file}: calibration.source: the greedy baseline scores every query row; this "
+            f"set holds {cal.meta.queries} of {cal.meta.tokens} (captured with --max-tokens)"
+        )
+    return {cell: cal.qkv(*cell) for cell in cal.cells}
+
+
 def run_baselines(
     study_file: str | Path,
     *,
@@ -227,7 +242,7 @@ def run_baselines(
         cells = reference_cells(e2e[0])
     else:
         cal = next(p for p in evaluator.probes if isinstance(p, AttentionProbe)).calibration
-        cells = {cell: cal.qkv(*cell) for cell in cal.cells}
+        cells = calibration_cells(cal, study_file)
     greedy, notes = greedy_plan(model, hardware, cells, grid=model.grid, threshold=threshold)
     policies["ditfastattn_greedy"] = greedy
     storage = open_storage(storage_url)
@@ -255,6 +270,7 @@ __all__ = [
     "PHASES",
     "add_baselines",
     "baseline_params",
+    "calibration_cells",
     "fixed_baselines",
     "greedy_plan",
     "reference_cells",

@@ -55,8 +55,20 @@ def capture_cmd(
     ] = None,
     max_tokens: Annotated[
         int | None,
-        typer.Option(min=1, help="Keep a centred sub-box of at most this many tokens per cell."),
+        typer.Option(
+            min=1,
+            help="Store q for at most this many query rows per cell (at least one box): a seeded "
+            "sample of whole --query-box boxes; k and v always keep every token, so the probe "
+            "scores those rows exactly. Default: every row.",
+        ),
     ] = None,
+    query_box: Annotated[
+        str,
+        typer.Option(
+            help="T,H,W of the boxes --max-tokens samples, aligned to the grid origin; a spec "
+            "is scored only if its tile divides it."
+        ),
+    ] = "6,16,16",
     name: Annotated[
         str | None, typer.Option(help="Model name in the set (default: the directory name).")
     ] = None,
@@ -84,6 +96,9 @@ def capture_cmd(
             "--prompt-embeds: give exactly one of --prompt-embeds FILE.safetensors or --prompt "
             "TEXT (the latter needs the checkpoint's text encoder)"
         )
+    box = _ints("--query-box", query_box)
+    if len(box) != 3 or min(box) < 1:
+        raise BadInput(f"--query-box: {query_box!r}: expected three positive sizes T,H,W")
     seed_list = _ints("--seeds", seeds)
     if not seed_list:
         raise BadInput("--seeds: no seeds given")
@@ -144,22 +159,26 @@ def capture_cmd(
             transformer,
             sampling,
             conditions,
+            out=out,
             name=model_name,
             seeds=seed_list,
             layers=layer_list,
             steps=step_list,
             max_tokens=max_tokens,
+            query_box=box,
             dtype=getattr(torch, qkv_dtype),
             on_step=lambda i: bar.update(task, completed=i + 1),
         )
     seconds = time.perf_counter() - start
-    cal_path, rec_path = cap_mod.write_capture(result, out)
-    meta = result.calibration.meta
+    meta = result.meta
     typer.echo(
-        f"{cal_path}: {len(meta.cells)} cells (layers x steps), q/k/v {list(meta.tensor_shape)} "
-        f"on grid {list(meta.grid)} of {list(meta.model_grid)}, {seconds:.1f} s on {dev}"
+        f"{result.path}: {len(meta.cells)} cells (layers x steps), q {list(meta.q_shape)}, "
+        f"k/v {list(meta.tensor_shape)} on grid {list(meta.grid)}, {seconds:.1f} s on {dev}"
     )
-    typer.echo(f"{rec_path}: replay record ({videos} video(s), {steps} steps, guidance {guidance})")
+    typer.echo(
+        f"{result.record_path}: replay record ({videos} video(s), {steps} steps, "
+        f"guidance {guidance})"
+    )
     typer.echo(
         f"model: {{name: {shape.name}, heads: {shape.heads}, head_dim: {shape.head_dim}, "
         f"layers: {shape.layers}, grid: {list(shape.grid)}, steps: {shape.steps}, "

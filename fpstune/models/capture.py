@@ -1,16 +1,18 @@
 """Capture: run a model's denoising loop once (BF16-dense, the reference) and keep what a study
 needs from it: Q/K/V per (layer, step) as a calibration set, and a replay record.
 
-Two files, both written atomically (temp file + rename), so a study never sees half a capture:
+Each file is written atomically (temp file + rename), the record first and the calibration
+index last, so a study never sees half a capture:
 
-- ``OUT.safetensors``: the calibration set, exactly the format of
-  `fpstune.quality.calibration` (``q/layer{L}/step{S}`` ... plus the ``fpstune`` metadata with
-  ``source: captured``); a study uses it as ``calibration.source``. Each cell holds the
-  self-attention inputs of the CFG-batched call (batch = 2 x videos with guidance: uncond rows
-  first, as the loop batches them). The calibration format keeps q, k and v on one token grid,
-  so ``max_tokens`` crops a centred sub-box of the latent-patch grid (same tokens for q, k, v;
-  ``grid`` < ``model_grid`` says the set is a smaller proxy, as synthetic sets do) rather than
-  subsampling query rows; with no cap the cells are the full attention inputs.
+- ``OUT.safetensors``: the calibration set, in the format of `fpstune.quality.calibration`
+  (the ``fpstune`` metadata with ``source: captured``), sharded: each (layer, step) cell goes to
+  its own file in ``OUT.cells-XXXX/`` as soon as the loop has produced it (moved to the CPU,
+  written, dropped: memory holds one cell), and ``OUT.safetensors`` is written last as the index.
+  Each cell holds the self-attention inputs of the CFG-batched call (batch = 2 x videos with
+  guidance: uncond rows first, as the loop batches them). k and v keep every token of the grid;
+  with ``max_tokens``, q keeps only the rows of a seeded sample of whole ``query_box`` boxes
+  (`query_rows`, recorded as ``query_index``), which the probe scores exactly against the full
+  k and v for any spec whose tile divides the box.
 - ``OUT.replay.safetensors``: the replay record: initial latents, prompt and negative
   embeddings, timesteps, the scheduler's class and config, steps, guidance, seeds, and the final
   latents of the captured run. `replay` regenerates from it with the transformer alone (no text
@@ -20,7 +22,9 @@ Two files, both written atomically (temp file + rename), so a study never sees h
 from __future__ import annotations
 
 import json
+import math
 import os
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,13 +36,11 @@ from fpstune.errors import BadInput
 from fpstune.kernels.atomic import replacing
 from fpstune.quality.calibration import (
     CalibrationMeta,
-    CalibrationSet,
     Cell,
+    CellWriter,
     Grid,
-    cap_grid,
+    query_rows,
     read_safetensors,
-    save_calibration,
-    tensor_name,
 )
 
 from .loop import Conditions, Sampling, denoise
@@ -48,6 +50,10 @@ from .router import AttentionRouter
 RECORD_VERSION = 1
 RECORD_KEY = "fpstune_replay"
 RECORD_SUFFIX = ".replay.safetensors"
+# Query rows are sampled in whole boxes of this shape (t, h, w), aligned to the grid origin:
+# every tile of the schedule search space and the default tile of Wan's 480p/720p grids divides
+# it ((1,16,8), (2,8,8), (3,16,8), (6,8,8), (1,8,16), (2,16,4)), so a sampled box is whole tiles.
+QUERY_BOX: Grid = (6, 16, 16)
 
 
 @dataclass(frozen=True)
@@ -73,46 +79,72 @@ class ReplayRecord:
 
 @dataclass(frozen=True)
 class Capture:
-    calibration: CalibrationSet
+    """What `capture` wrote: the set's metadata and record, and their paths."""
+
+    meta: CalibrationMeta
     record: ReplayRecord
+    path: Path
+    record_path: Path
 
 
 class QKVSampler:
-    """Router observer keeping Q/K/V of the chosen (layer, step) cells, on ``tokens`` only."""
+    """Router observer writing Q/K/V of the chosen (layer, step) cells to ``writer`` as they
+    come: k and v whole, q on ``rows`` only (None: all). A cell's calls are stacked along the
+    batch and written when a call for another cell arrives (or at `close`)."""
 
-    def __init__(self, cells: Sequence[Cell], tokens: torch.Tensor | None, dtype: torch.dtype):
+    def __init__(
+        self,
+        cells: Sequence[Cell],
+        rows: torch.Tensor | None,
+        dtype: torch.dtype,
+        writer: CellWriter,
+    ):
         self.cells = frozenset(cells)
-        self.tokens = tokens
+        self.rows = rows
         self.dtype = dtype
-        self.parts: dict[str, list[torch.Tensor]] = {}
+        self.writer = writer
+        self.batches: dict[Cell, int] = {}
+        self._cell: Cell | None = None
+        self._parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def __call__(
         self, layer: int, step: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     ) -> None:
-        if (layer, step) not in self.cells:
+        cell = (layer, step)
+        if cell not in self.cells:
             return
-        for which, x in zip("qkv", (q, k, v), strict=True):
-            if self.tokens is not None:
-                x = x.index_select(2, self.tokens.to(x.device))
-            part = x.detach().to("cpu", self.dtype).contiguous()
-            self.parts.setdefault(tensor_name(which, layer, step), []).append(part)
+        if cell != self._cell:
+            self._flush()
+            if cell in self.batches:
+                raise RuntimeError(
+                    f"layer {layer} at step {step} was called again after other cells: "
+                    "capture needs the loop to batch a cell's calls (CFG) together"
+                )
+            self._cell = cell
+        if self.rows is not None:
+            q = q.index_select(2, self.rows.to(q.device))
+        q, k, v = (x.detach().to("cpu", self.dtype) for x in (q, k, v))
+        self._parts.append((q, k, v))
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """Calls of one cell are stacked along the batch (an unbatched CFG loop calls twice)."""
-        missing = sorted(self.cells - {_cell_of(n) for n in self.parts})
+    def _flush(self) -> None:
+        if self._cell is None:
+            return
+        q, k, v = (torch.cat(xs).contiguous() for xs in zip(*self._parts, strict=True))
+        self.writer.write(*self._cell, q, k, v)
+        self.batches[self._cell] = k.shape[0]
+        self._cell, self._parts = None, []
+
+    def close(self) -> int:
+        """Write the last cell; the batch every cell holds."""
+        self._flush()
+        missing = sorted(self.cells - self.batches.keys())
         if missing:
             layer, step = missing[0]
             raise RuntimeError(f"no self-attention call reached layer {layer} at step {step}")
-        return {name: torch.cat(parts) for name, parts in self.parts.items()}
-
-
-def crop_tokens(grid: Grid, sub: Grid) -> torch.Tensor:
-    """Indices (model order: t, h, w row-major) of the centred ``sub`` box of ``grid``."""
-    (gt, gh, gw), (st, sh, sw) = grid, sub
-    t = torch.arange(st) + (gt - st) // 2
-    h = torch.arange(sh) + (gh - sh) // 2
-    w = torch.arange(sw) + (gw - sw) // 2
-    return (t[:, None, None] * gh * gw + h[None, :, None] * gw + w[None, None, :]).flatten()
+        batches = set(self.batches.values())
+        if len(batches) != 1:
+            raise RuntimeError(f"cells hold different batch sizes {sorted(batches)}")
+        return batches.pop()
 
 
 def initial_latents(seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
@@ -127,17 +159,23 @@ def capture(
     sampling: Sampling,
     conditions: Conditions,
     *,
+    out: str | os.PathLike[str] | None = None,
     name: str,
     seeds: Sequence[int],
     layers: Sequence[int] | None = None,
     steps: Sequence[int] | None = None,
     max_tokens: int | None = None,
+    query_box: Sequence[int] = QUERY_BOX,
     dtype: torch.dtype = torch.bfloat16,
     on_step: Callable[[int], None] | None = None,
 ) -> Capture:
-    """Run the BF16-dense reference once, sampling Q/K/V at ``layers`` x ``steps`` (all when
-    None) on the grid capped at ``max_tokens``; installs fpstune's processor on
-    ``transformer``."""
+    """Run the BF16-dense reference once, streaming Q/K/V at ``layers`` x ``steps`` (all when
+    None) to the calibration set ``out`` (q on at most ``max_tokens`` sampled rows, whole
+    ``query_box`` boxes) and writing the replay record next to it; installs fpstune's processor
+    on ``transformer``. Nothing is left at ``out`` if the run fails. ``out`` None: a new
+    temporary folder's ``capture.safetensors`` (the caller removes it)."""
+    if out is None:
+        out = Path(tempfile.mkdtemp(prefix="fpstune-capture-")) / "capture.safetensors"
     n_layers = len(transformer.blocks)
     layers = list(range(n_layers)) if layers is None else sorted(set(layers))
     steps = list(range(sampling.steps)) if steps is None else sorted(set(steps))
@@ -146,50 +184,56 @@ def capture(
         if bad:
             raise ValueError(f"{what} {bad[0]} is outside the model's {n} {what}s")
     grid = patch_grid(transformer, conditions.latents)
-    sub = cap_grid(grid, max_tokens)
+    rows = query_rows(grid, query_box, max_tokens)
+    sampled = rows.numel() < math.prod(grid)
     cells = [(layer, step) for layer in layers for step in steps]
-    sampler = QKVSampler(cells, None if sub == grid else crop_tokens(grid, sub), dtype)
-    router = AttentionRouter(observer=sampler)
-    install(transformer, router)
-    start = Conditions(
-        conditions.latents.detach().cpu().float().clone(),
-        conditions.prompt.detach().cpu().clone(),
-        None if conditions.negative is None else conditions.negative.detach().cpu().clone(),
-    )
-    final = denoise(transformer, router, start, sampling, on_step=on_step).cpu()
-    tensors = sampler.tensors()
-    batches = {t.shape[0] for t in tensors.values()}
-    if len(batches) != 1:
-        raise RuntimeError(f"cells hold different batch sizes {sorted(batches)}")
-    c = transformer.config
-    meta = CalibrationMeta(
-        model=name,
-        grid=sub,
-        model_grid=grid,
-        heads=int(c.num_attention_heads),
-        head_dim=int(c.attention_head_dim),
-        batch=batches.pop(),
-        cells=tuple(cells),
-        model_layers=n_layers,
-        model_steps=sampling.steps,
-        seed=int(seeds[0]) if len(seeds) == 1 else None,  # several: the record lists them
-        source="captured",
-        dtype=str(dtype).removeprefix("torch."),
-    )
-    meta.validate()
-    scheduler = sampling.fresh_scheduler()
-    record = ReplayRecord(
-        model=name,
-        conditions=start,
-        scheduler_class=type(scheduler).__name__,
-        scheduler_config=_jsonable(dict(scheduler.config)),
-        steps=sampling.steps,
-        guidance=float(sampling.guidance),
-        seeds=tuple(int(s) for s in seeds),
-        timesteps=scheduler.timesteps.detach().cpu(),
-        final=final,
-    )
-    return Capture(CalibrationSet(meta, tensors), record)
+    writer = CellWriter(out)
+    try:
+        sampler = QKVSampler(cells, rows if sampled else None, dtype, writer)
+        router = AttentionRouter(observer=sampler)
+        install(transformer, router)
+        start = Conditions(
+            conditions.latents.detach().cpu().float().clone(),
+            conditions.prompt.detach().cpu().clone(),
+            None if conditions.negative is None else conditions.negative.detach().cpu().clone(),
+        )
+        final = denoise(transformer, router, start, sampling, on_step=on_step).cpu()
+        batch = sampler.close()
+        c = transformer.config
+        meta = CalibrationMeta(
+            model=name,
+            grid=grid,
+            model_grid=grid,
+            heads=int(c.num_attention_heads),
+            head_dim=int(c.attention_head_dim),
+            batch=batch,
+            cells=tuple(cells),
+            model_layers=n_layers,
+            model_steps=sampling.steps,
+            seed=int(seeds[0]) if len(seeds) == 1 else None,  # several: the record lists them
+            source="captured",
+            dtype=str(dtype).removeprefix("torch."),
+            queries=rows.numel() if sampled else None,
+            query_box=_box(query_box) if sampled else None,
+        )
+        scheduler = sampling.fresh_scheduler()
+        record = ReplayRecord(
+            model=name,
+            conditions=start,
+            scheduler_class=type(scheduler).__name__,
+            scheduler_config=_jsonable(dict(scheduler.config)),
+            steps=sampling.steps,
+            guidance=float(sampling.guidance),
+            seeds=tuple(int(s) for s in seeds),
+            timesteps=scheduler.timesteps.detach().cpu(),
+            final=final,
+        )
+        save_record(record, record_path(out))  # the record first: an index always has one
+        writer.finish(meta, rows if sampled else None)
+    except BaseException:
+        writer.abort()
+        raise
+    return Capture(meta, record, Path(out), record_path(out))
 
 
 @torch.no_grad()
@@ -222,16 +266,6 @@ def record_path(calibration: str | os.PathLike[str]) -> Path:
     """``calib.safetensors`` -> ``calib.replay.safetensors`` (next to it)."""
     p = Path(calibration)
     return p.with_name(p.name.removesuffix(".safetensors") + RECORD_SUFFIX)
-
-
-def write_capture(cap: Capture, out: str | os.PathLike[str]) -> tuple[Path, Path]:
-    """Write the calibration set to ``out`` and the record next to it (each atomically; the
-    record first, so a calibration file on disk always has its record)."""
-    out = Path(out)
-    rec = record_path(out)
-    save_record(cap.record, rec)
-    save_calibration(cap.calibration, out)
-    return out, rec
 
 
 def save_record(record: ReplayRecord, path: str | os.PathLike[str]) -> None:
@@ -295,9 +329,9 @@ def load_record(path: str | os.PathLike[str]) -> ReplayRecord:
         raise BadInput(f"{where}: not a replay record: {what}") from None
 
 
-def _cell_of(name: str) -> Cell:
-    _, layer, step = name.split("/")
-    return (int(layer.removeprefix("layer")), int(step.removeprefix("step")))
+def _box(box: Sequence[int]) -> Grid:
+    t, h, w = (int(x) for x in box)
+    return (t, h, w)
 
 
 def _jsonable(config: dict[str, Any]) -> dict[str, Any]:
@@ -313,15 +347,14 @@ def _plain(x: Any) -> Any:
 
 
 __all__ = [
+    "QUERY_BOX",
     "Capture",
     "QKVSampler",
     "ReplayRecord",
     "capture",
-    "crop_tokens",
     "initial_latents",
     "load_record",
     "record_path",
     "replay",
     "save_record",
-    "write_capture",
 ]

@@ -1,10 +1,11 @@
 """Calibration sets: the Q/K/V that attention-output quality is judged on, per (layer, step).
 
-On disk a set is one safetensors file: tensors ``q/layer{L}/step{S}``, ``k/…``, ``v/…`` of shape
-(batch, heads, tokens, head_dim) in model token order, and one header metadata entry ``fpstune``
-holding JSON: format version, model name, grid (of the stored tensors), the model's own grid,
-heads, head_dim, batch, the (layer, step) cells, the model's layer and step counts, seed, source
-(``synthetic`` or ``captured``) and dtype.
+On disk a set is one safetensors file (or an index and shards, below): tensors
+``q/layer{L}/step{S}``, ``k/…``, ``v/…`` of shape (batch, heads, tokens, head_dim) in model token
+order, and one header metadata entry ``fpstune`` holding JSON: format version, model name, grid
+(of the stored tensors), the model's own grid, heads, head_dim, batch, the (layer, step) cells,
+the model's layer and step counts, seed, source (``synthetic`` or ``captured``), dtype, and
+(format 2) ``queries`` and ``query_box``.
 
 `synthetic_calibration` makes a set with no model and no download: locally-peaked Q/K (a smooth 3D
 positional component, so attention concentrates near each token as in video DiTs) plus noise whose
@@ -15,6 +16,15 @@ subset of cells is bit-identical to the same cells of the full set.
 CPU studies of big models: pass a subset of ``layers``/``steps`` (see `evenly_spaced`) and a
 ``max_tokens`` cap; the cap shrinks the grid keeping its aspect (`cap_grid`) and is recorded
 (``grid`` vs ``model_grid``), so the set says it is a smaller proxy of the real shape.
+
+Sampled queries (format 2, what `fpstune capture --max-tokens` writes): k and v hold every token
+of the grid, q only the rows listed by the ``query_index`` tensor (model token order, ascending;
+metadata ``queries`` rows), which are whole boxes of ``query_box`` tokens aligned to the grid
+origin (`query_rows`). A spec whose tile divides the box sees each sampled row exactly as the
+full attention does (its q tile is whole; k and v are complete), see `fpstune.quality.probe`.
+A large set is sharded: the index file holds the metadata, ``query_index`` and, under the header
+key ``fpstune_cells``, the folder (next to it) holding one ``layer{L}-step{S}.safetensors`` per
+cell (`CellWriter`). Format 1 files (one file, every query row) still load.
 """
 
 from __future__ import annotations
@@ -22,8 +32,10 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +44,11 @@ import torch
 from fpstune.errors import one_line
 from fpstune.kernels.atomic import replacing
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: no query sampling, no shards
 META_KEY = "fpstune"
+CELLS_KEY = "fpstune_cells"
+QUERY_INDEX = "query_index"
 SOURCES = ("synthetic", "captured")
 
 Cell = tuple[int, int]  # (layer, step)
@@ -58,10 +73,17 @@ class CalibrationMeta:
     seed: int | None
     source: str
     dtype: str
+    queries: int | None = None  # query rows q holds (None: every token)
+    query_box: Grid | None = None  # the whole boxes those rows make up (see `query_rows`)
 
     @property
     def tokens(self) -> int:
         return math.prod(self.grid)
+
+    @property
+    def q_shape(self) -> tuple[int, int, int, int]:
+        rows = self.tokens if self.queries is None else self.queries
+        return (self.batch, self.heads, rows, self.head_dim)
 
     @property
     def capped(self) -> bool:
@@ -82,9 +104,13 @@ class CalibrationMeta:
         if not isinstance(d, dict):
             raise ValueError("metadata is not a JSON object")
         version = d.pop("format_version", None)
-        if version != FORMAT_VERSION:
-            raise ValueError(f"format_version {version!r} is not supported ({FORMAT_VERSION})")
-        missing = set(cls.__dataclass_fields__) - d.keys()
+        if version not in READABLE_VERSIONS:
+            raise ValueError(
+                f"format_version {version!r} is not supported "
+                f"({', '.join(map(str, READABLE_VERSIONS))})"
+            )
+        optional = {"queries", "query_box"} if version == 1 else set()
+        missing = set(cls.__dataclass_fields__) - optional - d.keys()
         unknown = d.keys() - set(cls.__dataclass_fields__)
         if missing or unknown:
             raise ValueError(f"metadata missing {sorted(missing)}, unknown {sorted(unknown)}")
@@ -101,6 +127,8 @@ class CalibrationMeta:
             seed=None if d["seed"] is None else int(d["seed"]),
             source=str(d["source"]),
             dtype=str(d["dtype"]),
+            queries=None if d.get("queries") is None else int(d["queries"]),
+            query_box=None if d.get("query_box") is None else _grid(d["query_box"]),
         )
         meta.validate()
         return meta
@@ -110,6 +138,12 @@ class CalibrationMeta:
             raise ValueError(f"source {self.source!r} is not one of {', '.join(SOURCES)}")
         if min(self.heads, self.head_dim, self.batch, *self.grid, *self.model_grid) < 1:
             raise ValueError("heads, head_dim, batch and grid sizes must be positive")
+        if (self.queries is None) != (self.query_box is None):
+            raise ValueError("queries and query_box go together")
+        if self.queries is not None and not 1 <= self.queries <= self.tokens:
+            raise ValueError(f"queries {self.queries} is not in [1, {self.tokens}]")
+        if self.query_box is not None and min(self.query_box) < 1:
+            raise ValueError("query_box sizes must be positive")
         if not self.cells:
             raise ValueError("no (layer, step) cells")
         if len(set(self.cells)) != len(self.cells):
@@ -124,10 +158,12 @@ class CalibrationMeta:
 
 @dataclass(frozen=True)
 class CalibrationSet:
-    """Q/K/V per (layer, step) cell; tensors keyed ``q/layer{L}/step{S}`` etc."""
+    """Q/K/V per (layer, step) cell; tensors keyed ``q/layer{L}/step{S}`` etc. With
+    ``query_index`` (sampled queries), q holds only those rows of the grid."""
 
     meta: CalibrationMeta
     tensors: dict[str, torch.Tensor]
+    query_index: torch.Tensor | None = None
 
     @property
     def cells(self) -> tuple[Cell, ...]:
@@ -161,11 +197,13 @@ class CalibrationSet:
             if (layers is None or layer in layers) and (steps is None or step in steps)
         )
         keep = {tensor_name(x, layer, step) for layer, step in cells for x in "qkv"}
-        meta = CalibrationMeta(**{**asdict(self.meta), "cells": cells})
-        return CalibrationSet(meta, {n: t for n, t in self.tensors.items() if n in keep})
+        meta = replace(self.meta, cells=cells)
+        tensors = {n: t for n, t in self.tensors.items() if n in keep}
+        return CalibrationSet(meta, tensors, self.query_index)
 
     def to(self, device: torch.device | str) -> CalibrationSet:
-        return CalibrationSet(self.meta, {n: t.to(device) for n, t in self.tensors.items()})
+        idx = None if self.query_index is None else self.query_index.to(device)
+        return CalibrationSet(self.meta, {n: t.to(device) for n, t in self.tensors.items()}, idx)
 
 
 def tensor_name(which: str, layer: int, step: int) -> str:
@@ -193,6 +231,39 @@ def cap_grid(grid: Sequence[int], max_tokens: int | None) -> Grid:
     while math.prod(out) > max_tokens:
         out[out.index(max(out))] -= 1
     return (out[0], out[1], out[2])
+
+
+def query_rows(grid: Sequence[int], box: Sequence[int], max_tokens: int | None) -> torch.Tensor:
+    """Model-order indices (ascending, int64) of a seeded sample of whole ``box``es of ``grid``,
+    boxes aligned to the grid origin (edge boxes clipped), at most ``max_tokens`` rows but at
+    least one box; every token when ``max_tokens`` is None or covers the grid."""
+    g, b = _grid(grid), _grid(box)
+    if min(b) < 1:
+        raise ValueError(f"query box sizes must be positive, got {list(b)}")
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    n = math.prod(g)
+    if max_tokens is None or max_tokens >= n:
+        return torch.arange(n)
+    per_axis = [math.ceil(x / s) for x, s in zip(g, b, strict=True)]
+    order = torch.randperm(math.prod(per_axis), generator=torch.Generator().manual_seed(0))
+    picked: list[torch.Tensor] = []
+    total = 0
+    for i in order.tolist():
+        bt, rest = divmod(i, per_axis[1] * per_axis[2])
+        bh, bw = divmod(rest, per_axis[2])
+        t, h, w = (
+            torch.arange(c * s, min((c + 1) * s, x))
+            for c, s, x in zip((bt, bh, bw), b, g, strict=True)
+        )
+        rows = (
+            t[:, None, None] * g[1] * g[2] + h[None, :, None] * g[2] + w[None, None, :]
+        ).flatten()
+        if picked and total + rows.numel() > max_tokens:
+            continue
+        picked.append(rows)
+        total += rows.numel()
+    return torch.cat(picked).sort().values
 
 
 # -- synthetic sets -------------------------------------------------------------------------------
@@ -335,15 +406,62 @@ def _mix(seed: int, layer: int, step: int) -> int:
 
 
 def save_calibration(cal: CalibrationSet, path: str | os.PathLike[str]) -> None:
-    """Write a set as safetensors (atomically: a temp file in the same folder, then rename)."""
+    """Write a set as one safetensors file (atomically: a temp file in the same folder, then
+    rename)."""
+    _check_tensors(cal, str(path))
+    tensors = dict(cal.tensors)
+    if cal.query_index is not None:
+        tensors[QUERY_INDEX] = cal.query_index
+    _save(tensors, Path(path), {META_KEY: cal.meta.to_json()})
+
+
+class CellWriter:
+    """Writes a set cell by cell, each to its own shard as it comes (memory: one cell), then the
+    index last (atomically), so a reader sees a whole set or none. Shards go to a fresh folder
+    ``NAME.cells-XXXX`` next to ``path``; `finish` removes older ones of the same name."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.prefix = self.path.name.removesuffix(".safetensors") + ".cells-"
+        self.folder = Path(tempfile.mkdtemp(prefix=self.prefix, dir=self.path.parent))
+        self.folder.chmod(0o755)  # mkdtemp's 0700 would hide the set from other users
+
+    def write(
+        self, layer: int, step: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
+        tensors = {tensor_name(x, layer, step): t for x, t in zip("qkv", (q, k, v), strict=True)}
+        for name, t in tensors.items():
+            if not bool(torch.isfinite(t).all()):
+                raise CalibrationError(f"{self.path}: tensor {name}: holds NaN or Inf")
+        _save(tensors, self.folder / _shard_name(layer, step), {})
+
+    def finish(self, meta: CalibrationMeta, query_index: torch.Tensor | None) -> None:
+        meta.validate()
+        tensors = {} if query_index is None else {QUERY_INDEX: query_index}
+        header = {META_KEY: meta.to_json(), CELLS_KEY: self.folder.name}
+        _check_index(meta, query_index, str(self.path))
+        _save(tensors, self.path, header)
+        for old in self.path.parent.iterdir():
+            ours = old.name.startswith(self.prefix) and len(old.name) == len(self.folder.name)
+            if ours and old != self.folder and old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _shard_name(layer: int, step: int) -> str:
+    return f"layer{layer}-step{step}.safetensors"
+
+
+def _save(tensors: Mapping[str, torch.Tensor], path: Path, header: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    _check_tensors(cal, str(path))
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {n: t.detach().cpu().contiguous() for n, t in cal.tensors.items()}
-    with replacing(p) as tmp:
-        save_file(tensors, str(tmp), metadata={META_KEY: cal.meta.to_json()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    out = {n: t.detach().cpu().contiguous() for n, t in tensors.items()}
+    with replacing(path) as tmp:
+        save_file(out, str(tmp), metadata=header)
 
 
 def load_calibration(path: str | os.PathLike[str], *, model: Any = None) -> CalibrationSet:
@@ -360,7 +478,16 @@ def load_calibration(path: str | os.PathLike[str], *, model: Any = None) -> Cali
         meta = CalibrationMeta.from_json(header[META_KEY])
     except (ValueError, KeyError, TypeError, IndexError) as e:
         raise CalibrationError(f"{where}: metadata: {one_line(e)}") from None
-    cal = CalibrationSet(meta, tensors)
+    query_index = tensors.pop(QUERY_INDEX, None)
+    _check_index(meta, query_index, where)
+    if CELLS_KEY in header:  # sharded: the index holds no cells
+        tensors = {}
+        folder = Path(path).parent / header[CELLS_KEY]
+        for layer, step in meta.cells:
+            shard = folder / _shard_name(layer, step)
+            _, part = read_safetensors(shard, what="calibration shard", error=CalibrationError)
+            tensors.update(part)
+    cal = CalibrationSet(meta, tensors, query_index)
     _check_tensors(cal, where)
     if model is not None:
         check_fits(cal, model, where=where)
@@ -383,6 +510,23 @@ def check_fits(cal: CalibrationSet, model: Any, *, where: str = "calibration set
             )
 
 
+def _check_index(meta: CalibrationMeta, index: torch.Tensor | None, where: str) -> None:
+    if meta.queries is None:
+        if index is not None:
+            raise CalibrationError(f"{where}: tensor {QUERY_INDEX} in a set of every query row")
+        return
+    if index is None:
+        raise CalibrationError(f"{where}: tensor {QUERY_INDEX} is missing")
+    ok = index.dtype == torch.int64 and tuple(index.shape) == (meta.queries,)
+    if not ok or (index.numel() and (index.min() < 0 or index.max() >= meta.tokens)):
+        raise CalibrationError(
+            f"{where}: tensor {QUERY_INDEX}: expected {meta.queries} int64 token indices "
+            f"in [0, {meta.tokens})"
+        )
+    if index.numel() > 1 and not bool((index[1:] > index[:-1]).all()):
+        raise CalibrationError(f"{where}: tensor {QUERY_INDEX}: not strictly ascending")
+
+
 def _check_tensors(cal: CalibrationSet, where: str) -> None:
     meta = cal.meta
     expected = {tensor_name(x, layer, step) for layer, step in meta.cells for x in "qkv"}
@@ -392,13 +536,14 @@ def _check_tensors(cal: CalibrationSet, where: str) -> None:
     extra = sorted(cal.tensors.keys() - expected)
     if extra:
         raise CalibrationError(f"{where}: tensor {extra[0]} is not a listed cell")
-    want = meta.tensor_shape
     for name in sorted(expected, key=_cell_order):
         t = cal.tensors[name]
+        want = meta.q_shape if name.startswith("q/") else meta.tensor_shape
         if tuple(t.shape) != want:
+            rows = "sampled query rows" if want != meta.tensor_shape else "tokens"
             raise CalibrationError(
                 f"{where}: tensor {name}: shape {list(t.shape)}, expected {list(want)} "
-                f"(batch, heads, tokens of grid {list(meta.grid)}, head_dim)"
+                f"(batch, heads, {rows} of grid {list(meta.grid)}, head_dim)"
             )
         if not t.is_floating_point():
             raise CalibrationError(f"{where}: tensor {name}: dtype {t.dtype} is not floating")

@@ -7,6 +7,15 @@ the BF16-dense output of the same inputs. End-to-end probes (a denoising loop sc
 SSIM against the BF16-dense video for the same seeds) implement the same protocol and sit beside
 it in the `ScheduleEvaluator`.
 
+Sampled queries (a capture with ``max_tokens``: q holds whole ``query_box`` boxes of rows, k
+and v every token): each cell runs `attention` on the full grid with the rows q does not hold
+zero-filled, and only the held rows are compared. That is exact for those rows: a row's softmax
+runs over the complete k and v; FP8's v scales are per channel over all tokens; k's tile scales
+and tile means come from the complete k; and the row's own q tile, whose FP8 scale and (for
+``topk``/``cdf``) tile mean decide its quantisation and kept kv tiles, is whole when the spec's
+tile divides the box (a spec whose tile does not is refused with `CandidateError`). The zero
+rows cost compute (the kernel takes one grid for q and k) but no storage.
+
 A probe raises `CandidateError` when the policy is at fault (non-finite output, a spec the
 runtime refuses) and stays usable afterwards.
 """
@@ -23,6 +32,7 @@ import torch
 from fpstune.errors import one_line
 from fpstune.evaluation import CandidateError
 from fpstune.kernels import AttentionSpec, InfeasibleConfig, Mode, SpecError, attention
+from fpstune.kernels.config import default_tile
 
 from .calibration import CalibrationSet, Cell
 from .metrics import compare
@@ -71,10 +81,11 @@ class AttentionProbe:
         self.calibration = calibration.to(self.device)
         self._attention = attention_fn
         self._grid = calibration.meta.grid
+        self._rows = self.calibration.query_index
         self._refs: dict[Cell, torch.Tensor] = {}
         self._cache: dict[tuple[Cell, AttentionSpec], dict[str, float]] = {}
         for cell, (q, k, v) in self.calibration:
-            ref = attention(q, k, v, grid=self._grid, spec=REFERENCE)
+            ref = self._held(attention(self._full(q), k, v, grid=self._grid, spec=REFERENCE))
             if not bool(torch.isfinite(ref).all()):
                 layer, step = cell
                 raise ValueError(
@@ -110,6 +121,8 @@ class AttentionProbe:
                     "model_grid": list(meta.model_grid),
                     "batch": meta.batch,
                     "cells": len(meta.cells),
+                    "queries": meta.queries,
+                    "query_box": None if meta.query_box is None else list(meta.query_box),
                 },
             },
         )
@@ -122,8 +135,9 @@ class AttentionProbe:
         layer, step = cell
         q, k, v = self.calibration.qkv(layer, step)
         where = f"layer {layer}, step {step} ({spec.describe()})"
+        self._check_exact(spec, where)
         try:
-            out = self._attention(q, k, v, grid=self._grid, spec=spec)
+            out = self._held(self._attention(self._full(q), k, v, grid=self._grid, spec=spec))
         except (SpecError, InfeasibleConfig) as e:
             raise CandidateError(f"{where}: {one_line(e)}") from None
         except Exception as e:
@@ -138,6 +152,30 @@ class AttentionProbe:
             self._cache.clear()
         self._cache[key] = metrics
         return metrics
+
+    def _full(self, q: torch.Tensor) -> torch.Tensor:
+        """q on every token of the grid: the rows the set does not hold are zero."""
+        if self._rows is None:
+            return q
+        full = q.new_zeros(q.shape[0], q.shape[1], math.prod(self._grid), q.shape[3])
+        return full.index_copy_(2, self._rows, q)
+
+    def _held(self, out: torch.Tensor) -> torch.Tensor:
+        return out if self._rows is None else out.index_select(2, self._rows)
+
+    def _check_exact(self, spec: AttentionSpec, where: str) -> None:
+        """Refuse a spec whose q tiles would straddle held and zero rows (see the module)."""
+        box = self.calibration.meta.query_box
+        pooled = spec.mode.sparse and spec.pattern is not None and spec.pattern.kind != "window"
+        if box is None or not (spec.mode.fp8 or pooled):
+            return
+        tile = spec.tile or default_tile(self._grid)
+        if any(b % t and b < g for b, t, g in zip(box, tile, self._grid, strict=True)):
+            raise CandidateError(
+                f"{where}: tile {list(tile)} does not divide the calibration set's query box "
+                f"{list(box)}: its sampled query rows cannot be scored exactly (capture with a "
+                "--query-box that every tile divides)"
+            )
 
 
 def _is_compile_error(e: Exception) -> bool:

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -19,7 +20,12 @@ from fpstune.models.loop import Conditions, Sampling, denoise
 from fpstune.models.processor import install
 from fpstune.models.prompts import load_prompt_embeds
 from fpstune.models.router import AttentionRouter
-from fpstune.quality.calibration import cap_grid, check_fits, load_calibration, tensor_name
+from fpstune.quality.calibration import (
+    CalibrationSet,
+    check_fits,
+    load_calibration,
+    query_rows,
+)
 
 SEEDS = (0, 1)
 LAYERS = 2
@@ -66,19 +72,29 @@ def test_hooks_reach_every_self_attention_call(checkpoint: Path, prompt_file: Pa
     assert attn1_calls == [step for step in range(STEPS) for _ in range(LAYERS)]
 
 
-def test_reference_run_is_bit_stable(checkpoint: Path, prompt_file: Path) -> None:
+def test_reference_run_is_bit_stable(checkpoint: Path, prompt_file: Path, tmp_path: Path) -> None:
     conditions, sampling = _inputs(checkpoint, prompt_file)
     runs = []
-    for _ in range(2):
+    for i in range(2):
         transformer, _ = wan.load_wan(checkpoint)
+        out = tmp_path / f"{i}.safetensors"
         runs.append(
-            capture(transformer, sampling, conditions, name="t", seeds=SEEDS, dtype=torch.float32)
+            capture(
+                transformer,
+                sampling,
+                conditions,
+                out=out,
+                name="t",
+                seeds=SEEDS,
+                dtype=torch.float32,
+            )
         )
     a, b = runs
     assert torch.equal(a.record.final, b.record.final)
-    assert a.calibration.tensors.keys() == b.calibration.tensors.keys()
-    for name, t in a.calibration.tensors.items():
-        assert torch.equal(t, b.calibration.tensors[name]), name
+    ca, cb = load_calibration(a.path), load_calibration(b.path)
+    assert ca.tensors.keys() == cb.tensors.keys()
+    for name, t in ca.tensors.items():
+        assert torch.equal(t, cb.tensors[name]), name
     assert torch.isfinite(a.record.final).all() and a.record.final.abs().max() > 0
 
 
@@ -171,40 +187,75 @@ def test_capture_cli_writes_a_study_calibration_and_replays(
     assert 0 < rel < 0.2, rel
 
 
-def test_max_tokens_crops_a_centred_box_of_the_same_tokens(
-    checkpoint: Path, prompt_file: Path
-) -> None:
+def _capture_at(
+    checkpoint: Path, prompt_file: Path, out: Path, **kw: Any
+) -> tuple[CalibrationSet, torch.Tensor]:
     conditions, sampling = _inputs(checkpoint, prompt_file)
-    grid = (5, 5, 6)  # larger than GRID so that the centred box is off every edge
-    conditions = Conditions(
+    conditions = Conditions(  # grid 5 x 5 x 6, larger than GRID
         initial_latents(SEEDS, (4, 5, 10, 12)), conditions.prompt, conditions.negative
     )
-    caps = []
-    for max_tokens in (None, 40):
-        transformer, _ = wan.load_wan(checkpoint)
-        caps.append(
-            capture(
-                transformer,
-                sampling,
-                conditions,
-                name="t",
-                seeds=SEEDS,
-                steps=[1],
-                max_tokens=max_tokens,
-                dtype=torch.float32,
-            )
-        )
-    full, small = caps
-    assert small.calibration.meta.grid == (3, 3, 3) == cap_grid(grid, 40)
-    assert small.calibration.meta.model_grid == full.calibration.meta.grid == grid
-    gh, gw = grid[1:]
-    keep = [t * gh * gw + h * gw + w for t in (1, 2, 3) for h in (1, 2, 3) for w in (1, 2, 3)]
+    transformer, _ = wan.load_wan(checkpoint)
+    cap = capture(
+        transformer, sampling, conditions, out=out, name="t", seeds=SEEDS, dtype=torch.float32, **kw
+    )
+    return load_calibration(cap.path), cap.record.final
+
+
+def test_max_tokens_samples_whole_query_boxes_and_keeps_every_key(
+    checkpoint: Path, prompt_file: Path, tmp_path: Path
+) -> None:
+    grid, box = (5, 5, 6), (2, 2, 3)
+    full, final = _capture_at(checkpoint, prompt_file, tmp_path / "full.safetensors", steps=[1])
+    small, final_small = _capture_at(
+        checkpoint, prompt_file, tmp_path / "small.safetensors", steps=[1], max_tokens=40,
+        query_box=box,
+    )  # fmt: skip
+    rows = query_rows(grid, box, 40)
+    assert small.query_index is not None and torch.equal(small.query_index, rows)
+    assert full.query_index is None and full.meta.queries is None
+    m = small.meta
+    assert m.grid == m.model_grid == grid and m.queries == rows.numel() <= 40
+    assert m.query_box == box and m.q_shape == (2 * len(SEEDS), 2, rows.numel(), 16)
+    # whole boxes: every picked box (aligned to the origin) is entirely in
+    t, h, w = (rows // 30, rows // 6 % 5, rows % 6)
+    ids = (t // 2) * 6 + (h // 2) * 2 + w // 3
+    for i in ids.unique():
+        bt, bh = int(i) // 6, int(i) // 2 % 3
+        size = (min(2, 5 - 2 * bt)) * (min(2, 5 - 2 * bh)) * 3
+        assert int((ids == i).sum()) == size
     for layer in range(LAYERS):
-        for x in "qkv":
-            name = tensor_name(x, layer, 1)
-            want = full.calibration.tensors[name][:, :, keep]
-            assert torch.equal(small.calibration.tensors[name], want)
-    assert torch.equal(small.record.final, full.record.final)
+        qf, kf, vf = full.qkv(layer, 1)
+        q, k, v = small.qkv(layer, 1)
+        assert torch.equal(k, kf) and torch.equal(v, vf)
+        assert torch.equal(q, qf[:, :, rows])
+    assert torch.equal(final_small, final)
+
+
+def test_capture_streams_each_cell_to_its_own_shard(
+    checkpoint: Path, prompt_file: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "c.safetensors"
+    written: list[int] = []
+
+    def count(step: int) -> None:
+        written.append(len(list(tmp_path.glob("c.cells-*/*.safetensors"))))
+
+    cal, _ = _capture_at(checkpoint, prompt_file, out, on_step=count)
+    # After step i, its cells are on disk but the last one (written when the next call comes).
+    assert written == [LAYERS * (i + 1) - 1 for i in range(STEPS)]
+    (folder,) = tmp_path.glob("c.cells-*")
+    assert len(list(folder.iterdir())) == LAYERS * STEPS == len(cal.cells)
+    # a second capture to the same name replaces the shards; a failed one leaves nothing
+    _capture_at(checkpoint, prompt_file, out, steps=[0])
+    assert len(list(tmp_path.glob("c.cells-*"))) == 1
+    assert load_calibration(out).cells == tuple((layer, 0) for layer in range(LAYERS))
+
+    def fail(step: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _capture_at(checkpoint, prompt_file, tmp_path / "x.safetensors", on_step=fail)
+    assert not list(tmp_path.glob("x.*"))
 
 
 # -- bad input ------------------------------------------------------------------------------
