@@ -31,6 +31,7 @@ from diffusers.hooks.hooks import BaseState, StateManager
 
 from fpstune.kernels.policy import Policy
 
+from . import adapters
 from .processor import install, patch_grid
 from .router import AttentionRouter
 
@@ -145,16 +146,16 @@ class _PolicyHook(ModelHook):
 
 
 def _transformer(target: Any) -> Any:
-    transformer = getattr(target, "transformer", target)
-    transformer = getattr(transformer, "_orig_mod", transformer)  # torch.compile's wrapper
+    transformer = adapters.unwrap(target)  # a pipeline's, without torch.compile's wrapper
     if getattr(target, "transformer_2", None) is not None:
         raise PolicyMismatch(
             "transformer_2: two-expert pipelines (Wan 2.2 A14B) need a policy per expert; "
             "apply one to each transformer"
         )
-    if not hasattr(transformer, "blocks") or not hasattr(transformer, "config"):
+    if adapters.for_transformer(transformer) is None:
         raise PolicyMismatch(
-            f"{type(target).__name__}: not a diffusers Wan pipeline or WanTransformer3DModel"
+            f"{type(transformer).__name__}: no fpstune adapter serves this model class "
+            f"(registered adapters: {', '.join(adapters.names())})"
         )
     return transformer
 

@@ -63,7 +63,7 @@ class ModelSpec(Frozen):
     """
 
     name: Annotated[str, Field(min_length=1, pattern=_NAME_PATTERN)]
-    adapter: Literal["synthetic", "mini", "wan-diffusers"]
+    adapter: Annotated[str, Strict()]  # a name in `fpstune.models.adapters` (plug-ins too)
     heads: PosInt
     head_dim: PosInt
     layers: Annotated[int, Strict(), Field(ge=1, le=1000)]
@@ -71,6 +71,14 @@ class ModelSpec(Frozen):
     steps: Annotated[int, Strict(), Field(ge=1, le=1000)]
     cfg: Annotated[int, Strict(), Field(ge=1, le=8)]
     batch: PosInt = 1
+
+    @field_validator("adapter")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        from fpstune.models import adapters
+
+        adapters.get(v)  # UnknownAdapter (a ValueError): one line naming the registered ones
+        return v
 
     @property
     def tokens(self) -> int:
@@ -452,6 +460,8 @@ class StudySpec(Frozen):
 
     @model_validator(mode="after")
     def _fits_together(self, info: ValidationInfo) -> StudySpec:
+        from fpstune.models import adapters
+
         file = (info.context or {}).get("file", "<study>")
         model = self.model
         cal = self.calibration
@@ -463,11 +473,13 @@ class StudySpec(Frozen):
                 raise at(
                     f"calibration.{field}", f"index {idx[-1]} is outside the model's {n} {field}"
                 )
-        if self.end_to_end is not None and model.adapter != "mini":
+        if self.end_to_end is not None and not adapters.get(model.adapter).end_to_end:
+            able = [n for n in adapters.names() if adapters.get(n).end_to_end]
             raise at(
                 "end_to_end",
-                f"end-to-end quality runs the embedded mini model; adapter is {model.adapter} "
-                "(for a real checkpoint, capture a calibration set with `fpstune capture`)",
+                f"adapter {model.adapter} does not run end-to-end quality (adapters that do: "
+                f"{', '.join(able) or 'none'}); for a real checkpoint, capture a calibration set "
+                "with `fpstune capture`",
             )
         produced = {"latency_ms", "rel_l2", "cosine"} | (
             {"psnr", "ssim"} if self.end_to_end is not None else set()

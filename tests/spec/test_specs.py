@@ -149,7 +149,11 @@ def test_objective_direction_defaults_to_natural(tmp_path: Path) -> None:
 def test_end_to_end_needs_the_mini_adapter_and_distinct_seeds(tmp_path: Path) -> None:
     data = _mini()
     data["end_to_end"] = {"seeds": [0]}
-    with pytest.raises(BadInput, match=r"end_to_end: end-to-end quality runs the embedded mini"):
+    with pytest.raises(
+        BadInput,
+        match=r"end_to_end: adapter synthetic does not run end-to-end quality \(adapters "
+        r"that do: mini\)",
+    ):
         _load(tmp_path, data)
     data["model"] = {**data["model"], "adapter": "mini"}
     data["end_to_end"] = {"seeds": [3, 3]}
@@ -302,7 +306,14 @@ CORPUS: list[Case] = [
         "model.grid",
         "expected 3 or more items, got [5, 12]",
     ),
-    Case("unknown-adapter", _set("model.adapter", "hf"), "study", "model.adapter", "'synthetic'"),
+    Case(
+        "unknown-adapter",
+        _set("model.adapter", "hf"),
+        "study",
+        "model.adapter",
+        "unknown adapter 'hf' (registered: mini, synthetic, wan-diffusers)",
+    ),
+    Case("adapter-not-a-string", _set("model.adapter", 3), "study", "model.adapter", "string"),
     Case("missing-trials", _set("trials", _DELETE), "study", "trials", "required key is missing"),
     Case(
         "zero-schedule-trials",
