@@ -17,7 +17,7 @@ import optuna
 import plotly.graph_objects as go
 import plotly.offline
 
-from fpstune.catalog import load_study_by_ref
+from fpstune.catalog import latency_provenance, load_study_by_ref
 from fpstune.errors import BadInput
 from fpstune.kernels import HardwareFingerprint
 from fpstune.kernels.atomic import write_text
@@ -44,6 +44,9 @@ class ReportInfo:
     #: COMPLETE trials by latency source (``table``/``measured``) and row source
     latency_sources: dict[str, int]
     created: str
+    #: where the latencies were measured against the machine that composed them (None: trials
+    #: made before the label), e.g. ``from table measured on X (not this machine: cpu)``
+    latency_provenance: str | None = None
 
 
 def report_info(study_ref: str, *, storage_url: str, knees: int = 3) -> ReportInfo:
@@ -88,6 +91,7 @@ def report_info(study_ref: str, *, storage_url: str, knees: int = 3) -> ReportIn
         fingerprints=tuple(fps),
         latency_sources=sources,
         created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        latency_provenance=latency_provenance(study.get_trials(deepcopy=False)),
     )
 
 
@@ -145,7 +149,8 @@ def draw_report(info: ReportInfo) -> list[tuple[str, str, go.Figure]]:
         out.append(
             (
                 "Hardware",
-                "The GPU (and software) the latencies of the trials were measured on.",
+                "The GPU (and software) the latencies of the trials were measured on"
+                + (f": latencies {info.latency_provenance}." if info.latency_provenance else "."),
                 figures.draw_fingerprints(info.fingerprints),
             )
         )
@@ -165,7 +170,8 @@ def render_html(info: ReportInfo) -> str:
     sources = ", ".join(f"{k}: {v}" for k, v in sorted(info.latency_sources.items()))
     summary = (
         f"{len(front.points)} complete trials ({sum(p.feasible for p in front.points)} feasible), "
-        f"front of {len(front.front)}; baselines: {baselines}. Latencies: {sources}."
+        f"front of {len(front.front)}; baselines: {baselines}. Latencies: {sources}"
+        + (f", {info.latency_provenance}." if info.latency_provenance else ".")
     )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">

@@ -72,11 +72,25 @@ def study_status(ref: str, *, storage_url: str) -> dict[str, Any]:
         "trials": len(trials),
         **{s.lower(): n for s, n in sorted(states.items())},
         "front_size": len(front),
+        # where the trials' latencies were measured, against the machine that composed them
+        "latencies": latency_provenance(trials),
         "front": [
             {"trial": t.number, **dict(zip(names, t.values, strict=True))}
             for t in sorted(front, key=lambda t: t.values[0])
         ],
     }
+
+
+def latency_provenance(trials: Sequence[FrozenTrial]) -> str | None:
+    """Where the latencies of the COMPLETE trials were measured, as the evaluator labelled them
+    (``from table measured on NVIDIA H100 80GB HBM3 (not this machine: cpu)``), most trials
+    first, ``; ``-joined when they differ; None for trials made before the label existed."""
+    seen = Counter(
+        str(t.user_attrs["latency_provenance"])
+        for t in trials
+        if t.state == TrialState.COMPLETE and "latency_provenance" in t.user_attrs
+    )
+    return "; ".join(p for p, _ in seen.most_common()) or None
 
 
 def list_studies(*, storage_url: str) -> list[dict[str, Any]]:

@@ -35,12 +35,19 @@ from fpstune.kernels import (
 )
 from fpstune.kernels.fingerprint import HardwareFingerprint, current_fingerprint, same_gpu_type
 
-from .latency.compose import CallLatency, MeasuredLatency, TableLatency, compose_with
+from .latency.compose import (
+    CallLatency,
+    MeasuredLatency,
+    TableLatency,
+    compose_with,
+    latency_provenance,
+)
 from .latency.measure import CPU_METHOD, GPU_WARMUP_S, measure, warm_gpu
 from .latency.table import (
     AttentionShape,
     LatencyTable,
     NoLatencyRow,
+    gpu_slug,
     packaged_table,
     resolve_spec,
     shipped_tables,
@@ -198,6 +205,8 @@ class ScheduleEvaluator:
         self.model = model
         self.device = torch.device(device)
         self.batch = batch
+        #: the machine trials are evaluated on ("cpu" or the GPU's name), for provenance
+        self.machine = current_fingerprint(self.device).gpu
         self.probes: list[QualityProbe] = []
         if calibration is not None:
             check_fits(calibration, model)
@@ -232,6 +241,7 @@ class ScheduleEvaluator:
             raise CandidateError(str(e)) from None
         values: dict[str, float] = {LATENCY: composed.total_ms}
         attrs: dict[str, Any] = composed.attrs()
+        attrs["latency_provenance"] = latency_provenance(composed, here=self.machine)
         for probe in self.probes:
             result = probe.measure(policy)
             values.update(result.values)
@@ -293,10 +303,10 @@ def build_evaluator(
     probes: list[QualityProbe] = []
     e2e = spec.end_to_end
     if e2e is not None:
-        from .quality.e2e import mini_probe
+        from .models import adapters
 
         probes.append(
-            mini_probe(
+            adapters.get(model.adapter).end_to_end_probe(
                 seeds=e2e.seeds,
                 steps=model.steps,
                 guidance=e2e.guidance,
@@ -328,7 +338,10 @@ def schedule_latency(
     ``latency.target``, always a table at the target shape (`TargetShapeLatency`)."""
     model, target = spec.model, spec.latency.target
     if target is not None:
-        return TargetShapeLatency.for_model(_table_source(latency_table, device), model, target)
+        # A proxy costed at a target shape takes another GPU's shipped table when none was
+        # measured for this one (labelled in every trial: `latency_provenance`), not a crash.
+        inner = _table_source(latency_table, device, other_gpu=True)
+        return TargetShapeLatency.for_model(inner, model, target)
     if latency == "measure" or (
         latency == "auto" and latency_table is None and device.type == "cuda"
     ):
@@ -343,20 +356,25 @@ def schedule_latency(
 # -- helpers --------------------------------------------------------------------------------------
 
 
-def _table_source(table: LatencyTable | None, device: torch.device) -> TableLatency:
+def _table_source(
+    table: LatencyTable | None, device: torch.device, *, other_gpu: bool = False
+) -> TableLatency:
+    """``other_gpu``: on a GPU fpstune ships no table for, take the one it ships for another
+    GPU (composed under that GPU's fingerprint, as on a CPU) instead of failing."""
+    here = current_fingerprint(device) if device.type == "cuda" else None
     if table is None:
-        if device.type == "cuda":
-            table = packaged_table(current_fingerprint(device))
+        shipped = shipped_tables()
+        if here is not None and (not other_gpu or not shipped or gpu_slug(here.gpu) in shipped):
+            table = packaged_table(here)
         else:
-            shipped = shipped_tables()
+            here = None
             if len(shipped) != 1:
                 raise ValueError(
-                    f"no GPU here and {len(shipped)} latency tables shipped with fpstune "
+                    f"no table for this machine and {len(shipped)} shipped with fpstune "
                     f"({', '.join(shipped) or 'none'}); pass a latency table measured on a GPU "
                     "(or latency='measure' for a CPU smoke run)"
                 )
             table = packaged_table(shipped[0])
-    here = current_fingerprint(device) if device.type == "cuda" else None
     return TableLatency(table, fingerprint=_table_fingerprint(table, here))
 
 

@@ -132,9 +132,11 @@ def export_policy(
         fingerprint = HardwareFingerprint.model_validate(again.attrs["latency_fingerprint"])
         policy = policy.replace(hardware=fingerprint)
     where = current_fingerprint(device).gpu
+    notes = f"re-measured on {where}"
+    if "latency_provenance" in again.attrs:  # says when the latencies are another GPU's
+        notes += f"; latencies {again.attrs['latency_provenance']}"
     policy = policy.with_provenance(
-        _provenance(study, trial, storage_url, stored, remeasured, again.attrs)
-        | {"notes": f"re-measured on {where}"}
+        _provenance(study, trial, storage_url, stored, remeasured, again.attrs) | {"notes": notes}
     )
     output.parent.mkdir(parents=True, exist_ok=True)
     policy.dump(output)

@@ -12,6 +12,7 @@ import ray
 from .candidates import CandidateSource, KernelSource, ScheduleSource
 from .controller import Controller, RunSummary, ensure_ray
 from .errors import BadInput
+from .latency_check import check_schedule_latency
 from .pool import WorkerPool
 from .quality.calibration import CalibrationError, load_calibration
 from .space.kernel import kernel_buckets
@@ -68,6 +69,8 @@ def run_study(
         ]
         budget = trials or spec.trials.kernel
     check_reachable(storage_url)  # before Ray starts: a wrong password costs no Ray start
+    if stage == "schedule":
+        check_schedule_latency(spec, study_file, storage_url)  # reads the storage, writes nothing
     with controller_lock(storage_url), _new_database_removed_unless_used(storage_url) as used:
         ensure_ray(ray_address, workers)
         if stage == "kernel" and not ray.cluster_resources().get("GPU"):

@@ -113,6 +113,18 @@ class ComposedLatency:
         }
 
 
+def latency_provenance(composed: ComposedLatency, *, here: str) -> str:
+    """Where a composed latency's figures were made, against the machine ``here`` ("cpu" or a
+    GPU name) that composed them: ``from table measured on NVIDIA H100 80GB HBM3 (not this
+    machine: cpu)``, or ``measured on NVIDIA H200 (this machine)``."""
+    measured_on = composed.fingerprint.gpu
+    what = "from table measured on" if composed.source == "table" else "measured on"
+    if composed.row_source != "measured":
+        what = f"from table of {composed.row_source} rows for"
+    where = "this machine" if measured_on == here else f"not this machine: {here}"
+    return f"{what} {measured_on} ({where})"
+
+
 def compose(
     policy: Any,
     table: LatencyTable,

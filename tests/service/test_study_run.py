@@ -103,7 +103,10 @@ def test_export_validate_load_round_trip(sqlite_url: str, tiny, tmp_path: Path) 
     assert prov is not None and prov.study == "tiny:schedule" and prov.trial == result.trial
     assert policy.hardware == TEST_GPU  # the GPU its latencies were measured on
     assert prov.remeasured["rel_l2"] == pytest.approx(result.stored["rel_l2"], rel=1e-6)
-    assert prov.notes == "re-measured on cpu"  # this machine, not the table's GPU
+    assert prov.notes == (  # this machine, and the table's GPU it is not
+        f"re-measured on cpu; latencies from table measured on {TEST_GPU.gpu} "
+        "(not this machine: cpu)"
+    )
     front = optuna.load_study(study_name="tiny:schedule", storage=sqlite_url).best_trials
     assert result.trial in {t.number for t in front}
     for step in range(tiny.model.steps):
