@@ -266,9 +266,10 @@ class CalibrationSpec(Frozen):
     ``source``: ``synthetic`` (seeded random-but-structured tensors, for tests and smoke runs) or
     a ``.safetensors`` file written by ``fpstune capture``, relative to the study file.
     ``steps``/``layers``: which denoising steps and layers are scored (``all`` or a list).
-    ``samples_per_cell``: Q/K/V samples per (layer, step) cell. ``max_tokens``: at most this
-    many query rows are scored per cell (a seeded subset; keys and values stay complete, so the
-    attention itself is exact); null scores all.
+    ``samples_per_cell``: Q/K/V samples per (layer, step) cell. ``max_tokens``: for a
+    ``synthetic`` set, the grid is shrunk (aspect kept) to at most this many tokens; null keeps
+    it whole. A captured set was sampled when it was captured (``fpstune capture --max-tokens``:
+    every key and value, whole boxes of query rows), and this field does not change it.
     """
 
     source: str = SYNTHETIC
