@@ -267,6 +267,16 @@ def export(
     ] = None,
     max_latency: Annotated[float | None, typer.Option(help="Latency bound in ms.")] = None,
     trial: Annotated[int | None, typer.Option(help="Export this trial number instead.")] = None,
+    verify_e2e: Annotated[
+        int | None,
+        typer.Option(
+            "--verify-e2e",
+            metavar="N",
+            help="Re-generate the first N end_to_end seeds with the pick; refuse to write it if "
+            "their PSNR misses the study's bar (--min-quality for a psnr objective, else the "
+            "psnr constraint's min).",
+        ),
+    ] = None,
 ) -> None:
     """Pick a feasible Pareto trial (knee point unless bounded), re-check it, write its policy."""
     from .export import export_policy
@@ -279,6 +289,7 @@ def export(
         min_quality=min_quality,
         max_latency=max_latency,
         trial_number=trial,
+        verify_e2e=verify_e2e,
     )
     typer.echo(result.summary())
 

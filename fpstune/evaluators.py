@@ -300,20 +300,8 @@ def build_evaluator(
     if stage != "schedule":
         raise ValueError(f"stage must be kernel or schedule, got {stage!r}")
     source = schedule_latency(spec, device=device, latency_table=latency_table, latency=latency)
-    probes: list[QualityProbe] = []
     e2e = spec.end_to_end
-    if e2e is not None:
-        from .models import adapters
-
-        probes.append(
-            adapters.get(model.adapter).end_to_end_probe(
-                seeds=e2e.seeds,
-                steps=model.steps,
-                guidance=e2e.guidance,
-                device=device,
-                weights=e2e.weights,
-            )
-        )
+    probes = [] if e2e is None else [end_to_end_probe(spec, seeds=e2e.seeds, device=device)]
     return ScheduleEvaluator(
         model.shape(),
         _calibration(spec),
@@ -324,6 +312,31 @@ def build_evaluator(
         probes=probes,
         measure_warmup=spec.latency.warmup,
         measure_reps=spec.latency.reps,
+    )
+
+
+def end_to_end_probe(
+    spec: StudySpec, *, seeds: Sequence[int], device: torch.device | str
+) -> QualityProbe:
+    """The study's end-to-end quality probe over ``seeds``; an adapter that replays a capture
+    (``end_to_end_from_record``) gets the replay record beside ``calibration.source``."""
+    from .models import adapters
+    from .models.capture import record_path
+
+    e2e, model = spec.end_to_end, spec.model
+    if e2e is None:
+        raise ValueError(f"study {spec.name} has no end_to_end section")
+    adapter = adapters.get(model.adapter)
+    extra: dict[str, Any] = {}
+    if getattr(adapter, "end_to_end_from_record", False):
+        extra["record"] = str(record_path(spec.calibration.source))
+    return adapter.end_to_end_probe(
+        seeds=tuple(seeds),
+        steps=model.steps,
+        guidance=e2e.guidance,
+        device=device,
+        weights=e2e.weights,
+        **extra,
     )
 
 

@@ -17,7 +17,7 @@ from fpstune.kernels.policy import Policy
 from .catalog import load_study_by_ref
 from .errors import BadInput
 from .evaluation import CandidateError
-from .evaluators import build_evaluator
+from .evaluators import build_evaluator, end_to_end_probe
 from .latency.e2e import measure_policy_run
 from .latency.table import stored_latency_table
 from .outputs import check_output
@@ -44,6 +44,9 @@ class ExportResult:
             again = f" (re-measured {r:.4g}, {_pct(r, v)})" if r is not None else ""
             parts.append(f"{name} {v:.4g}{again}")
         parts.append(f"latency from {self.latency_source}")
+        verified = self.remeasured.get("e2e_psnr_verified")
+        if verified is not None:
+            parts.append(f"end-to-end psnr verified {verified:.4g} dB")
         e2e, composed = self.remeasured.get("end_to_end_ms"), self.remeasured.get(LATENCY)
         if e2e is not None and composed is not None:
             parts.append(
@@ -98,9 +101,14 @@ def export_policy(
     min_quality: float | None = None,
     max_latency: float | None = None,
     trial_number: int | None = None,
+    verify_e2e: int | None = None,
 ) -> ExportResult:
+    """``verify_e2e`` N: also re-generate the first N of the study's end-to-end seeds with the
+    picked policy and refuse (`BadInput`, nothing written) when their PSNR misses the study's
+    bar (``min_quality`` when the quality objective is psnr, else the psnr constraint's min)."""
     check_output(output, option="output")  # before the re-measurement, which takes a while
     study, spec = load_study_by_ref(study_ref, storage_url=storage_url, stage="schedule")
+    bar = None if verify_e2e is None else _psnr_bar(study, spec, verify_e2e, min_quality)
     if trial_number is None:
         trial = pick_trial(study, min_quality=min_quality, max_latency=max_latency)
     else:
@@ -133,6 +141,22 @@ def export_policy(
         policy = policy.replace(hardware=fingerprint)
     where = current_fingerprint(device).gpu
     notes = f"re-measured on {where}"
+    if verify_e2e is not None and bar is not None:
+        e2e = spec.end_to_end
+        assert e2e is not None
+        seeds = e2e.seeds[:verify_e2e]
+        try:
+            psnr = end_to_end_probe(spec, seeds=seeds, device=device).measure(policy).values["psnr"]
+        except CandidateError as e:
+            raise BadInput(f"--verify-e2e: trial {trial.number}: {e}") from e
+        n = f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''}"
+        if psnr < bar:
+            raise BadInput(
+                f"--verify-e2e: trial {trial.number}: end-to-end psnr {psnr:.2f} dB on {n} "
+                f"misses the bar {bar:g} dB by {bar - psnr:.2f} dB; no policy written"
+            )
+        remeasured["e2e_psnr_verified"] = psnr
+        notes += f"; end-to-end psnr {psnr:.2f} dB verified on {n} {list(seeds)} (bar {bar:g})"
     if "latency_provenance" in again.attrs:  # says when the latencies are another GPU's
         notes += f"; latencies {again.attrs['latency_provenance']}"
     policy = policy.with_provenance(
@@ -167,6 +191,28 @@ def _provenance(
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "fpstune_version": __version__,
     }
+
+
+def _psnr_bar(study: optuna.Study, spec: StudySpec, n: int, min_quality: float | None) -> float:
+    """The PSNR an end-to-end verification must reach; `BadInput` when it cannot be run."""
+    if spec.end_to_end is None:
+        raise BadInput(f"--verify-e2e: study {spec.name} has no end_to_end section")
+    have = len(spec.end_to_end.seeds)
+    if not 1 <= n <= have:
+        raise BadInput(
+            f"--verify-e2e: expected 1 to {have} (the study's end_to_end seeds), got {n}"
+        )
+    names = list(metric_names(study))
+    quality = [m for m in names if m != LATENCY]
+    if min_quality is not None and quality[:1] == ["psnr"]:
+        return min_quality
+    mins = [c.min for c in spec.constraints if c.name == "psnr" and c.min is not None]
+    if not mins:
+        raise BadInput(
+            f"--verify-e2e: study {spec.name} sets no psnr bar (a psnr constraint with min, or "
+            "--min-quality on a psnr objective)"
+        )
+    return float(max(mins))
 
 
 def _trial_by_number(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:

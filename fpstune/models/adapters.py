@@ -71,7 +71,9 @@ class ModelAdapter(Protocol):
       `remove` restores the model's own attention. Both are idempotent.
     - `denoise`, `replay` and `capture` run the denoising loop (with an installed router; under
       a replay record; as the BF16-dense capture run); `end_to_end_probe` builds the quality
-      probe of generated videos.
+      probe of generated videos. An adapter whose probe replays a capture (class attribute
+      ``end_to_end_from_record = True``) is also handed ``record``, the replay record beside
+      the study's ``calibration.source``, and ``weights`` is its checkpoint directory.
 
     User mistakes (a bad path, a size that does not fit) raise `fpstune.errors.BadInput`; an
     operation the adapter does not offer raises `NoModel`. Every message is one line.
@@ -348,9 +350,32 @@ class _WanFamily:
 
 
 class WanDiffusersAdapter(_WanFamily):
-    """A diffusers-format Wan 2.1 checkpoint directory (`fpstune.models.wan`)."""
+    """A diffusers-format Wan 2.1 checkpoint directory (`fpstune.models.wan`). Its end-to-end
+    quality replays a capture's record (`fpstune.quality.e2e.replay_probe`): ``weights`` is the
+    checkpoint directory, ``record`` the replay record; steps and guidance are the record's."""
 
     name = "wan-diffusers"
+    end_to_end = True
+    end_to_end_from_record = True
+
+    def end_to_end_probe(
+        self,
+        *,
+        seeds: Sequence[int],
+        steps: int,
+        guidance: float,
+        device: torch.device | str,
+        weights: str | None = None,
+        record: str | os.PathLike[str] | None = None,
+    ) -> QualityProbe:
+        from fpstune.quality.e2e import replay_probe
+
+        if weights is None or record is None:
+            raise NoModel(
+                f"adapter {self.name} runs end-to-end quality from a checkpoint directory "
+                "(end_to_end.weights) and a capture's replay record"
+            )
+        return replay_probe(checkpoint=weights, record=record, seeds=tuple(seeds), device=device)
 
     def config(self, path: str | os.PathLike[str] | None) -> Mapping[str, Any]:
         from .wan import transformer_config

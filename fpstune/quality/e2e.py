@@ -10,6 +10,11 @@ it. For each policy it runs the denoising loop and reports, over the videos (fra
   ``psnr_min`` (the worst video), ``ssim`` (mean) — torchmetrics, data range 2 (pixels in [-1, 1]);
 - attrs: per-video PSNR and, per (layer, step), the relative L2 of each attention output against
   the BF16-dense attention of the same inputs along the policy's own trajectory (``cell_rel_l2``).
+
+`ReplayProbe` does the same for a checkpoint model from a capture's replay record (its prompt
+embeddings, initial latents, scheduler, steps and guidance; no text encoder, no VAE) and compares
+final *latents*: ``psnr`` and ``psnr_min`` only (no SSIM: latents are not images), each video's
+PSNR with the data range of its BF16-dense reference latents (max - min), unclamped.
 """
 
 from __future__ import annotations
@@ -37,6 +42,16 @@ DATA_RANGE = 2.0
 
 def cache_dir() -> Path:
     return Path(os.environ.get("FPSTUNE_CACHE", Path.home() / ".cache" / "fpstune"))
+
+
+def latent_psnr(out: torch.Tensor, ref: torch.Tensor) -> list[float]:
+    """PSNR per video of (n, ...) latents, each against its reference's own range (max - min),
+    capped at `PSNR_CAP`."""
+    out, ref = out.float().flatten(1), ref.float().flatten(1)
+    mse = (out - ref).square().mean(1)
+    span = (ref.amax(1) - ref.amin(1)).clamp(min=1e-12)
+    psnr = 10 * torch.log10(span.square() / mse)
+    return [float(p) for p in torch.nan_to_num(psnr, posinf=PSNR_CAP).clamp(max=PSNR_CAP)]
 
 
 def video_metrics(out: torch.Tensor, ref: torch.Tensor) -> dict[str, Any]:
@@ -97,14 +112,9 @@ class EndToEndProbe:
             self.router.policy = None
         if not bool(torch.isfinite(out).all()):
             raise CandidateError("end-to-end run: the generated video holds NaN or Inf")
-        m = video_metrics(out, self.reference)
-        psnr = m["psnr"]
+        psnr, extra = self._scores(out)
         return QualityResult(
-            values={
-                "psnr": math.fsum(psnr) / len(psnr),
-                "psnr_min": min(psnr),
-                "ssim": m["ssim"],
-            },
+            values={"psnr": math.fsum(psnr) / len(psnr), "psnr_min": min(psnr), **extra},
             attrs={
                 "video_psnr": [round(p, 3) for p in psnr],
                 "cell_rel_l2": [[c, float(f"{e:.4g}")] for c, e in self.router.cell_rel_l2()],
@@ -115,6 +125,11 @@ class EndToEndProbe:
                 },
             },
         )
+
+    def _scores(self, out: torch.Tensor) -> tuple[list[float], dict[str, float]]:
+        """(PSNR per video, other values) of ``out`` against the reference."""
+        m = video_metrics(out, self.reference)
+        return m["psnr"], {"ssim": m["ssim"]}
 
     # -- the reference ------------------------------------------------------------------------
 
@@ -184,4 +199,63 @@ def mini_probe(
     )
 
 
-__all__ = ["PSNR_CAP", "EndToEndProbe", "mini_probe", "video_metrics"]
+class ReplayProbe(EndToEndProbe):
+    """`EndToEndProbe` over final latents: ``psnr`` / ``psnr_min`` (`latent_psnr`), no SSIM."""
+
+    names: tuple[str, ...] = ("psnr", "psnr_min")
+
+    def _scores(self, out: torch.Tensor) -> tuple[list[float], dict[str, float]]:
+        return latent_psnr(out, self.reference), {}
+
+
+def replay_probe(
+    *,
+    checkpoint: str | os.PathLike[str],
+    record: str | os.PathLike[str],
+    seeds: tuple[int, ...],
+    device: torch.device | str,
+) -> ReplayProbe:
+    """The end-to-end probe of a diffusers Wan checkpoint, from a capture's replay record: the
+    record's videos of ``seeds`` (each must be one of the record's), its steps and guidance;
+    BF16 weights on a GPU, float32 on the CPU (as `fpstune capture` runs)."""
+    from fpstune.errors import BadInput
+    from fpstune.models import wan
+    from fpstune.models.capture import load_record
+
+    rec = load_record(record)
+    missing = [s for s in seeds if s not in rec.seeds]
+    if missing:
+        raise BadInput(f"{record}: seed {missing[0]} is not in the replay record {list(rec.seeds)}")
+    rows = torch.tensor([rec.seeds.index(s) for s in seeds])
+    c = rec.conditions
+    conditions = Conditions(
+        c.latents[rows], c.prompt[rows], None if c.negative is None else c.negative[rows]
+    )
+    sampling = rec.sampling()
+    if not torch.equal(sampling.fresh_scheduler().timesteps.cpu(), rec.timesteps):
+        raise BadInput(f"{record}: the recorded scheduler now gives other timesteps")
+    root = Path(checkpoint)
+    wan.check_checkpoint(root)
+    device = torch.device(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    transformer = wan.load_transformer(root, device=device, dtype=dtype)
+    files = sorted((root / "transformer").iterdir())
+    key = json.dumps(
+        [
+            str(root.resolve()),
+            str(dtype),
+            [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files],
+        ]
+    )
+    return ReplayProbe(transformer, conditions, sampling, key=key)
+
+
+__all__ = [
+    "PSNR_CAP",
+    "EndToEndProbe",
+    "ReplayProbe",
+    "latent_psnr",
+    "mini_probe",
+    "replay_probe",
+    "video_metrics",
+]

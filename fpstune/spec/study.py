@@ -18,6 +18,7 @@ Two stages share the file:
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, PrivateAttr, Strict, ValidationInfo, field_validator, model_validator
 
+from fpstune.errors import one_line
 from fpstune.kernels.policy import ModelShape
 
 from .loading import BadInput, load_model, read_mapping, show, validate
@@ -343,7 +345,12 @@ class LatencySpec(Frozen):
 class EndToEndSpec(Frozen):
     """End-to-end quality (``psnr``, ``psnr_min``, ``ssim``): generate videos with the policy
     and with BF16 dense from the same ``seeds`` (one video each) and compare. ``weights``: the
-    mini model's safetensors (relative to the study file; default: the packaged ones)."""
+    mini model's safetensors (relative to the study file; default: the packaged ones).
+
+    For a checkpoint adapter that replays a capture (``wan-diffusers``): ``weights`` is the
+    checkpoint directory, ``calibration.source`` a capture with its replay record, ``seeds``
+    some of the record's seeds; the record's steps and guidance are used, and the final latents
+    compared (``psnr``, ``psnr_min``; no ``ssim``)."""
 
     seeds: tuple[NonNegInt, ...] = (0, 1, 2, 3)
     guidance: Annotated[float, Field(ge=1.0, le=30.0, allow_inf_nan=False)] = 5.0
@@ -364,8 +371,10 @@ class EndToEndSpec(Frozen):
         if v is None:
             return v
         path = (Path((info.context or {}).get("base_dir", ".")) / v).resolve()
+        if path.is_dir():  # a checkpoint directory (wan-diffusers)
+            return str(path)
         if path.suffix != ".safetensors":
-            raise ValueError(f"expected a .safetensors file, got {v!r}")
+            raise ValueError(f"expected a .safetensors file or a checkpoint directory, got {v!r}")
         if not path.is_file():
             raise ValueError(f"no such file: {path}")
         return str(path)
@@ -482,8 +491,15 @@ class StudySpec(Frozen):
                 f"{', '.join(able) or 'none'}); for a real checkpoint, capture a calibration set "
                 "with `fpstune capture`",
             )
+        from_record = self.end_to_end is not None and getattr(
+            adapters.get(model.adapter), "end_to_end_from_record", False
+        )
+        if from_record:
+            _check_record_e2e(self)
+        elif (w := self.end_to_end and self.end_to_end.weights) and Path(w).is_dir():
+            raise at("end_to_end.weights", "expected a .safetensors file, got a directory")
         produced = {"latency_ms", "rel_l2", "cosine"} | (
-            {"psnr", "ssim"} if self.end_to_end is not None else set()
+            set() if self.end_to_end is None else {"psnr"} if from_record else {"psnr", "ssim"}
         )
         named: tuple[tuple[str, Sequence[Objective | Constraint]], ...] = (
             ("objectives", self.objectives),
@@ -517,6 +533,39 @@ class StudySpec(Frozen):
             check_tiles=self.latency.target is None,
         )
         return self
+
+
+def _check_record_e2e(spec: StudySpec) -> None:
+    """An end-to-end section replayed from a capture: its record, checkpoint and seeds."""
+    from fpstune.models.capture import RECORD_KEY, record_path
+
+    e2e, source = spec.end_to_end, spec.calibration.source
+    assert e2e is not None
+    record = None if source == SYNTHETIC else record_path(source)
+    if record is None or not record.is_file():
+        raise at(
+            "end_to_end",
+            "needs a captured calibration.source with its replay record (fpstune capture); "
+            + ("calibration.source is synthetic" if record is None else f"no {record}"),
+        )
+    if e2e.weights is None or not Path(e2e.weights).is_dir():
+        raise at(
+            "end_to_end.weights",
+            f"adapter {spec.model.adapter} needs the checkpoint directory the calibration "
+            "was captured from",
+        )
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(record), "pt") as f:
+            seeds = [int(s) for s in json.loads((f.metadata() or {})[RECORD_KEY])["seeds"]]
+    except Exception as e:
+        raise at("calibration.source", f"{record}: not a replay record ({one_line(e)})") from None
+    missing = [s for s in e2e.seeds if s not in seeds]
+    if missing:
+        raise at(
+            "end_to_end.seeds", f"seed {missing[0]} is not in the replay record's seeds {seeds}"
+        )
 
 
 def _unique_names(items: Sequence[Objective | Constraint]) -> None:

@@ -135,10 +135,13 @@ def test_a_study_names_a_plugged_in_adapter_with_end_to_end(plugin: Any, tmp_pat
     with pytest.raises(BadInput) as e:
         load_study(path)
     assert str(e.value) == (
-        f"{path}: end_to_end: adapter wan-diffusers does not run end-to-end quality (adapters "
-        "that do: mini, toy-video); for a real checkpoint, capture a calibration set with "
-        "`fpstune capture`"
+        f"{path}: end_to_end: needs a captured calibration.source with its replay record "
+        "(fpstune capture); calibration.source is synthetic"
     )
+    data["model"]["adapter"] = "synthetic"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(BadInput, match=r"adapters that do: mini, toy-video, wan-diffusers\)"):
+        load_study(path)
 
 
 # -- the built-ins give what today's functions give ---------------------------------------------

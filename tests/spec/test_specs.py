@@ -152,7 +152,7 @@ def test_end_to_end_needs_the_mini_adapter_and_distinct_seeds(tmp_path: Path) ->
     with pytest.raises(
         BadInput,
         match=r"end_to_end: adapter synthetic does not run end-to-end quality \(adapters "
-        r"that do: mini\)",
+        r"that do: mini, wan-diffusers\)",
     ):
         _load(tmp_path, data)
     data["model"] = {**data["model"], "adapter": "mini"}
