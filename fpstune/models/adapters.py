@@ -28,7 +28,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, runtime_checkable
 
 import torch
 
@@ -488,93 +488,23 @@ class MiniAdapter(_WanFamily):
 
 
 class SyntheticAdapter:
-    """No model: the study gives the attention shape and the calibration set is generated."""
+    """No model: the study gives the attention shape and the calibration set is generated.
+    It serves no transformer; every model operation is refused in one line (`NoModel`)."""
 
     name = "synthetic"
     end_to_end = False
 
-    def _none(self) -> NoModel:
-        return NoModel(
+    def _refuse(self, *args: Any, **kwargs: Any) -> NoReturn:
+        raise NoModel(
             "adapter synthetic has no model (its attention inputs are generated); "
             "name mini or a checkpoint adapter such as wan-diffusers"
         )
 
-    def config(self, path: str | os.PathLike[str] | None) -> Mapping[str, Any]:
-        raise self._none()
-
-    def shape(
-        self,
-        config: Mapping[str, Any],
-        *,
-        name: str,
-        height: int,
-        width: int,
-        frames: int,
-        steps: int,
-        cfg: int,
-    ) -> ModelShape:
-        raise self._none()
-
-    def load(
-        self,
-        path: str | os.PathLike[str] | None,
-        *,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-    ) -> tuple[Any, Any]:
-        raise self._none()
+    config = shape = load = install = remove = denoise = replay = capture = _refuse
+    end_to_end_probe = _refuse
 
     def serves(self, transformer: Any) -> bool:
         return False
-
-    def install(self, transformer: Any, router: AttentionRouter, *, fuse_rope: bool = True) -> int:
-        raise self._none()
-
-    def remove(self, transformer: Any) -> None:
-        raise self._none()
-
-    def denoise(
-        self,
-        transformer: Any,
-        router: AttentionRouter,
-        conditions: Conditions,
-        sampling: Sampling,
-        *,
-        on_step: Callable[[int], None] | None = None,
-    ) -> torch.Tensor:
-        raise self._none()
-
-    def replay(
-        self, transformer: Any, record: ReplayRecord, router: AttentionRouter | None = None
-    ) -> torch.Tensor:
-        raise self._none()
-
-    def capture(
-        self,
-        transformer: Any,
-        sampling: Sampling,
-        conditions: Conditions,
-        *,
-        out: str | os.PathLike[str] | None = None,
-        name: str,
-        seeds: Sequence[int],
-        layers: Sequence[int] | None = None,
-        steps: Sequence[int] | None = None,
-        max_tokens: int | None = None,
-        on_step: Callable[[int], None] | None = None,
-    ) -> Capture:
-        raise self._none()
-
-    def end_to_end_probe(
-        self,
-        *,
-        seeds: Sequence[int],
-        steps: int,
-        guidance: float,
-        device: torch.device | str,
-        weights: str | None = None,
-    ) -> QualityProbe:
-        raise self._none()
 
 
 def _same(have: Any, want: Any) -> bool:
