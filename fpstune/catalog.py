@@ -71,6 +71,7 @@ def study_status(ref: str, *, storage_url: str) -> dict[str, Any]:
         "storage": mask_url(storage_url),
         "trials": len(trials),
         **{s.lower(): n for s, n in sorted(states.items())},
+        **_waiting_note(states.get("WAITING", 0)),
         "front_size": len(front),
         # where the trials' latencies were measured, against the machine that composed them
         "latencies": latency_provenance(trials),
@@ -78,6 +79,19 @@ def study_status(ref: str, *, storage_url: str) -> dict[str, Any]:
             {"trial": t.number, **dict(zip(names, t.values, strict=True))}
             for t in sorted(front, key=lambda t: t.values[0])
         ],
+    }
+
+
+def _waiting_note(waiting: int) -> dict[str, str]:
+    """Say what WAITING trials are: those an interrupted run re-queued (its controller was
+    stopped mid-trial) and that no run has picked up since, e.g. because the budget was met.
+    They hold no result, are not on the front, and are the first a later `study run` with
+    budget left runs again (same parameters); kept, not deleted, so no evaluation is lost."""
+    if not waiting:
+        return {}
+    return {
+        "waiting_note": f"{waiting} trial(s) re-queued by an interrupted run and not yet re-run; "
+        "a later `study run` with budget left runs them first"
     }
 
 

@@ -30,6 +30,7 @@ import optuna
 import ray
 from optuna.trial import TrialState
 
+from .budget import claim_slot
 from .candidates import CandidateSource
 from .latency.table import LatencyTable
 from .pool import WorkerPool
@@ -59,6 +60,8 @@ def ensure_ray(address: str | None, workers: int) -> None:
         # ray.init replaces the SIGTERM handler with sys.exit(15): keep the caller's (the CLI's
         # stops a run as Ctrl-C does), and give it a SIGTERM that came during the start.
         before = signal.getsignal(signal.SIGTERM)
+        if not address:
+            _loopback_only()
         try:
             ray.init(
                 address=address,
@@ -74,6 +77,20 @@ def ensure_ray(address: str | None, workers: int) -> None:
         finally:
             if callable(before) and threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGTERM, before)
+
+
+def _loopback_only() -> None:
+    """Make the local cluster listen on 127.0.0.1 only (GCS, raylet, workers, driver, agents).
+
+    Ray's servers bind to loopback exactly when the node's IP is 127.0.0.1, else to every
+    interface; ``ray.init(_node_ip_address="127.0.0.1")`` does not do it (Ray swaps a loopback
+    address for the machine's routable one). Ray keeps the node's IP on 127.0.0.1 when its
+    multi-machine mode is off (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``), which this process read
+    when it imported ray: set both, the variable for the processes Ray starts."""
+    from ray._private import ray_constants
+
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 @contextmanager
@@ -242,10 +259,22 @@ class Controller:
                     idle = [a for a in actors if all(p.actor is not a for p in pending.values())]
                     want = self.budget - bar.complete - len(pending)
                     for actor in idle[: max(0, want)]:
-                        ref, p = self._submit(actor)
-                        pending[ref] = p
+                        submitted = self._submit(actor)
+                        if submitted is None:
+                            break  # the budget is taken (by other controllers' trials too)
+                        pending[submitted[0]] = submitted[1]
                     if not pending:
-                        break  # nothing left to run (the space is exhausted)
+                        if not self._others_running():
+                            break  # nothing left to run (budget met, or the space is exhausted)
+                        # Another controller's trials hold the rest of the budget: they may yet
+                        # fail (or go stale) and free a slot.
+                        time.sleep(1.0)
+                        optuna.storages.fail_stale_trials(self.study)
+                        bar.sync(self._trials())
+                        if should_stop():
+                            stopped = True
+                            break
+                        continue
                     with waiting():
                         done, _ = ray.wait(list(pending), num_returns=1, timeout=HEARTBEAT_S)
                     for ref in done:
@@ -300,9 +329,12 @@ class Controller:
         ensure_ray(self.ray_address, self.workers)
         return WorkerPool(self.spec, self.source.stage, self.storage_url, self.workers)
 
-    def _submit(self, actor: Any) -> tuple[ray.ObjectRef, _Pending]:
+    def _submit(self, actor: Any) -> tuple[ray.ObjectRef, _Pending] | None:
+        """Ask a trial and send it to ``actor``; None if the study's budget is taken."""
         with self._sampler(), _signals_deferred():
-            trial = retry_db(self.study.ask)
+            trial = retry_db(self._ask)
+            if trial is None:
+                return None
             self._open[trial._trial_id] = trial
             self.trials_asked += 1
             # Optuna runs the sampler's joint (relative) sampling lazily, inside the first
@@ -316,6 +348,17 @@ class Controller:
         # The candidate is stored with the result (``_finish``, ``_fail``), in the same write.
         ref = actor.evaluate.remote(candidate)
         return ref, _Pending(trial, actor, candidate)
+
+    def _ask(self) -> optuna.Trial | None:
+        """`Study.ask` inside a claim on the budget (`fpstune.budget`): however many
+        controllers share the study, no more trials run or complete than the budget."""
+        study_id = self.study._study_id
+        with claim_slot(self.storage.engine, study_id, self.budget) as free:
+            return self.study.ask() if free else None
+
+    def _others_running(self) -> bool:
+        running = self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        return any(t._trial_id not in self._open for t in running)
 
     def _finish(self, ref: ray.ObjectRef, p: _Pending) -> tuple[Any, bool]:
         """Record one finished evaluation; returns the actor to use next (a new one if it died)

@@ -13,8 +13,10 @@ from .candidates import CandidateSource, KernelSource, ScheduleSource
 from .controller import Controller, RunSummary, ensure_ray
 from .errors import BadInput
 from .latency_check import check_schedule_latency
+from .models import mini
 from .pool import WorkerPool
 from .quality.calibration import CalibrationError, load_calibration
+from .safetensors_check import check_safetensors
 from .space.kernel import kernel_buckets
 from .spec.study import SYNTHETIC, StudySpec, load_study
 from .storage import (
@@ -59,6 +61,7 @@ def run_study(
     spec = load_study(study_file)
     if stage == "schedule":
         check_calibration(spec, study_file)
+        check_weights(spec, study_file)
     sources: list[CandidateSource]
     if stage == "schedule":
         sources = [ScheduleSource(spec)]
@@ -140,3 +143,26 @@ def check_calibration(spec: StudySpec, study_file: Path) -> None:
         raise BadInput(f"{study_file}: calibration.source: {e}") from None
     except KeyError as e:
         raise BadInput(f"{study_file}: calibration: {e.args[0]} ({cal.source})") from None
+
+
+def check_weights(spec: StudySpec, study_file: Path) -> None:
+    """Check ``end_to_end.weights`` (a safetensors file: header, dtypes, sizes, and the mini
+    model's tensor names) as `check_calibration` checks the calibration file: before the
+    storage or Ray is touched, so a bad file is bad input, not a worker's failure."""
+    weights = spec.end_to_end.weights if spec.end_to_end is not None else None
+    if weights is None or not Path(weights).is_file():
+        return  # the packaged weights, or a checkpoint directory (its adapter checks it)
+    field = f"{study_file}: end_to_end.weights"
+    try:
+        shapes = check_safetensors(weights, what="weights file", error=BadInput)
+    except BadInput as e:
+        raise BadInput(f"{field}: {e}") from None
+    packaged = mini.packaged_weights()
+    if spec.model.adapter == "mini" and packaged.is_file():
+        expected = check_safetensors(packaged, what="packaged weights", error=BadInput)
+        for name, shape in expected.items():
+            if shapes.get(name) != shape:
+                got = "missing" if name not in shapes else f"shape {shapes[name]}"
+                raise BadInput(
+                    f"{field}: {weights}: tensor {name!r}: {got}, the mini model needs {shape}"
+                )

@@ -59,6 +59,11 @@ class StorageUnavailable(RuntimeError):
     def __reduce__(self) -> tuple[Any, ...]:
         return (_unavailable, (self.where, self.reason, self.gave_up))
 
+    def naming(self, url: str) -> str:
+        """The line, naming the storage (masked) where the raiser did not know it."""
+        where = f"storage {mask_url(url)}" if self.where == "storage" else self.where
+        return f"{where}: {self.reason}"
+
 
 def _unavailable(where: str, reason: str, gave_up: bool) -> StorageUnavailable:
     return StorageUnavailable(where, reason, gave_up=gave_up)
@@ -68,22 +73,36 @@ class StorageBusy(BadInput):
     """Another controller holds this SQLite file."""
 
 
+# Query or DSN keys whose value is a secret (libpq's ``password``/``sslpassword``; the
+# ``passfile`` path is not a secret and stays readable).
+_SECRET_PARAM = re.compile(r"(?i)(\b(?:ssl)?password\s*=\s*)('[^']*'|[^&\s'\"]*)")
+_USERINFO = re.compile(r"([A-Za-z][\w+.-]*://[^/@:\s]*:)[^@\s]*@")
+
+
 def mask_url(url: str) -> str:
-    """The URL with its password replaced by ***; safe for logs, errors, reports and dashboards."""
+    """The URL with every password (``user:pw@`` and ``?password=``) replaced by ***; safe for
+    logs, errors, reports and dashboards. The one masker: everything that prints or stores a
+    storage URL goes through it or through `scrub`."""
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        rendered = make_url(url).render_as_string(hide_password=True)
     except sqlalchemy.exc.ArgumentError:
         return "<unparseable storage URL>"
+    return scrub(rendered)
 
 
 def scrub(text: str, url: str | None = None) -> str:
-    """``text`` with the password of ``url`` (and of any ``scheme://user:pass@`` in it) masked."""
+    """``text`` (e.g. a driver's error message, which may embed the DSN) with the password of
+    ``url``, any ``scheme://user:pass@`` and any ``password=...`` in it masked."""
     if url:
         with contextlib.suppress(sqlalchemy.exc.ArgumentError):
-            password = make_url(url).password
-            if password:
-                text = text.replace(str(password), "***")
-    return re.sub(r"([A-Za-z][\w+.-]*://[^/@:\s]*:)[^@\s]*@", r"\1***@", text)
+            parsed = make_url(url)
+            secrets = [parsed.password, *(parsed.query.get(k) for k in ("password", "sslpassword"))]
+            for secret in secrets:
+                for value in [secret] if isinstance(secret, str) else list(secret or ()):
+                    if value:
+                        text = text.replace(str(value), "***")
+    text = _USERINFO.sub(r"\1***@", text)
+    return _SECRET_PARAM.sub(r"\1***", text)
 
 
 def check_url(url: str) -> str:
@@ -149,14 +168,20 @@ def _reason(e: BaseException, url: str | None = None) -> str:
     inner = getattr(cause, "orig", None) or cause or e
     lines = str(inner).strip().splitlines()
     text = " ".join(lines[0].split()) if lines else type(inner).__name__
+    if "readonly database" in text:
+        text += " (the database file was deleted, moved or made read-only while in use)"
     return scrub(text, url)
 
 
-def db_error_line(e: BaseException) -> str | None:
+def db_error_line(e: BaseException, url: str | None = None) -> str | None:
     """One masked line for a database error that reached the CLI outside `retry_db` (e.g. from
-    a table opened with its own engine); None if ``e`` is not a database error."""
+    a table opened with its own engine), naming the storage ``url`` if known; None if ``e`` is
+    not a database error."""
     if _db_cause(e) is None and not isinstance(e, optuna.exceptions.StorageInternalError):
         return None
+    with contextlib.suppress(sqlalchemy.exc.ArgumentError):
+        if url:
+            return f"storage {mask_url(url)}: {_reason(e, url)}"
     return f"storage: {_reason(e)}"
 
 
@@ -445,6 +470,9 @@ def controller_lock(url: str) -> Iterator[None]:
     if db is None:
         yield
         return
+    # Keyed by the real file: two controllers reaching one file through a symlink (or `..`)
+    # must meet on one lock.
+    db = db.resolve()
     lock = db.with_name(db.name + "-controller.lock")
     fd = _acquire(lock, url)
     try:
@@ -456,6 +484,16 @@ def controller_lock(url: str) -> Iterator[None]:
 
 
 def _acquire(lock: Path, url: str) -> int:
+    try:
+        return _acquire_once(lock, url)
+    except OSError as e:  # a read-only filesystem or folder: one line, not a traceback
+        raise BadInput(
+            f"--storage {mask_url(url)}: cannot write the controller lock {lock} "
+            f"({e.strerror or e}); the database's folder must be writable"
+        ) from None
+
+
+def _acquire_once(lock: Path, url: str) -> int:
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
         try:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from .config import check_feasible, default_config, default_tile
 from .rope import Rope, rotate_qk
 from .spec import AttentionSpec, Mode
-from .tiling import TileLayout
+from .tiling import TileLayout, tile_overhang
 
 Backend = Literal["auto", "triton", "reference"]
 
@@ -46,6 +46,8 @@ def attention(
     per-channel scale), in every row of that (batch, head).
     """
     _check_inputs(q, k, v, grid)
+    if spec.tile is not None and (problem := tile_overhang(grid, spec.tile)):
+        raise ValueError(f"spec.{problem}")
     out_dtype = q.dtype
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     use_triton = backend == "triton" or (backend == "auto" and q.is_cuda)

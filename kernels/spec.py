@@ -6,6 +6,7 @@ entry with an unknown key, a wrong type or an out-of-range value is refused with
 
 from __future__ import annotations
 
+import math
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -19,6 +20,7 @@ from pydantic import (
 )
 
 Tile = tuple[int, int, int]
+MAX_TILE_TOKENS = 8192  # shipped tiles hold 32-384 tokens; a kernel block is at most 256 rows
 
 
 class Mode(StrEnum):
@@ -37,7 +39,7 @@ class Mode(StrEnum):
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Pattern(_Frozen):
@@ -110,6 +112,12 @@ class AttentionSpec(_Frozen):
         # SpecError (a ValueError) carries the field, which a model-level check otherwise loses.
         if self.tile is not None and min(self.tile) < 1:
             raise SpecError("tile", f"tile sizes must be >= 1, got {list(self.tile)}")
+        if self.tile is not None and math.prod(self.tile) > MAX_TILE_TOKENS:
+            raise SpecError(
+                "tile",
+                f"a tile of {math.prod(self.tile)} tokens {list(self.tile)} is more than "
+                f"{MAX_TILE_TOKENS}",
+            )
         if self.mode.sparse:
             if self.pattern is None:
                 raise SpecError("pattern", f"mode {self.mode.value} needs a pattern")

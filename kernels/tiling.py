@@ -128,3 +128,19 @@ def _on_device(layout: TileLayout, what: str, device: torch.device) -> torch.Ten
     real = torch.nonzero(src >= 0).squeeze(-1)
     slot[src[real]] = real
     return slot.to(device)
+
+
+def tile_overhang(grid: Grid, tile: Grid) -> str | None:
+    """Why ``tile`` is absurd for ``grid`` (its padding would dwarf the grid), or None.
+
+    A tile may overhang the grid (a quality grid shrunk from the tuned one keeps the tuned tile;
+    edge tiles are padded), but the padded layout may hold at most 8x the grid's tokens plus one
+    tile, so no tile shape can make attention allocate far more than the inputs.
+    """
+    layout = TileLayout(grid, tile)
+    if layout.padded_tokens <= 8 * layout.tokens + layout.tile_tokens:
+        return None
+    return (
+        f"tile {list(tile)} is far larger than the grid {list(grid)}: it would pad "
+        f"{layout.tokens} tokens to {layout.padded_tokens}"
+    )

@@ -59,3 +59,14 @@ def evaluating_workers(root: int) -> list[int]:
         if b"ray::Worker.evaluate" in cmdline and descends_from(int(entry.name), root):
             pids.append(int(entry.name))
     return pids
+
+
+# Nine levels of ten aliases each: 10^9 leaves once expanded, 500 bytes as text.
+ALIAS_BOMB = (
+    "["
+    + ", ".join(
+        [f"&c0 [{', '.join(['lol'] * 10)}]"]
+        + [f"&c{n} [{', '.join([f'*c{n - 1}'] * 10)}]" for n in range(1, 9)]
+    )
+    + "]"
+)

@@ -72,6 +72,9 @@ def build_mini(
                 f"{path}: mini model weights not found (train them with `fpstune model "
                 "train-mini` on a GPU, or reinstall fpstune)"
             )
+        from ..safetensors_check import check_safetensors
+
+        check_safetensors(path, what="mini model weights", error=ValueError)
         state = load_file(str(path))
         missing, unexpected = model.load_state_dict(
             {k: v.float() for k, v in state.items()}, strict=False

@@ -1,8 +1,8 @@
 """Reading hand-edited YAML safely and turning every mistake into one line that names the place.
 
 `BadInput` is what the CLI turns into exit status 2: ``<file>: <dotted.field>: <message>``, one
-line, no traceback. Files are read with a `yaml.SafeLoader` (plain data, never Python objects)
-that also refuses duplicate keys, which plain YAML silently resolves to the last one.
+line, no traceback. Files are read by `fpstune.kernels.yaml_io.read_yaml`: plain data only,
+regular files only, bounded in bytes and nodes, no anchors/aliases, no duplicate keys.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 
 from fpstune import errors
 from fpstune.kernels import SpecError
+from fpstune.kernels.yaml_io import YamlInputError, read_yaml
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -51,28 +52,13 @@ def read_mapping(path: str | Path) -> dict[str, Any]:
     UTF-8, not YAML, empty, not a mapping, or has a duplicate key."""
     p = Path(path)
     try:
-        if p.is_dir():
-            raise BadInput(p, "", "is a directory, expected a YAML file")
-        size = p.stat().st_size
-        if size > MAX_BYTES:
-            raise BadInput(p, "", f"{size} bytes is more than a spec file may be ({MAX_BYTES})")
-        text = p.read_bytes().decode("utf-8-sig")
-    except FileNotFoundError:
-        raise BadInput(p, "", "no such file") from None
-    except UnicodeDecodeError as e:
-        raise BadInput(p, "", f"not UTF-8 text (byte {e.start})") from None
-    except OSError as e:
-        raise BadInput(p, "", f"cannot read: {e.strerror or e}") from None
-    try:
-        data = yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: plain data only
-    except _DuplicateKey as e:
-        raise BadInput(
-            p, e.key, f"duplicate key (line {e.line}; first at line {e.first})"
-        ) from None
-    except yaml.YAMLError as e:
-        raise BadInput(p, "", f"not valid YAML: {_yaml_problem(e)}") from None
-    except (ValueError, RecursionError) as e:  # e.g. a timestamp like 2026-13-45
-        raise BadInput(p, "", f"not valid YAML: {e}") from None
+        data = read_yaml(p, max_bytes=MAX_BYTES)
+    except YamlInputError as e:
+        if e.key is not None:
+            raise BadInput(
+                p, e.key, f"duplicate key (line {e.line}; first at line {e.first})"
+            ) from None
+        raise BadInput(p, "", e.message) from None
     if data is None:
         raise BadInput(p, "", "file is empty (expected a mapping)")
     if not isinstance(data, dict):
@@ -213,31 +199,3 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
         found = {m for a in typing.get_args(annotation) if (m := _model_in(a)) is not None}
         return found.pop() if len(found) == 1 else None
     return None
-
-
-def _yaml_problem(e: yaml.YAMLError) -> str:
-    mark = getattr(e, "problem_mark", None)
-    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-    problem = getattr(e, "problem", None) or getattr(e, "context", None) or str(e)
-    return f"{problem}{where}"
-
-
-class _DuplicateKey(yaml.YAMLError):
-    def __init__(self, key: str, line: int, first: int) -> None:
-        super().__init__(f"duplicate key {key!r}")
-        self.key, self.line, self.first = key, line, first
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[tuple[str, str], int] = {}
-        for key_node, _ in node.value:
-            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
-                key = (key_node.tag, key_node.value)
-                line = key_node.start_mark.line + 1
-                if key in seen:
-                    raise _DuplicateKey(key_node.value, line, seen[key])
-                seen[key] = line
-        return super().construct_mapping(node, deep=deep)

@@ -53,7 +53,7 @@ _EPS = 1e-9
 class Frozen(BaseModel):
     """Base of every spec model: unknown keys refused, immutable after validation."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class _SourcedFrozen(Frozen):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import os
 import pickle
+import time
 import warnings
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
@@ -16,6 +18,7 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from shared_helpers import ALIAS_BOMB
 
 from fpstune.kernels import (
     AttentionSpec,
@@ -346,6 +349,104 @@ def test_missing_file_and_directory(tmp_path: Path) -> None:
     assert "is a directory" in str(e)
 
 
+# -- hostile files: each refused with a PolicyError in bounded time --------------------------------
+
+
+def _policy_text(**edits: Any) -> str:
+    d = make_policy().to_dict()
+    d.pop("checksum", None)
+    for dotted, value in edits.items():
+        *parents, last = dotted.split("__")
+        target = d
+        for part in parents:
+            target = target[part]
+        target[last] = value
+    return yaml.safe_dump(d, sort_keys=False)
+
+
+def _hostile(tmp_path: Path, kind: str) -> Path:
+    path = tmp_path / "policy.yaml"
+    bomb = {"bomb-notes": "provenance__notes", "bomb-model-name": "model__name"}
+    if kind in bomb:
+        path.write_text(_policy_text(**{bomb[kind]: "BOMB"}).replace("BOMB", ALIAS_BOMB))
+    elif kind in ("/dev/zero", "/dev/urandom"):
+        path.symlink_to(kind)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "oversize":
+        path.write_text(_policy_text() + "# padding\n" * 120_000)
+    elif kind == "100k-entries":
+        entry = "- {steps: [0, 1], layers: [0, 1], spec: {mode: bf16_dense}}\n"
+        path.write_text(
+            _policy_text(entries=[]).replace("entries: []\n", "entries:\n" + entry * 10**5)
+        )
+    elif kind == "many-nodes":
+        path.write_text(
+            _policy_text(provenance__notes="NODES").replace("NODES", "[" + "1," * 125_000 + "1]")
+        )
+    return path
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("bomb-notes", "YAML anchors/aliases are not allowed"),
+        ("bomb-model-name", "YAML anchors/aliases are not allowed"),
+        ("/dev/zero", "not a regular file"),
+        ("/dev/urandom", "not a regular file"),
+        ("fifo", "not a regular file"),
+        ("oversize", "more than 1048576 bytes"),
+        ("100k-entries", "more than 1048576 bytes"),
+        ("many-nodes", "more than 120000 YAML nodes"),
+    ],
+)
+def test_hostile_files_are_refused_quickly(tmp_path: Path, kind: str, message: str) -> None:
+    path = _hostile(tmp_path, kind)
+    start = time.monotonic()
+    e = raises_policy_error(lambda: Policy.load(path, hardware=None))
+    assert time.monotonic() - start < 10  # a hang bound, not a benchmark (shared CI cores)
+    assert str(e).startswith(f"{path}: ") and message in str(e), str(e)
+
+
+def _windowed(window: list[float]) -> dict[str, Any]:
+    return {"mode": "fp8_sparse", "sparsity": 0.5, "pattern": {"kind": "window", "window": window}}
+
+
+@pytest.mark.parametrize(
+    ("default", "field", "message"),
+    [
+        (_windowed([math.nan, 1, 1]), "default.pattern.window[0]", "finite number"),
+        (_windowed([1, 1, math.inf]), "default.pattern.window[2]", "finite number"),
+        ({"mode": "fp8_sparse", "sparsity": 0.5, "pattern": {"kind": "cdf", "mass": math.nan}},
+         "default.pattern.mass", "finite number"),
+        ({"mode": "fp8_sparse", "sparsity": math.nan, "pattern": {"kind": "topk"}},
+         "default.sparsity", "finite number"),
+        ({"mode": "fp8_dense", "tile": [100_000] * 3}, "default.tile", "more than 8192"),
+        ({"mode": "fp8_dense", "tile": [1, 1, 4096]}, "default.tile", "far larger than the grid"),
+    ],
+)  # fmt: skip
+def test_non_finite_floats_and_oversize_tiles_are_refused(
+    tmp_path: Path, default: dict[str, Any], field: str, message: str
+) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(_policy_text(default=default))
+    e = raises_policy_error(lambda: Policy.load(path, hardware=None))
+    assert f"{path}: {field}: " in str(e) and message in str(e), str(e)
+
+
+def test_attention_refuses_a_tile_far_larger_than_the_grid() -> None:
+    import torch
+
+    from fpstune.kernels import attention
+
+    q = torch.zeros(1, 1, 5 * 12 * 16, 8)
+    spec = AttentionSpec.from_dict({"mode": "fp8_dense", "tile": [1, 1, 4096]})
+    with pytest.raises(ValueError, match=r"spec\.tile \[1, 1, 4096\] is far larger than the grid"):
+        attention(q, q, q, grid=(5, 12, 16), spec=spec, backend="reference")
+    with pytest.raises(SpecError, match="more than 8192"):
+        AttentionSpec.from_dict({"mode": "fp8_dense", "tile": [100_000] * 3})
+
+
 def test_truncated_files_are_refused(tmp_path: Path) -> None:
     policy = make_policy()
     path = tmp_path / "policy.yaml"
@@ -507,7 +608,8 @@ def policies(draw: st.DrawFn) -> Policy:
         heads=draw(st.integers(1, 64)),
         head_dim=head_dim,
         layers=draw(st.integers(1, 40)),
-        grid=draw(st.tuples(*[st.integers(1, 100)] * 3)),
+        # at least every TILES entry in each dim: a tile far larger than the grid is refused
+        grid=draw(st.tuples(st.integers(4, 100), st.integers(16, 100), st.integers(16, 100))),
         steps=draw(st.integers(1, 60)),
         cfg=draw(st.integers(1, 3)),
     )

@@ -10,7 +10,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import os
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,7 @@ import pytest
 import yaml
 from reliability_helpers import CHEAP, H100, ROOT, fpstune, run_main
 from safetensors.torch import save_file
+from shared_helpers import ALIAS_BOMB
 
 from fpstune.candidates import ScheduleSource
 from fpstune.quality.calibration import META_KEY, save_calibration, synthetic_calibration
@@ -76,6 +79,21 @@ def _unsigned(edit: Edit) -> Edit:
         d.pop("checksum", None)
 
     return both
+
+
+ENTRY = "- {steps: [0, 1], layers: [0, 1], spec: {mode: bf16_dense}}\n"
+BOMB_MARK = "__alias_bomb__"  # an edit sets a field to this; the file then holds the bomb there
+
+
+def _bomb(path: str) -> Edit:
+    return _set(path, BOMB_MARK)
+
+
+def _window(window: list[float]) -> Edit:
+    return _unsigned(
+        _set("default", {"mode": "fp8_sparse", "sparsity": 0.5,
+                         "pattern": {"kind": "window", "window": window}})
+    )  # fmt: skip
 
 
 RUN = ["study", "run", "study.yaml", "--storage", "sqlite:///store.db", "--no-progress"]
@@ -184,6 +202,46 @@ CORPUS: list[Case] = [
          {"policy.yaml": _unsigned(_set("default", {
              "mode": "fp8_dense", "tile": [1, 4, 8],
              "kernel": {"block_m": 48, "block_n": 32, "num_warps": 4, "num_stages": 2}}))}),
+    # -- hostile YAML: alias bombs in every field family, oversize files and node counts
+    *[
+        Case(f"yaml-alias-bomb-{field}", RUN, "study.yaml", None, "anchors/aliases are not allowed",
+             {"study.yaml": _bomb(field)})
+        for field in ("name", "model.name", "trials.schedule", "sampler.seed", "objectives.0")
+    ],
+    Case("kernel-space-alias-bomb", RUN, "kspace.yaml", None, "anchors/aliases are not allowed",
+         {"kspace.yaml": KERNEL_SPACE.replace("[[1, 4, 8], [1, 2, 16]]", ALIAS_BOMB),
+          "study.yaml": _set("kernel_space", "kspace.yaml")}),
+    Case("policy-alias-bomb-notes", VALIDATE, "policy.yaml", None,
+         "anchors/aliases are not allowed", {"policy.yaml": _bomb("provenance.notes")}),
+    Case("policy-alias-bomb-model-name", VALIDATE, "policy.yaml", None,
+         "anchors/aliases are not allowed", {"policy.yaml": _bomb("model.name")}),
+    Case("study-oversize", RUN, "study.yaml", None, "more than 1048576 bytes",
+         {"study.yaml": "name: cheap\n" + "# padding\n" * 120_000}),
+    Case("study-too-many-nodes", RUN, "study.yaml", None, "YAML nodes",
+         {"study.yaml": "name: [" + "1, " * 30_000 + "1]\n"}),
+    Case("policy-100k-entries", VALIDATE, "policy.yaml", None, "",
+         {"policy.yaml": "entries:\n" + ENTRY * 100_000}),
+    Case("policy-too-many-nodes", VALIDATE, "policy.yaml", None, "more than 120000 YAML nodes",
+         {"policy.yaml": "entries: [" + "1," * 125_000 + "1]\n"}),
+    # -- NaN/Inf in floats, oversize tiles
+    Case("policy-nan-window", VALIDATE, "policy.yaml", "default.pattern.window", "finite",
+         {"policy.yaml": _window([math.nan, 1.0, 1.0])}),
+    Case("policy-inf-window", VALIDATE, "policy.yaml", "default.pattern.window", "finite",
+         {"policy.yaml": _window([math.inf] * 3)}),
+    Case("policy-nan-sparsity", VALIDATE, "policy.yaml", "entries[0].spec.sparsity", "finite",
+         {"policy.yaml": _unsigned(_set("entries.0.spec.sparsity", math.nan))}),
+    Case("policy-huge-tile", VALIDATE, "policy.yaml", "default.tile", "more than 8192",
+         {"policy.yaml": _unsigned(_set("default", {"mode": "fp8_dense",
+                                                    "tile": [100_000] * 3}))}),
+    Case("policy-tile-overhangs-grid", VALIDATE, "policy.yaml", "default.tile", "far larger",
+         {"policy.yaml": _unsigned(_set("default", {"mode": "fp8_dense",
+                                                    "tile": [1, 1, 4096]}))}),
+    Case("study-nan-nsga-prob", RUN, "study.yaml", "sampler.options.crossover_prob", "",
+         {"study.yaml": _set("sampler", {"name": "nsgaii", "seed": 0,
+                                         "options": {"crossover_prob": math.nan}})}),
+    Case("schedule-space-nan", RUN, "sspace.yaml", "sparse.sparsity", "",
+         {"sspace.yaml": SCHEDULE_SPACE.replace("{low: 0.5, high: 0.75", "{low: .nan, high: 0.75"),
+          "study.yaml": _set("schedule_space", "sspace.yaml")}),
     # -- options
     Case("storage-scheme", [*RUN[:3], "--storage", "mongodb://x/y"], "--storage", None,
          "unsupported database"),
@@ -255,6 +313,8 @@ def _materialise(case: Case, base: dict[str, Any], cwd: Path) -> None:
         else:
             texts[name] = content
     for name, content in texts.items():
+        if isinstance(content, str):
+            content = content.replace(BOMB_MARK, ALIAS_BOMB)
         path = cwd / name
         if isinstance(content, bytes):
             path.write_bytes(content)
@@ -311,6 +371,8 @@ SAMPLE = [
     "calibration-truncated",
     "policy-other-gpu",
     "workers-zero",
+    "yaml-alias-bomb-trials.schedule",
+    "policy-alias-bomb-notes",
 ]
 
 
@@ -322,3 +384,38 @@ def test_sample_as_a_user_runs_it(case_id: str, base: dict[str, Any], tmp_path: 
     out = fpstune(*case.args, cwd=tmp_path, timeout=120)
     check_one_line(case, out.returncode, out.stderr)
     assert _snapshot(tmp_path) == before
+
+
+# Files that are not regular files, as real subprocesses (a FIFO must not block the reader): the
+# study, a search space it names, or a policy is a symlink to a device, or a FIFO.
+SPECIAL = [
+    (target, role)
+    for target in ("/dev/zero", "/dev/urandom", "fifo")
+    for role in ("study", "kernel_space", "policy")
+]
+
+
+@pytest.mark.parametrize(("target", "role"), SPECIAL, ids=lambda x: x.replace("/dev/", ""))
+def test_device_and_fifo_files_are_refused_at_once(
+    target: str, role: str, base: dict[str, Any], tmp_path: Path
+) -> None:
+    case = Case(f"special-{role}", RUN if role != "policy" else VALIDATE, "", None,
+                "not a regular file")  # fmt: skip
+    files: dict[str, str | bytes | Edit] = {}
+    if role == "kernel_space":
+        files["study.yaml"] = _set("kernel_space", "special.yaml")
+    _materialise(Case(case.id, case.args, "", None, "", files), base, tmp_path)
+    special = tmp_path / {"study": "study.yaml", "policy": "policy.yaml"}.get(role, "special.yaml")
+    special.unlink(missing_ok=True)
+    if target == "fifo":
+        os.mkfifo(special)
+    else:
+        special.symlink_to(target)
+    before = _snapshot(tmp_path)
+    start = time.monotonic()
+    out = fpstune(*case.args, cwd=tmp_path, timeout=60)
+    line = check_one_line(case, out.returncode, out.stderr)
+    assert special.name in line, line
+    assert time.monotonic() - start < 30  # the interpreter's start-up included
+    assert _snapshot(tmp_path) == before
+    assert not (tmp_path / "store.db-journal").exists()

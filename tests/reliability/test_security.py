@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import importlib
 import logging
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from reliability_helpers import (
     fill_latency_table,
     fpstune,
     run_main,
+    start_fpstune,
 )
 
 from fpstune.spec.study import load_study
@@ -270,3 +272,115 @@ def test_password_never_shown_in_storage_errors(
         assert secret not in out + err + caplog.text, args
         assert "fpstune:***@127.0.0.1" in line, line
     assert not (tmp_path / "p.yaml").exists()
+
+
+def test_one_masker_for_every_url_form() -> None:
+    """Userinfo passwords, libpq's ``?password=``/``?sslpassword=`` and a driver's message that
+    embeds the DSN (``password=...``) are all masked; a passfile path is no secret."""
+    from fpstune.storage import mask_url, scrub
+
+    secret = "s3cret-in-url"
+    for url in (
+        f"postgresql+psycopg://fpstune:{secret}@127.0.0.1/db",
+        f"postgresql+psycopg://fpstune@127.0.0.1/db?password={secret}&sslmode=disable",
+        f"postgresql+psycopg://fpstune@127.0.0.1/db?sslpassword={secret}",
+    ):
+        assert secret not in mask_url(url) and "***" in mask_url(url), url
+        assert secret not in scrub(f"connection to {url} failed", url), url
+    message = f"connection failed: host=127.0.0.1 user=fpstune password='{secret}' dbname=db"
+    assert secret not in scrub(message)
+    kept = "postgresql+psycopg://fpstune@127.0.0.1/db?passfile=/home/u/.pgpass"
+    assert "pgpass" in mask_url(kept) and "***" not in mask_url(kept)
+
+
+def test_password_in_the_query_never_shown_in_storage_errors(
+    private_pg: PrivateServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A wrong password written the libpq way (``?password=``): one masked line, exit 2."""
+    secret = "s3cret-in-query"
+    url = private_pg.url.replace(f":{private_pg.PASSWORD}@", "@") + f"?password={secret}"
+    monkeypatch.setenv("FPSTUNE_DB_RETRY_S", "1")
+    caplog.set_level(logging.DEBUG)
+    (tmp_path / "study.yaml").write_text(CHEAP.read_text().replace("../../", str(ROOT) + "/tests/"))
+    for args in (
+        ["study", "run", "study.yaml", "--storage", url, "--no-progress"],
+        ["study", "status", "cheap", "--storage", url, "--json"],
+    ):
+        got, out, err = run_main(args, tmp_path, monkeypatch, capsys)
+        assert got == 2, (args, err)
+        [line] = err.strip().splitlines()
+        assert secret not in out + err + caplog.text, args
+        assert "password=***" in line, line
+
+
+def test_password_from_the_environment_keeps_it_off_the_command_line(
+    private_pg: PrivateServer,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``FPSTUNE_STORAGE`` stands for ``--storage``; libpq's ``PGPASSWORD`` (or ``PGPASSFILE``)
+    supplies the password of a URL that has none."""
+    bare = private_pg.url.replace(f":{private_pg.PASSWORD}@", "@")
+    monkeypatch.setenv("FPSTUNE_STORAGE", bare)
+    monkeypatch.setenv("PGPASSWORD", private_pg.PASSWORD)
+    code, _out, err = run_main(["study", "list", "--json"], tmp_path, monkeypatch, capsys)
+    assert code == 0, err
+    monkeypatch.delenv("PGPASSWORD")
+    monkeypatch.setenv("PGPASSFILE", str(tmp_path / "nonexistent"))
+    code, _out, err = run_main(["study", "list", "--json"], tmp_path, monkeypatch, capsys)
+    assert code == 2, err  # no password anywhere: refused, one line
+
+
+# -- sockets ----------------------------------------------------------------------------------
+
+
+def _listening(root: int) -> dict[str, set[str]]:
+    """The addresses each process of ``root``'s tree listens on (TCP, any family)."""
+    import psutil
+
+    found: dict[str, set[str]] = {}
+    try:
+        top = psutil.Process(root)
+        procs = [top, *top.children(recursive=True)]
+    except psutil.Error:
+        return found
+    for p in procs:
+        try:
+            name = p.name()
+            for c in p.net_connections(kind="inet"):
+                if c.status == psutil.CONN_LISTEN:
+                    found.setdefault(name, set()).add(c.laddr.ip)
+        except psutil.Error:
+            continue
+    return found
+
+
+def test_the_local_ray_cluster_listens_on_loopback_only(tmp_path: Path) -> None:
+    """While ``study run`` runs its local cluster, every listening socket of its process tree
+    (driver, GCS, raylet, workers, Ray's agents) is on 127.0.0.1."""
+    pytest.importorskip("psutil")
+    import time
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    fill_latency_table(url, load_study(CHEAP))
+    proc = fpstune_bg(tmp_path, "study", "run", str(CHEAP), "--storage", url, "--trials", "20")
+    seen: dict[str, set[str]] = {}
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        for name, addrs in _listening(proc.pid).items():
+            seen.setdefault(name, set()).update(addrs)
+        time.sleep(0.2)
+    _out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert {"gcs_server", "raylet"} <= set(seen), seen  # the cluster was sampled while up
+    loopback = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+    assert all(addrs <= loopback for addrs in seen.values()), seen
+
+
+def fpstune_bg(cwd: Path, *args: str) -> subprocess.Popen[str]:
+    return start_fpstune(*args, "--no-progress", cwd=cwd)

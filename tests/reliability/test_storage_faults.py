@@ -276,3 +276,64 @@ def test_a_commit_that_landed_before_its_connection_dropped_is_not_failed(
     assert calls == 2
     [done] = study.get_trials()
     assert done.state == TrialState.COMPLETE and done.values == [2.0]
+
+
+def test_a_database_folder_nobody_may_write_is_one_line(tmp_path: Path) -> None:
+    """The controller lock cannot be written beside the database (a read-only filesystem):
+    one line naming the lock file, exit 2, no traceback. ``/sys`` refuses new files to root
+    too, so this runs as root (CI containers) and as a user alike."""
+    folder = Path("/sys")
+    probe = folder / "fpstune-probe"
+    try:
+        os.close(os.open(probe, os.O_RDWR | os.O_CREAT, 0o644))
+    except OSError:
+        pass
+    else:
+        probe.unlink()
+        pytest.skip(f"{folder} is writable here")
+    url = f"sqlite:///{folder / 'fpstune-test.db'}"
+    args = ["study", "run", str(CHEAP), "--stage", "kernel", "--storage", url, "--no-progress"]
+    proc = start_fpstune(*args, cwd=tmp_path)
+    _out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err
+    [line] = err.strip().splitlines()
+    assert "fpstune-test.db-controller.lock" in line and "Traceback" not in err, line
+
+
+def test_a_database_deleted_mid_run_is_one_line_naming_it(tmp_path: Path) -> None:
+    """The SQLite file removed under a running controller: one line naming the file and what
+    happened to it, exit 1, no traceback."""
+    db = tmp_path / "study.db"
+    url = f"sqlite:///{db}"
+    fill_latency_table(url, load_study(CHEAP))
+    args = ["study", "run", str(CHEAP), "--storage", url, "--trials", "400", "--no-progress"]
+    proc = start_fpstune(*args, cwd=tmp_path)
+    deadline = time.monotonic() + 180
+    while _complete_in_file(db) < 2:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no trial completed"
+        time.sleep(0.1)
+    db.unlink()
+    _out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 1, err
+    [line] = err.strip().splitlines()
+    assert f"storage {url}: attempt to write a readonly database" in line, line
+    assert "deleted, moved or made read-only" in line and "Traceback" not in err
+
+
+def _complete_in_file(db: Path) -> int:
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as c:
+            (n,) = c.execute("SELECT count(*) FROM trials WHERE state = 'COMPLETE'").fetchone()
+    except sqlite3.Error:
+        return 0
+    return int(n)
+
+
+def test_status_says_what_waiting_trials_are() -> None:
+    """Trials an interrupted run re-queued and no run picked up (the budget was met) are kept;
+    ``study status`` explains them instead of leaving a bare count."""
+    from fpstune.catalog import _waiting_note
+
+    assert _waiting_note(0) == {}
+    assert "2 trial(s) re-queued by an interrupted run" in _waiting_note(2)["waiting_note"]

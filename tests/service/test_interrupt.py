@@ -5,7 +5,7 @@ command resumes; a start that is interrupted, or fails, leaves no database file 
 from __future__ import annotations
 
 import contextlib
-import errno
+import functools
 import os
 import signal
 import sqlite3
@@ -120,27 +120,25 @@ def test_ctrl_c_during_start_up_leaves_no_database_file(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("new.db*"))  # nor its journal or lock
 
 
+def _handles_sigterm(pid: int) -> bool:
+    """`fpstune.cli.main` has installed its handlers (Python itself catches only SIGINT), and
+    not yet dropped them (it ignores signals once the command is over)."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (signal.SIGTERM - 1) & 1)
+    return False
+
+
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_policy_validate_interrupted_says_so(tmp_path: Path, sig: int, code: int) -> None:
-    """Blocked reading a FIFO given as the policy: the signal lands in the command's body."""
-    fifo = tmp_path / "policy.yaml"
-    os.mkfifo(fifo)
-    proc = _start(["policy", "validate", str(fifo), "--no-hardware-check"], tmp_path)
-    writer: list[int] = []
-
-    def reading() -> bool:  # opening the write end succeeds once the command has it open
-        try:
-            writer.append(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-        except OSError as e:
-            assert e.errno == errno.ENXIO
-            return False
-        return True
-
-    try:
-        assert _signal_when(proc, reading, sig) == (code, "", INTERRUPTED + "\n")
-    finally:
-        for fd in writer:
-            os.close(fd)
+    """Signalled once the CLI's handlers are in place, while it loads its command (imports,
+    reading the policy): a policy file is read too fast, and a FIFO is refused, to wait on."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("schema_version: 1\n")
+    proc = _start(["policy", "validate", str(policy), "--no-hardware-check"], tmp_path)
+    ready = functools.partial(_handles_sigterm, proc.pid)
+    assert _signal_when(proc, ready, sig) == (code, "", INTERRUPTED + "\n")
 
 
 @pytest.mark.parametrize("existed", [False, True])
@@ -181,3 +179,33 @@ def test_signals_wait_for_the_end_of_a_deferred_block() -> None:
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGINT, inherited)
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_export_interrupted_says_so(tmp_path: Path, sig: int, code: int) -> None:
+    """Signalled while it waits for a study file another process holds locked. SQLite's busy
+    wait is C code, so the signal is handled once the lock goes (released just after it)."""
+    db = tmp_path / "store.db"
+    optuna.create_study(study_name="kept", storage=f"sqlite:///{db}").ask()
+    lock = sqlite3.connect(db, isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")
+    args = ["export", "kept", "-o", "p.yaml", "--storage", f"sqlite:///{db}"]
+    proc = _start(args, tmp_path)
+
+    def waiting_on_the_lock() -> bool:
+        with contextlib.suppress(OSError):
+            fds = Path(f"/proc/{proc.pid}/fd").iterdir()
+            if any(os.path.realpath(fd) == str(db) for fd in fds):
+                os.killpg(proc.pid, sig)
+                time.sleep(0.5)
+                lock.close()
+                return True
+        return False
+
+    deadline = time.monotonic() + 60
+    while not waiting_on_the_lock():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.02)
+    out, err = proc.communicate(timeout=60)
+    assert (proc.returncode, out, err) == (code, "", INTERRUPTED + "\n")
+    assert not (tmp_path / "p.yaml").exists()
