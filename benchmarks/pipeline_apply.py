@@ -9,7 +9,9 @@ VAE decode), so both timings cover the 50-step denoising loop. The policy is a p
 `latency.target` costs it (target layer and step take the proxy's cell at the same fraction;
 tile and kernel config the runtime's defaults at the target grid, ``--kernel gluon_ws`` for the
 Gluon kernel), written as a real `Policy` for this shape and GPU and installed with
-`fpstune.apply`.
+`fpstune.apply`. With ``--checkpoint`` (a folder of `write_wan_checkpoint.py`, the one the
+policy was tuned and exported for: `checkpoint_flow_gpu.sh`) the pipeline is that folder's, the
+prompt is text through its text encoder, and the policy runs as exported.
 
 Reported: both generation times, the speed-up, its Amdahl bound (the rest of a step measured
 with self-attention returning v; each cell's attention at its spec's speed-up over cuDNN on one
@@ -29,6 +31,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -83,6 +86,11 @@ def target_policy(proxy: Policy, shape: ModelShape, kernel: str) -> Policy:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--policy", type=Path, required=True, help="the proxy's policy YAML")
+    ap.add_argument(
+        "--checkpoint", type=Path,
+        help="a WanPipeline folder (write_wan_checkpoint.py): generate from its prompt text with "
+        "--policy as it is (exported for this checkpoint), not mapped from a proxy",
+    )  # fmt: skip
     ap.add_argument("--model", default="1.3b", choices=[m for m in CONFIGS if m != "tiny"])
     ap.add_argument("--res", default="480p", choices=list(LATENTS))
     ap.add_argument("--kernel", choices=list(KERNELS), default="default")
@@ -94,22 +102,31 @@ def main() -> None:
 
     from fpstune.models.processor import install, patch_grid
 
-    m = build(args.model, DEVICE)
+    if args.checkpoint is not None:
+        pipe = WanPipeline.from_pretrained(
+            args.checkpoint, torch_dtype=torch.bfloat16, local_files_only=True
+        ).to(DEVICE)
+        m = pipe.transformer
+        prompts: dict[str, Any] = {"prompt": "a cat runs on the beach", "negative_prompt": "blurry"}
+    else:
+        m = build(args.model, DEVICE)
+        pipe = WanPipeline(
+            tokenizer=None,
+            text_encoder=None,
+            vae=None,
+            transformer=m,
+            scheduler=UniPCMultistepScheduler(
+                prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0
+            ),
+        )
     f, h, w = LATENTS[args.res]
-    pipe = WanPipeline(
-        tokenizer=None,
-        text_encoder=None,
-        vae=None,
-        transformer=m,
-        scheduler=UniPCMultistepScheduler(
-            prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0
-        ),
-    )
     gen = torch.Generator(device=DEVICE).manual_seed(1)
     embeds = [
         torch.randn(1, TEXT_TOKENS, 4096, device=DEVICE, dtype=torch.bfloat16, generator=gen)
         for _ in range(2)
     ]
+    if args.checkpoint is None:
+        prompts = {"prompt_embeds": embeds[0], "negative_prompt_embeds": embeds[1]}
     height, width, frames = h * 8, w * 8, (f - 1) * 4 + 1
     x = torch.zeros(1, 16, f, h, w, device=DEVICE)
     grid = patch_grid(m, x)
@@ -118,14 +135,19 @@ def main() -> None:
         name=f"wan2.1-{args.model}-{args.res}", heads=cfg["num_attention_heads"], head_dim=128,
         layers=cfg["num_layers"], grid=grid, steps=STEPS, cfg=2,
     )  # fmt: skip
-    policy = target_policy(Policy.load(args.policy, hardware=None), shape, args.kernel)
-    backends = [SDPBackend.CUDNN_ATTENTION]
+    if args.checkpoint is not None:
+        policy = Policy.load(args.policy)  # the shape and GPU checks a user's load does
+        shape = policy.model
+    else:
+        policy = target_policy(Policy.load(args.policy, hardware=None), shape, args.kernel)
+    # cuDNN first; the math backend only for what cuDNN cannot run (the text encoder's masked,
+    # position-biased attention), never for the transformer's attention (cuDNN runs it)
+    backends = [SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]
 
     def generate() -> torch.Tensor:
-        with torch.no_grad(), sdpa_kernel(backends):
+        with torch.no_grad(), sdpa_kernel(backends, set_priority=True):
             out = pipe(
-                prompt_embeds=embeds[0],
-                negative_prompt_embeds=embeds[1],
+                **prompts,
                 height=height,
                 width=width,
                 num_frames=frames,
@@ -160,7 +182,7 @@ def main() -> None:
     t500 = torch.tensor([500.0], device=DEVICE)
 
     def forward() -> object:
-        with torch.no_grad(), sdpa_kernel(backends):
+        with torch.no_grad(), sdpa_kernel(backends, set_priority=True):
             return m(hidden_states=xb, timestep=t500, encoder_hidden_states=text, return_dict=False)
 
     sdpa_ms = statistics.median(timed(forward, 3))

@@ -8,12 +8,14 @@ from typing import Any
 __version__ = "0.1.0"
 
 
-def apply(target: Any, policy: Any, *, fuse_rope: bool = True) -> Any:
+def apply(
+    target: Any, policy: Any, *, fuse_rope: bool = True, allow_other_gpu: bool = False
+) -> Any:
     """Make a diffusers pipeline (or its transformer) run ``policy`` (a `Policy` or a policy
     file); see `fpstune.models.apply.apply`."""
     from .models.apply import apply as _apply
 
-    return _apply(target, policy, fuse_rope=fuse_rope)
+    return _apply(target, policy, fuse_rope=fuse_rope, allow_other_gpu=allow_other_gpu)
 
 
 def remove(target: Any) -> Any:

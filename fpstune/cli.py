@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -96,7 +97,8 @@ StorageOpt = Annotated[
         "--storage",
         envvar="FPSTUNE_STORAGE",
         help="SQLAlchemy URL of the study storage: an SQLite file (default) or "
-        "postgresql+psycopg://user:pass@host/db for shared studies.",
+        "postgresql+psycopg://user@host/db for shared studies; the password from PGPASSWORD "
+        "or PGPASSFILE (~/.pgpass) keeps it off the command line.",
     ),
 ]
 DEFAULT_STORAGE = "sqlite:///fpstune.db"
@@ -273,8 +275,8 @@ def export(
             "--verify-e2e",
             metavar="N",
             help="Re-generate the first N end_to_end seeds with the pick; refuse to write it if "
-            "their PSNR misses the study's bar (--min-quality for a psnr objective, else the "
-            "psnr constraint's min).",
+            "their PSNR misses the study's bar (--min-quality for a psnr or frame_psnr "
+            "objective, else such a constraint's min, else end_to_end.min_psnr).",
         ),
     ] = None,
 ) -> None:
@@ -480,6 +482,17 @@ def main() -> None:
     sys.exit(code)
 
 
+def _storage_arg(argv: list[str]) -> str:
+    """The storage a command was given (``--storage``, else ``FPSTUNE_STORAGE``, else the
+    default), to name it in an error that reached the top without it."""
+    for i, arg in enumerate(argv):
+        if arg == "--storage" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--storage="):
+            return arg.split("=", 1)[1]
+    return os.environ.get("FPSTUNE_STORAGE", DEFAULT_STORAGE)
+
+
 def _run_app() -> tuple[int, str | None]:
     """Run the command: its exit status, and the one-line error to print if it failed.
 
@@ -497,7 +510,9 @@ def _run_app() -> tuple[int, str | None]:
         code = app(standalone_mode=False)
     except BAD_INPUT_ERRORS as e:
         return 2, str(e)
-    except (WorkerStartError, TooManyFailures, StorageUnavailable) as e:
+    except StorageUnavailable as e:
+        return 1, e.naming(_storage_arg(sys.argv[1:]))
+    except (WorkerStartError, TooManyFailures) as e:
         return 1, str(e)
     except typer.Abort:
         return 130, None
@@ -511,7 +526,7 @@ def _run_app() -> tuple[int, str | None]:
         exit_code = getattr(e, "exit_code", None)
         if hasattr(e, "format_message") and isinstance(exit_code, int):
             return exit_code, " ".join(e.format_message().split())
-        line = db_error_line(e)  # a database error outside the storage layer, password masked
+        line = db_error_line(e, _storage_arg(sys.argv[1:]))  # outside the storage layer, masked
         if line is not None:
             return 1, line
         raise

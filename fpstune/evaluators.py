@@ -300,8 +300,13 @@ def build_evaluator(
     if stage != "schedule":
         raise ValueError(f"stage must be kernel or schedule, got {stage!r}")
     source = schedule_latency(spec, device=device, latency_table=latency_table, latency=latency)
+    # The end-to-end probe runs in every trial only when an objective or constraint needs it;
+    # otherwise the section serves `fpstune export --verify-e2e` alone.
     e2e = spec.end_to_end
-    probes = [] if e2e is None else [end_to_end_probe(spec, seeds=e2e.seeds, device=device)]
+    named = {o.name for o in spec.objectives} | {c.name for c in spec.constraints}
+    probes = []
+    if e2e is not None and named & END_TO_END_METRICS:
+        probes = [end_to_end_probe(spec, seeds=e2e.seeds, device=device)]
     return ScheduleEvaluator(
         model.shape(),
         _calibration(spec),
@@ -313,6 +318,10 @@ def build_evaluator(
         measure_warmup=spec.latency.warmup,
         measure_reps=spec.latency.reps,
     )
+
+
+#: What an end-to-end probe measures (`fpstune.quality.e2e`).
+END_TO_END_METRICS = frozenset({"psnr", "psnr_min", "frame_psnr", "ssim"})
 
 
 def end_to_end_probe(

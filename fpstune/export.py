@@ -44,9 +44,10 @@ class ExportResult:
             again = f" (re-measured {r:.4g}, {_pct(r, v)})" if r is not None else ""
             parts.append(f"{name} {v:.4g}{again}")
         parts.append(f"latency from {self.latency_source}")
-        verified = self.remeasured.get("e2e_psnr_verified")
-        if verified is not None:
-            parts.append(f"end-to-end psnr verified {verified:.4g} dB")
+        for metric in E2E_PSNR:
+            verified = self.remeasured.get(f"e2e_{metric}_verified")
+            if verified is not None:
+                parts.append(f"end-to-end {metric} verified {verified:.4g} dB")
         e2e, composed = self.remeasured.get("end_to_end_ms"), self.remeasured.get(LATENCY)
         if e2e is not None and composed is not None:
             parts.append(
@@ -105,7 +106,8 @@ def export_policy(
 ) -> ExportResult:
     """``verify_e2e`` N: also re-generate the first N of the study's end-to-end seeds with the
     picked policy and refuse (`BadInput`, nothing written) when their PSNR misses the study's
-    bar (``min_quality`` when the quality objective is psnr, else the psnr constraint's min)."""
+    bar (`_psnr_bar`: ``min_quality`` on a psnr or frame_psnr objective, else such a
+    constraint's min)."""
     check_output(output, option="output")  # before the re-measurement, which takes a while
     study, spec = load_study_by_ref(study_ref, storage_url=storage_url, stage="schedule")
     bar = None if verify_e2e is None else _psnr_bar(study, spec, verify_e2e, min_quality)
@@ -142,21 +144,24 @@ def export_policy(
     where = current_fingerprint(device).gpu
     notes = f"re-measured on {where}"
     if verify_e2e is not None and bar is not None:
-        e2e = spec.end_to_end
+        e2e, (metric, floor) = spec.end_to_end, bar
         assert e2e is not None
         seeds = e2e.seeds[:verify_e2e]
         try:
-            psnr = end_to_end_probe(spec, seeds=seeds, device=device).measure(policy).values["psnr"]
+            probe = end_to_end_probe(spec, seeds=seeds, device=device)
+            psnr = probe.measure(policy).values[metric]
         except CandidateError as e:
             raise BadInput(f"--verify-e2e: trial {trial.number}: {e}") from e
         n = f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''}"
-        if psnr < bar:
+        if psnr < floor:
             raise BadInput(
-                f"--verify-e2e: trial {trial.number}: end-to-end psnr {psnr:.2f} dB on {n} "
-                f"misses the bar {bar:g} dB by {bar - psnr:.2f} dB; no policy written"
+                f"--verify-e2e: trial {trial.number}: end-to-end {metric} {psnr:.2f} dB on {n} "
+                f"misses the bar {floor:g} dB by {floor - psnr:.2f} dB; no policy written"
             )
-        remeasured["e2e_psnr_verified"] = psnr
-        notes += f"; end-to-end psnr {psnr:.2f} dB verified on {n} {list(seeds)} (bar {bar:g})"
+        remeasured[f"e2e_{metric}_verified"] = psnr
+        notes += (
+            f"; end-to-end {metric} {psnr:.2f} dB verified on {n} {list(seeds)} (bar {floor:g})"
+        )
     if "latency_provenance" in again.attrs:  # says when the latencies are another GPU's
         notes += f"; latencies {again.attrs['latency_provenance']}"
     policy = policy.with_provenance(
@@ -193,8 +198,16 @@ def _provenance(
     }
 
 
-def _psnr_bar(study: optuna.Study, spec: StudySpec, n: int, min_quality: float | None) -> float:
-    """The PSNR an end-to-end verification must reach; `BadInput` when it cannot be run."""
+#: End-to-end PSNRs an export can verify: of final latents, of decoded frames.
+E2E_PSNR = ("psnr", "frame_psnr")
+
+
+def _psnr_bar(
+    study: optuna.Study, spec: StudySpec, n: int, min_quality: float | None
+) -> tuple[str, float]:
+    """(metric, bar): the end-to-end PSNR an export's verification must reach — ``min_quality``
+    on a psnr / frame_psnr quality objective, else the min of such a constraint, else the
+    study's ``end_to_end.min_psnr``; `BadInput` when it cannot be run."""
     if spec.end_to_end is None:
         raise BadInput(f"--verify-e2e: study {spec.name} has no end_to_end section")
     have = len(spec.end_to_end.seeds)
@@ -202,17 +215,18 @@ def _psnr_bar(study: optuna.Study, spec: StudySpec, n: int, min_quality: float |
         raise BadInput(
             f"--verify-e2e: expected 1 to {have} (the study's end_to_end seeds), got {n}"
         )
-    names = list(metric_names(study))
-    quality = [m for m in names if m != LATENCY]
-    if min_quality is not None and quality[:1] == ["psnr"]:
-        return min_quality
-    mins = [c.min for c in spec.constraints if c.name == "psnr" and c.min is not None]
-    if not mins:
-        raise BadInput(
-            f"--verify-e2e: study {spec.name} sets no psnr bar (a psnr constraint with min, or "
-            "--min-quality on a psnr objective)"
-        )
-    return float(max(mins))
+    quality = [m for m in metric_names(study) if m != LATENCY]
+    if min_quality is not None and quality[:1] in (["psnr"], ["frame_psnr"]):
+        return quality[0], min_quality
+    for c in spec.constraints:
+        if c.name in E2E_PSNR and c.min is not None:
+            return c.name, float(c.min)
+    if (floor := spec.end_to_end.min_psnr) is not None:
+        return "psnr", floor
+    raise BadInput(
+        f"--verify-e2e: study {spec.name} sets no psnr bar (end_to_end.min_psnr, a psnr or "
+        "frame_psnr constraint with min, or --min-quality on such an objective)"
+    )
 
 
 def _trial_by_number(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:

@@ -56,14 +56,16 @@ def apply(
     policy: Policy | str | os.PathLike[str],
     *,
     fuse_rope: bool = True,
+    allow_other_gpu: bool = False,
 ) -> Any:
     """Route every self-attention of ``target`` (a diffusers Wan pipeline, or its
     ``WanTransformer3DModel``) through ``policy`` (a `Policy` or a policy file, loaded with the
-    hardware check). Returns ``target``. Refused in one line (`PolicyMismatch`): a transformer
-    whose heads, head_dim or layers differ from the policy's (here), a video grid or a step
-    count that differs (at the first transformer call, before any denoising work)."""
+    hardware check; ``allow_other_gpu`` runs a policy tuned on another GPU). Returns ``target``.
+    Refused in one line (`PolicyMismatch`): a transformer whose heads, head_dim or layers differ
+    from the policy's (here), a video grid or a step count that differs (at the first
+    transformer call, before any denoising work)."""
     if not isinstance(policy, Policy):
-        policy = Policy.load(policy)
+        policy = Policy.load(policy, allow_other_gpu=allow_other_gpu)
     transformer = _transformer(target)
     _check_model(transformer, policy)
     remove(target)  # idempotent: a second apply replaces the first

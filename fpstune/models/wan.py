@@ -105,6 +105,45 @@ def load_transformer(
     return model.to(device=device).eval()
 
 
+def has_vae(root: Path) -> bool:
+    """Whether ``root`` holds a VAE (``vae/config.json``), so generated latents can be decoded."""
+    return (root / "vae" / "config.json").is_file()
+
+
+def load_vae(
+    root: Path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> Any:
+    """The checkpoint's ``AutoencoderKLWan`` (eval mode), for decoding final latents to frames."""
+    _offline()
+    from diffusers import AutoencoderKLWan
+
+    vdir = root / "vae"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            vae = AutoencoderKLWan.from_pretrained(
+                str(root), subfolder="vae", local_files_only=True, torch_dtype=dtype
+            )
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        raise BadInput(f"{vdir}: cannot load the Wan VAE: {one_line(e)}") from None
+    return vae.to(device=device).eval()
+
+
+def decode(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Frames (n, 3, F, H, W), about [-1, 1], of (n, C, T, h, w) latents, one video at a time,
+    as `WanPipeline.__call__` decodes them (un-normalised by the VAE's latents mean and std)."""
+    cfg = vae.config
+    mean = torch.tensor(cfg.latents_mean).view(1, cfg.z_dim, 1, 1, 1)
+    std = torch.tensor(cfg.latents_std).view(1, cfg.z_dim, 1, 1, 1)
+    param = next(vae.parameters())
+    videos = []
+    with torch.no_grad():
+        for z in latents.split(1):
+            z = z.to(param) * std.to(param) + mean.to(param)
+            videos.append(vae.decode(z, return_dict=False)[0].float())
+    return torch.cat(videos)
+
+
 def load_scheduler(root: Path) -> Any:
     """The scheduler of ``root/scheduler`` (class from its config's ``_class_name``)."""
     import diffusers
@@ -253,9 +292,12 @@ def _read_json(file: Path, *, what: str) -> dict[str, Any]:
 __all__ = [
     "VaeScale",
     "check_checkpoint",
+    "decode",
+    "has_vae",
     "latent_shape",
     "load_scheduler",
     "load_transformer",
+    "load_vae",
     "load_wan",
     "model_shape",
     "transformer_config",

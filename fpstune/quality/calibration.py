@@ -444,7 +444,8 @@ class CellWriter:
         _save(tensors, self.path, header)
         for old in self.path.parent.iterdir():
             ours = old.name.startswith(self.prefix) and len(old.name) == len(self.folder.name)
-            if ours and old != self.folder and old.is_dir():
+            # by name: mkdtemp's path is absolute on Python >= 3.12, iterdir's may be relative
+            if ours and old.name != self.folder.name and old.is_dir():
                 shutil.rmtree(old, ignore_errors=True)
 
     def abort(self) -> None:
@@ -575,9 +576,10 @@ def read_safetensors(
     line naming the file, e.g. ``x: no such calibration file``) when it is missing or not one."""
     from safetensors import SafetensorError, safe_open
 
+    from ..safetensors_check import check_safetensors
+
     where = str(path)
-    if not Path(path).is_file():
-        raise error(f"{where}: no such {what}")
+    check_safetensors(path, what=what, error=error)  # dtypes, sizes: before any tensor is read
     try:
         with safe_open(where, framework="pt") as f:
             header = f.metadata() or {}

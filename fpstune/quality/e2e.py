@@ -12,9 +12,10 @@ it. For each policy it runs the denoising loop and reports, over the videos (fra
   the BF16-dense attention of the same inputs along the policy's own trajectory (``cell_rel_l2``).
 
 `ReplayProbe` does the same for a checkpoint model from a capture's replay record (its prompt
-embeddings, initial latents, scheduler, steps and guidance; no text encoder, no VAE) and compares
-final *latents*: ``psnr`` and ``psnr_min`` only (no SSIM: latents are not images), each video's
-PSNR with the data range of its BF16-dense reference latents (max - min), unclamped.
+embeddings, initial latents, scheduler, steps and guidance; no text encoder) and compares final
+*latents*: ``psnr`` and ``psnr_min``, each video's PSNR with the data range of its BF16-dense
+reference latents (max - min), unclamped. When the checkpoint has a VAE it also decodes both (as
+the pipeline does) and scores the frames: ``frame_psnr`` and ``ssim`` (data range 2).
 """
 
 from __future__ import annotations
@@ -200,12 +201,30 @@ def mini_probe(
 
 
 class ReplayProbe(EndToEndProbe):
-    """`EndToEndProbe` over final latents: ``psnr`` / ``psnr_min`` (`latent_psnr`), no SSIM."""
+    """`EndToEndProbe` over final latents: ``psnr`` / ``psnr_min`` (`latent_psnr`). With the
+    checkpoint's ``vae`` it also decodes them as the pipeline does and scores the frames:
+    ``frame_psnr`` (mean over videos) and ``ssim`` (`video_metrics`); the decoded reference is
+    made once, from the cached reference latents."""
 
     names: tuple[str, ...] = ("psnr", "psnr_min")
 
+    def __init__(self, *args: Any, vae: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.vae = vae
+        if vae is not None:
+            from fpstune.models.wan import decode
+
+            self.names = (*type(self).names, "frame_psnr", "ssim")
+            self.reference_frames = decode(vae, self.reference)
+
     def _scores(self, out: torch.Tensor) -> tuple[list[float], dict[str, float]]:
-        return latent_psnr(out, self.reference), {}
+        extra: dict[str, float] = {}
+        if self.vae is not None:
+            from fpstune.models.wan import decode
+
+            m = video_metrics(decode(self.vae, out), self.reference_frames)
+            extra = {"frame_psnr": math.fsum(m["psnr"]) / len(m["psnr"]), "ssim": m["ssim"]}
+        return latent_psnr(out, self.reference), extra
 
 
 def replay_probe(
@@ -217,7 +236,8 @@ def replay_probe(
 ) -> ReplayProbe:
     """The end-to-end probe of a diffusers Wan checkpoint, from a capture's replay record: the
     record's videos of ``seeds`` (each must be one of the record's), its steps and guidance;
-    BF16 weights on a GPU, float32 on the CPU (as `fpstune capture` runs)."""
+    BF16 weights on a GPU, float32 on the CPU (as `fpstune capture` runs); the checkpoint's VAE
+    (float32) when it has one, for frame metrics."""
     from fpstune.errors import BadInput
     from fpstune.models import wan
     from fpstune.models.capture import load_record
@@ -247,7 +267,8 @@ def replay_probe(
             [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files],
         ]
     )
-    return ReplayProbe(transformer, conditions, sampling, key=key)
+    vae = wan.load_vae(root, device=device, dtype=torch.float32) if wan.has_vae(root) else None
+    return ReplayProbe(transformer, conditions, sampling, key=key, vae=vae)
 
 
 __all__ = [

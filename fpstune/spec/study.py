@@ -35,7 +35,7 @@ from .space import Float, Frozen, KernelSpace, NonNegInt, PosInt, ScheduleSpace,
 if TYPE_CHECKING:
     import optuna
 
-Metric = Literal["latency_ms", "rel_l2", "rel_l1", "cosine", "psnr", "ssim", "lpips"]
+Metric = Literal["latency_ms", "rel_l2", "rel_l1", "cosine", "psnr", "frame_psnr", "ssim", "lpips"]
 Direction = Literal["minimize", "maximize"]
 
 #: Which way each known metric gets better; an objective against it is refused as a typo.
@@ -45,6 +45,7 @@ NATURAL_DIRECTION: dict[str, Direction] = {
     "rel_l1": "minimize",
     "cosine": "maximize",
     "psnr": "maximize",
+    "frame_psnr": "maximize",
     "ssim": "maximize",
     "lpips": "minimize",
 }
@@ -350,11 +351,17 @@ class EndToEndSpec(Frozen):
     For a checkpoint adapter that replays a capture (``wan-diffusers``): ``weights`` is the
     checkpoint directory, ``calibration.source`` a capture with its replay record, ``seeds``
     some of the record's seeds; the record's steps and guidance are used, and the final latents
-    compared (``psnr``, ``psnr_min``; no ``ssim``)."""
+    compared (``psnr``, ``psnr_min``); a checkpoint with a VAE also has its decoded frames
+    compared (``frame_psnr``, ``ssim``).
+
+    Every trial runs the probe only when an objective or constraint names one of its metrics;
+    otherwise the section is for `fpstune export --verify-e2e` alone, which holds the pick to
+    ``min_psnr`` (dB of ``psnr``) when no psnr objective or constraint sets a bar."""
 
     seeds: tuple[NonNegInt, ...] = (0, 1, 2, 3)
     guidance: Annotated[float, Field(ge=1.0, le=30.0, allow_inf_nan=False)] = 5.0
     weights: str | None = None
+    min_psnr: Annotated[float, Field(gt=0.0, le=100.0, allow_inf_nan=False)] | None = None
 
     @field_validator("seeds")
     @classmethod
@@ -498,9 +505,7 @@ class StudySpec(Frozen):
             _check_record_e2e(self)
         elif (w := self.end_to_end and self.end_to_end.weights) and Path(w).is_dir():
             raise at("end_to_end.weights", "expected a .safetensors file, got a directory")
-        produced = {"latency_ms", "rel_l2", "cosine"} | (
-            set() if self.end_to_end is None else {"psnr"} if from_record else {"psnr", "ssim"}
-        )
+        produced = {"latency_ms", "rel_l2", "cosine"} | _end_to_end_metrics(self, from_record)
         named: tuple[tuple[str, Sequence[Objective | Constraint]], ...] = (
             ("objectives", self.objectives),
             ("constraints", self.constraints),
@@ -514,7 +519,9 @@ class StudySpec(Frozen):
                         f"(it measures {', '.join(sorted(produced))}"
                         + (
                             "; add an end_to_end section for psnr/ssim)"
-                            if item.name in ("psnr", "ssim")
+                            if item.name in ("psnr", "ssim") and self.end_to_end is None
+                            else "; frame_psnr and ssim need a checkpoint with a vae/ folder)"
+                            if item.name in ("frame_psnr", "ssim")
                             else ")"
                         ),
                     )
@@ -533,6 +540,21 @@ class StudySpec(Frozen):
             check_tiles=self.latency.target is None,
         )
         return self
+
+
+def _end_to_end_metrics(spec: StudySpec, from_record: bool) -> set[str]:
+    """What the end-to-end probe measures: pixels' psnr and ssim (the mini); a replayed
+    checkpoint's latent psnr, plus its decoded frames' frame_psnr and ssim when it has a VAE."""
+    e2e = spec.end_to_end
+    if e2e is None:
+        return set()
+    if not from_record:
+        return {"psnr", "ssim"}
+    from fpstune.models.wan import has_vae
+
+    return {"psnr"} | (
+        {"frame_psnr", "ssim"} if e2e.weights and has_vae(Path(e2e.weights)) else set()
+    )
 
 
 def _check_record_e2e(spec: StudySpec) -> None:

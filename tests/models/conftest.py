@@ -103,3 +103,19 @@ def full_pipeline_dir(pipeline_dir: Path, tmp_path_factory: pytest.TempPathFacto
     root = tmp_path_factory.mktemp("wan") / "tiny-wan-full"
     pipe.save_pretrained(root)
     return root
+
+
+@pytest.fixture(scope="session")
+def pipeline64_dir(full_pipeline_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`full_pipeline_dir` with a head_dim-64 transformer (a head_dim the kernels take): the
+    folder a user captures, tunes and applies a policy to, end to end."""
+    from diffusers import WanPipeline, WanTransformer3DModel
+
+    torch.manual_seed(0)
+    transformer = WanTransformer3DModel(**{**CONFIG, "attention_head_dim": 64, "ffn_dim": 64})
+    pipe = WanPipeline.from_pretrained(
+        full_pipeline_dir, transformer=transformer, local_files_only=True
+    )
+    root = tmp_path_factory.mktemp("wan") / "tiny-wan-64"
+    pipe.save_pretrained(root)
+    return root

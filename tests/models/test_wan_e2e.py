@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,50 +14,57 @@ import pytest
 import torch
 import yaml
 from shared_helpers import fpstune
-from wan_helpers import CONFIG, LATENT
+from wan_helpers import FRAMES, HEIGHT, WIDTH
 
 from fpstune.cli import main
 from fpstune.kernels import AttentionSpec, Mode
+from fpstune.kernels.policy import Policy
 from fpstune.models import adapters
-from fpstune.models.capture import initial_latents, record_path
-from fpstune.models.loop import Conditions, Sampling
-from fpstune.models.prompts import load_prompt_embeds
+from fpstune.models.capture import record_path
 from fpstune.quality.e2e import PSNR_CAP, latent_psnr
 from fpstune.spec import BadInput, load_study
 
 ROOT = Path(__file__).resolve().parents[2]
 SEEDS = (0, 1)
 STEPS = 2
+PROMPT = ("--prompt", "a cat runs", "--negative-prompt", "blurry")
 TARGET = {"heads": 12, "head_dim": 128, "grid": [21, 45, 80], "layers": 30, "steps": 50}
 
 
 @pytest.fixture(scope="module")
-def captured(tmp_path_factory: pytest.TempPathFactory, prompt_file: Path) -> tuple[Path, Path]:
-    """(checkpoint, calibration): the tiny Wan at head_dim 64 (a head_dim the kernels take),
-    captured over 2 steps, seeds 0 and 1, with its replay record."""
-    from diffusers import UniPCMultistepScheduler, WanTransformer3DModel
-
-    root = tmp_path_factory.mktemp("wan64")
-    ckpt = root / "tiny-wan"
-    torch.manual_seed(0)
-    WanTransformer3DModel(**{**CONFIG, "attention_head_dim": 64, "ffn_dim": 64}).save_pretrained(
-        ckpt / "transformer"
-    )
-    UniPCMultistepScheduler(
-        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
-    ).save_config(ckpt / "scheduler")
-    adapter = adapters.get("wan-diffusers")
-    transformer, scheduler = adapter.load(ckpt)
-    pos, neg = load_prompt_embeds(
-        prompt_file, text_dim=int(CONFIG["text_dim"]), videos=len(SEEDS), guided=True
-    )
-    conditions = Conditions(initial_latents(SEEDS, LATENT), pos, neg)
-    out = root / "calib.safetensors"
-    adapter.capture(
-        transformer, Sampling(scheduler, STEPS, 5.0), conditions, out=out, name="tiny-wan",
-        seeds=SEEDS,
+def captured(tmp_path_factory: pytest.TempPathFactory, pipeline64_dir: Path) -> tuple[Path, Path]:
+    """(checkpoint, calibration): a complete tiny WanPipeline folder (head_dim 64, VAE, UMT5)
+    captured by ``fpstune capture`` from prompt text over 2 steps, seeds 0 and 1."""
+    out = tmp_path_factory.mktemp("capture") / "calib.safetensors"
+    run = fpstune(
+        "capture", str(pipeline64_dir), "-o", str(out), *PROMPT, "--height", str(HEIGHT),
+        "--width", str(WIDTH), "--frames", str(FRAMES), "--steps", str(STEPS),
+        "--seeds", ",".join(map(str, SEEDS)), "--device", "cpu", cwd=out.parent,
     )  # fmt: skip
-    return ckpt, out
+    assert run.returncode == 0, run.stderr
+    assert record_path(out).is_file()
+    return pipeline64_dir, out
+
+
+#: A user's script: generate with and without `fpstune.apply`, then after `fpstune.remove`.
+APPLY = f"""
+import json, sys, torch, fpstune
+from diffusers import WanPipeline
+pipe = WanPipeline.from_pretrained(sys.argv[1], local_files_only=True)
+def generate():
+    return pipe("a cat runs", negative_prompt="blurry", height={HEIGHT}, width={WIDTH},
+                num_frames={FRAMES}, num_inference_steps={STEPS}, guidance_scale=5.0,
+                generator=torch.Generator().manual_seed(0), output_type="latent").frames
+bf16 = generate()
+fpstune.apply(pipe, sys.argv[2], allow_other_gpu=True)  # latencies: the H100 table
+tuned = generate()
+calls = pipe.transformer._fpstune.router.calls
+fpstune.remove(pipe)
+again = generate()
+print(json.dumps({{"calls": sorted([list(k) + [n] for k, n in calls.items()]),
+                  "differs": not torch.equal(tuned, bf16),
+                  "removed_is_bf16": torch.equal(again, bf16)}}))
+"""
 
 
 def _study(tmp_path: Path, ckpt: Path, calibration: str, **extra: object) -> Path:
@@ -79,7 +88,7 @@ def _study(tmp_path: Path, ckpt: Path, calibration: str, **extra: object) -> Pat
         },
         "objectives": [
             {"name": "latency_ms", "direction": "minimize"},
-            {"name": "psnr", "direction": "maximize"},
+            {"name": "frame_psnr", "direction": "maximize"},
         ],
         "constraints": [{"name": "psnr", "min": 10.0}],
         "sampler": {"name": "random", "seed": 0},
@@ -133,7 +142,9 @@ def test_probe_replays_the_record_and_scores_latents(captured: tuple[Path, Path]
         seeds=(1,), steps=STEPS, guidance=5.0, device="cpu", weights=str(ckpt),
         record=str(record_path(calibration)),
     )  # fmt: skip
-    assert probe.names == ("psnr", "psnr_min")  # no SSIM of latents
+    # latents' psnr; the checkpoint has a VAE, so its decoded frames' psnr and ssim too
+    assert probe.names == ("psnr", "psnr_min", "frame_psnr", "ssim")
+    assert probe.reference_frames.shape == (1, 3, FRAMES, HEIGHT, WIDTH)
     from fpstune.kernels.fingerprint import current_fingerprint
     from fpstune.kernels.policy import Policy
 
@@ -142,10 +153,12 @@ def test_probe_replays_the_record_and_scores_latents(captured: tuple[Path, Path]
     dense = probe.measure(
         Policy(model=model, hardware=hw, default=AttentionSpec(mode=Mode.BF16_DENSE))
     )
-    assert dense.values == {"psnr": PSNR_CAP, "psnr_min": PSNR_CAP}
+    exact = {"psnr": PSNR_CAP, "psnr_min": PSNR_CAP, "frame_psnr": PSNR_CAP}
+    assert dense.values == {**exact, "ssim": pytest.approx(1.0, abs=1e-6)}
     fp8 = AttentionSpec(mode=Mode.FP8_DENSE)
-    lossy = probe.measure(Policy(model=model, hardware=hw, default=fp8))
-    assert 20.0 < lossy.values["psnr"] < PSNR_CAP
+    lossy = probe.measure(Policy(model=model, hardware=hw, default=fp8)).values
+    assert 20.0 < lossy["psnr"] < PSNR_CAP
+    assert 20.0 < lossy["frame_psnr"] < PSNR_CAP and 0.5 < lossy["ssim"] < 1.0
 
 
 def test_study_run_and_export_verify_e2e(captured: tuple[Path, Path], tmp_path: Path) -> None:
@@ -167,19 +180,36 @@ def test_study_run_and_export_verify_e2e(captured: tuple[Path, Path], tmp_path: 
     args = ["export", str(study), "--storage", url, "-o", str(out), "--verify-e2e", "1"]
     ok = fpstune(*args, cwd=tmp_path, env=env)
     assert ok.returncode == 0, ok.stderr
-    assert "end-to-end psnr verified" in ok.stdout
+    assert "end-to-end psnr verified" in ok.stdout  # the study's bar: its psnr constraint
     provenance = yaml.safe_load(out.read_text())["provenance"]
     verified = provenance["remeasured"]["e2e_psnr_verified"]
     assert 10.0 < verified <= PSNR_CAP
     assert "verified on 1 seed [0]" in provenance["notes"]
 
+    # the exported policy in the user's own pipeline, in a fresh process
+    applied = subprocess.run(
+        [sys.executable, "-c", APPLY, str(ckpt), str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert applied.returncode == 0, applied.stderr
+    result = json.loads(applied.stdout.splitlines()[-1])
+    policy = Policy.load(out, allow_other_gpu=True)
+    lossy = any(
+        policy.spec(layer=layer, step=step).mode != Mode.BF16_DENSE
+        for layer in range(2) for step in range(STEPS)
+    )  # fmt: skip
+    # every (layer, step) routed, twice: the pipeline's two CFG passes
+    assert result["calls"] == [[layer, step, 2] for layer in range(2) for step in range(STEPS)]
+    assert result["differs"] == lossy and lossy  # the pick runs FP8 somewhere, and it shows
+    assert result["removed_is_bf16"]
+
     high = tmp_path / "high.yaml"
-    bar = ["--trial", "0", "--min-quality", "200"]
+    bar = ["--trial", "0", "--min-quality", "200"]  # on the frame_psnr objective
     refused = fpstune(*args[:4], "-o", str(high), "--verify-e2e", "1", *bar, cwd=tmp_path, env=env)
     assert refused.returncode == 2
     line = refused.stderr.strip()
     assert "\n" not in line and not high.exists()
-    assert line.startswith("error: --verify-e2e: trial 0: end-to-end psnr ")
+    assert line.startswith("error: --verify-e2e: trial 0: end-to-end frame_psnr ")
     assert "misses the bar 200 dB by " in line and line.endswith("no policy written")
 
 

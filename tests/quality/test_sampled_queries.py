@@ -153,3 +153,25 @@ def test_the_greedy_baseline_refuses_a_set_of_sampled_queries(full: CalibrationS
         f"s.yaml: calibration.source: the greedy baseline scores every query row; this set holds "
         f"{rows.numel()} of {full.meta.tokens} (captured with --max-tokens)"
     )
+
+
+def test_a_relative_path_keeps_its_own_shards(
+    full: CalibrationSet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`finish` removes older sets' shard folders, never its own: on Python >= 3.12 mkdtemp
+    returns an absolute path while a relative ``-o``'s folder lists relative ones."""
+    import os
+    import tempfile
+
+    monkeypatch.chdir(tmp_path)
+    mkdtemp = tempfile.mkdtemp
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda **kw: os.path.abspath(mkdtemp(**kw)))
+    older = tmp_path / "rel.cells-zzzzzzzz"
+    older.mkdir()
+    writer = CellWriter("rel.safetensors")
+    for (layer, step), (q, k, v) in full:
+        writer.write(layer, step, q, k, v)
+    writer.finish(full.meta, None)
+    assert not older.exists()
+    got = load_calibration(tmp_path / "rel.safetensors", model=SHAPE)
+    assert all(torch.equal(got.tensors[n], t) for n, t in full.tensors.items())
