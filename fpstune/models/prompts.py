@@ -28,9 +28,13 @@ def load_prompt_embeds(
     """(prompt, negative or None) from ``path``, each with batch ``videos``."""
     from safetensors import SafetensorError, safe_open
 
+    from fpstune.safetensors_check import check_safetensors
+
     where = str(path)
     if not Path(path).is_file():
         raise BadInput(f"{where}: no such prompt embeddings file")
+    # the header from the bytes first: dtypes, declared sizes (the library would allocate them)
+    check_safetensors(path, what="prompt embeddings file", error=BadInput, cap=2**30)
     try:
         with safe_open(where, framework="pt") as f:
             tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118

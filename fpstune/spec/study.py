@@ -35,19 +35,18 @@ from .space import Float, Frozen, KernelSpace, NonNegInt, PosInt, ScheduleSpace,
 if TYPE_CHECKING:
     import optuna
 
-Metric = Literal["latency_ms", "rel_l2", "rel_l1", "cosine", "psnr", "frame_psnr", "ssim", "lpips"]
+#: What fpstune measures (a study measures the subset its probes produce: `StudySpec` checks).
+Metric = Literal["latency_ms", "rel_l2", "cosine", "psnr", "frame_psnr", "ssim"]
 Direction = Literal["minimize", "maximize"]
 
 #: Which way each known metric gets better; an objective against it is refused as a typo.
 NATURAL_DIRECTION: dict[str, Direction] = {
     "latency_ms": "minimize",
     "rel_l2": "minimize",
-    "rel_l1": "minimize",
     "cosine": "maximize",
     "psnr": "maximize",
     "frame_psnr": "maximize",
     "ssim": "maximize",
-    "lpips": "minimize",
 }
 
 Stage = Literal["kernel", "schedule"]

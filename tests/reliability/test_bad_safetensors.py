@@ -124,3 +124,20 @@ def test_bad_weights_as_a_user_runs_it(what: str, tmp_path: Path) -> None:
     start = time.monotonic()
     out = fpstune(*RUN, cwd=tmp_path, timeout=120)
     _check(out.returncode, out.stderr, field, "sparse", tmp_path, time.monotonic() - start)
+
+
+@pytest.mark.parametrize("kind", ["float8", "sparse-100g", "pickle"])
+def test_bad_prompt_embeddings_are_one_line(kind: str, tmp_path: Path) -> None:
+    """``fpstune capture --prompt-embeds`` reads its file through the same gate."""
+    from fpstune.errors import BadInput
+    from fpstune.models.prompts import load_prompt_embeds
+
+    make, expected = MAKERS[kind]
+    path = tmp_path / "embeds.safetensors"
+    make(path)
+    t0 = time.monotonic()
+    with pytest.raises(BadInput) as e:
+        load_prompt_embeds(path, text_dim=16, videos=1, guided=False)
+    assert time.monotonic() - t0 < 10
+    assert str(e.value).startswith(str(path)) and expected in str(e.value)
+    assert "\n" not in str(e.value)
