@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import typer
 
-from fpstune.cli_capture import capture_cmd
+from fpstune.cli.capture import capture_cmd
 from fpstune.models import wan
 from fpstune.models.capture import load_record, record_path, replay
 from fpstune.quality.calibration import load_calibration

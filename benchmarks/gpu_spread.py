@@ -54,9 +54,9 @@ def measure_here(configs: list[dict[str, Any]], repeats: int) -> dict[str, Any]:
     """In a child process that sees one GPU: every config ``repeats`` times, interleaved."""
     import torch
 
-    from fpstune.evaluators import KernelEvaluator
     from fpstune.kernels.fingerprint import device_identity
     from fpstune.latency.table import AttentionShape
+    from fpstune.stages.evaluators import KernelEvaluator
 
     device = torch.device("cuda")
     evaluators: dict[str, KernelEvaluator] = {}

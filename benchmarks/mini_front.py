@@ -26,7 +26,7 @@ import numpy as np
 import optuna
 from optuna._hypervolume import compute_hypervolume
 
-from fpstune.trial_writes import counts_toward_budget
+from fpstune.run.trial_writes import counts_toward_budget
 
 
 def search_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
@@ -70,12 +70,12 @@ def recomposed(study_file: str) -> Any:
     import torch
 
     from fpstune import __version__
-    from fpstune.evaluators import schedule_latency
     from fpstune.kernels.fingerprint import current_fingerprint
     from fpstune.kernels.policy import Policy, Provenance
     from fpstune.latency.compose import CallLatency, compose_with
-    from fpstune.space.schedule import schedule_from_params
     from fpstune.spec import load_study
+    from fpstune.stages.evaluators import schedule_latency
+    from fpstune.stages.schedule_space import schedule_from_params
 
     spec = load_study(study_file)
     model = spec.model

@@ -42,7 +42,7 @@ step noise && {
 echo "== noise: one config measured 10 times (1x12x75600x128, fp8_sparse window 90%)"
 python3 - <<'PY' 2>&1 | tee "$OUT/noise.log"
 import statistics, torch
-from fpstune.evaluators import KernelEvaluator
+from fpstune.stages.evaluators import KernelEvaluator
 from fpstune.latency.table import AttentionShape
 shape = AttentionShape(batch=1, heads=12, head_dim=128, grid=(21, 45, 80))
 ev = KernelEvaluator(shape, device=torch.device("cuda"), warmup=10, reps=50, rotate_inputs=True)

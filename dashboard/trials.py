@@ -103,7 +103,7 @@ def trial_policy(trial: FrozenTrial, spec: StudySpec | None) -> Policy | None:
         return None
     from fpstune.kernels.fingerprint import current_fingerprint
     from fpstune.kernels.policy import Provenance
-    from fpstune.space.schedule import schedule_from_params
+    from fpstune.stages.schedule_space import schedule_from_params
 
     try:
         return schedule_from_params(

@@ -13,14 +13,14 @@ def apply(
 ) -> Any:
     """Make a diffusers pipeline (or its transformer) run ``policy`` (a `Policy` or a policy
     file); see `fpstune.models.apply.apply`."""
-    from .models.apply import apply as _apply
+    from fpstune.models.apply import apply as _apply
 
     return _apply(target, policy, fuse_rope=fuse_rope, allow_other_gpu=allow_other_gpu)
 
 
 def remove(target: Any) -> Any:
     """Undo `apply`; see `fpstune.models.apply.remove`."""
-    from .models.apply import remove as _remove
+    from fpstune.models.apply import remove as _remove
 
     return _remove(target)
 

@@ -1,3 +1,3 @@
-from fpstune.cli import main
+from fpstune.cli.commands import main
 
 main()

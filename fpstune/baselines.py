@@ -29,15 +29,14 @@ from typing import Any
 import optuna
 import torch
 
+from fpstune.errors import BadInput
 from fpstune.kernels import AttentionSpec, Mode, attention, default_tile
 from fpstune.kernels.fingerprint import current_fingerprint
 from fpstune.kernels.policy import ModelShape, Policy, PolicyEntry
-
-from .errors import BadInput
-from .quality.calibration import CalibrationSet
-from .space.schedule import phase_params
-from .spec.space import ScheduleSpace
-from .trial_writes import constraint_system_attrs, user_attrs_of
+from fpstune.quality.calibration import CalibrationSet
+from fpstune.run.trial_writes import constraint_system_attrs, user_attrs_of
+from fpstune.spec.space import ScheduleSpace
+from fpstune.stages.schedule_space import phase_params
 
 NAMES = ("fp8_dense_all", "fpsattention_3phase", "sta_window", "ditfastattn_greedy")
 BF16 = AttentionSpec(mode=Mode.BF16_DENSE)
@@ -225,11 +224,11 @@ def run_baselines(
 ) -> dict[str, dict[str, float]]:
     """`fpstune baselines`: evaluate the four baselines with the study's schedule evaluator and
     store them in its schedule study (created if the search has not run yet)."""
-    from .evaluators import ScheduleEvaluator, build_evaluator
-    from .quality.e2e import EndToEndProbe
-    from .quality.probe import AttentionProbe
-    from .spec import load_study
-    from .storage import open_storage, retry_db
+    from fpstune.quality.e2e import EndToEndProbe
+    from fpstune.quality.probe import AttentionProbe
+    from fpstune.spec import load_study
+    from fpstune.stages.evaluators import ScheduleEvaluator, build_evaluator
+    from fpstune.storage import open_storage, retry_db
 
     spec = load_study(study_file)
     evaluator = build_evaluator(spec, stage="schedule", device=device)

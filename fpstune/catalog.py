@@ -12,14 +12,13 @@ import optuna
 import sqlalchemy as sa
 from optuna.trial import FrozenTrial, TrialState
 
+from fpstune.errors import BadInput
 from fpstune.kernels import Mode
 from fpstune.kernels.policy import Policy
-
-from .errors import BadInput
-from .latency.table import LatencyRecord, LatencyTable, create_engine
-from .spec.study import StudySpec, load_study
-from .storage import controller_lock, mask_url, open_existing_storage, retry_db
-from .trial_attrs import is_feasible, metric_names
+from fpstune.latency.table import LatencyRecord, LatencyTable, create_engine
+from fpstune.spec.study import StudySpec, load_study
+from fpstune.storage import controller_lock, mask_url, open_existing_storage, retry_db
+from fpstune.trial_attrs import is_feasible, metric_names
 
 #: One character per mode in `describe_policy`'s grid: upper case dense, lower case sparse.
 MODE_CODES: dict[Mode, str] = {

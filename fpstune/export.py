@@ -11,20 +11,19 @@ import optuna
 import torch
 
 from fpstune import __version__
+from fpstune.catalog import load_study_by_ref
+from fpstune.errors import BadInput
 from fpstune.kernels.fingerprint import HardwareFingerprint, current_fingerprint
 from fpstune.kernels.policy import Policy
-
-from .catalog import load_study_by_ref
-from .errors import BadInput
-from .evaluation import CandidateError
-from .evaluators import build_evaluator, end_to_end_probe
-from .latency.e2e import measure_policy_run
-from .latency.table import stored_latency_table
-from .outputs import check_output
-from .pinning import pin_kernels
-from .spec.study import StudySpec
-from .storage import mask_url
-from .trial_attrs import metric_names
+from fpstune.latency.e2e import measure_policy_run
+from fpstune.latency.table import stored_latency_table
+from fpstune.outputs import check_output
+from fpstune.pinning import pin_kernels
+from fpstune.spec.study import StudySpec
+from fpstune.stages.evaluation import CandidateError
+from fpstune.stages.evaluators import build_evaluator, end_to_end_probe
+from fpstune.storage import mask_url
+from fpstune.trial_attrs import metric_names
 
 LATENCY = "latency_ms"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import BadInput
+from fpstune.errors import BadInput
 
 
 def check_output(path: Path, *, option: str = "-o") -> None:

@@ -38,7 +38,7 @@ from optuna.storages._rdb import models  # the heartbeat table (no public API)
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
-from .errors import BadInput
+from fpstune.errors import BadInput
 
 DEFAULT_STORAGE = "sqlite:///fpstune.db"
 #: Seconds a storage call keeps retrying a transient database failure before giving up.

@@ -10,13 +10,13 @@ from typing import Any
 import pytest
 import torch
 
-from fpstune.evaluation import CandidateError
-from fpstune.evaluators import KernelEvaluator, ScheduleEvaluator, build_evaluator
 from fpstune.kernels import AttentionSpec, KernelConfig, Mode, attention
 from fpstune.kernels.fingerprint import HardwareFingerprint
 from fpstune.kernels.policy import ModelShape, Policy, PolicyEntry, Provenance
 from fpstune.latency import AttentionShape, LatencyTable, TableLatency, Timing, compose
 from fpstune.quality import AttentionProbe, CalibrationSet, synthetic_calibration
+from fpstune.stages.evaluation import CandidateError
+from fpstune.stages.evaluators import KernelEvaluator, ScheduleEvaluator, build_evaluator
 
 H100 = HardwareFingerprint(
     gpu="NVIDIA H100 80GB HBM3",

@@ -3,7 +3,7 @@ composed from it."""
 
 from __future__ import annotations
 
-from .compose import (
+from fpstune.latency.compose import (
     CallCost,
     CallLatency,
     ComposedLatency,
@@ -12,8 +12,8 @@ from .compose import (
     compose,
     compose_with,
 )
-from .measure import Timing, measure, summarize
-from .table import (
+from fpstune.latency.measure import Timing, measure, summarize
+from fpstune.latency.table import (
     AttentionShape,
     LatencyRow,
     LatencyTable,

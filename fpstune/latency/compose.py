@@ -31,9 +31,8 @@ import torch
 
 from fpstune.kernels import AttentionSpec, Mode, attention
 from fpstune.kernels.fingerprint import HardwareFingerprint, current_fingerprint
-
-from .measure import MIN_SAMPLE_MS, measure, warm_gpu
-from .table import AttentionShape, LatencyTable, NoLatencyRow, Source, resolve_spec
+from fpstune.latency.measure import MIN_SAMPLE_MS, measure, warm_gpu
+from fpstune.latency.table import AttentionShape, LatencyTable, NoLatencyRow, Source, resolve_spec
 
 _EPS = 1e-6
 

@@ -9,8 +9,7 @@ import torch
 
 from fpstune.kernels import attention
 from fpstune.kernels.policy import Policy
-
-from .measure import Timing, summarize
+from fpstune.latency.measure import Timing, summarize
 
 
 @dataclass(frozen=True)

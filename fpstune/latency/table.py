@@ -39,8 +39,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from fpstune.kernels import AttentionSpec, KernelConfig, Mode, default_config, default_tile
 from fpstune.kernels.atomic import write_text
 from fpstune.kernels.fingerprint import GPU_TYPE_FIELDS, HardwareFingerprint
-
-from .measure import CPU_METHOD, Timing
+from fpstune.latency.measure import CPU_METHOD, Timing
 
 Source = Literal["measured", "estimated"]
 SOURCES: tuple[str, ...] = ("measured", "estimated")

@@ -15,9 +15,8 @@ from typing import Any, Literal
 
 from fpstune.kernels import AttentionSpec
 from fpstune.kernels.fingerprint import HardwareFingerprint
-
-from .compose import CallCost, TableLatency
-from .table import AttentionShape
+from fpstune.latency.compose import CallCost, TableLatency
+from fpstune.latency.table import AttentionShape
 
 
 class TargetShapeLatency:

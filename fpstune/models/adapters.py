@@ -36,11 +36,10 @@ from fpstune.errors import one_line
 from fpstune.kernels.policy import ModelShape
 
 if TYPE_CHECKING:
+    from fpstune.models.capture import Capture, ReplayRecord
+    from fpstune.models.loop import Conditions, Sampling
+    from fpstune.models.router import AttentionRouter
     from fpstune.quality.probe import QualityProbe
-
-    from .capture import Capture, ReplayRecord
-    from .loop import Conditions, Sampling
-    from .router import AttentionRouter
 
 ENTRY_POINT_GROUP = "fpstune.adapters"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -267,7 +266,7 @@ class _WanFamily:
         return isinstance(transformer, WanTransformer3DModel)
 
     def install(self, transformer: Any, router: AttentionRouter, *, fuse_rope: bool = True) -> int:
-        from .processor import install
+        from fpstune.models.processor import install
 
         return install(transformer, router, fuse_rope=fuse_rope)
 
@@ -276,8 +275,8 @@ class _WanFamily:
         processors give way to diffusers' own."""
         from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
-        from .apply import applied, remove
-        from .processor import WanSelfAttention
+        from fpstune.models.apply import applied, remove
+        from fpstune.models.processor import WanSelfAttention
 
         if applied(transformer) is not None:
             remove(transformer)
@@ -294,14 +293,14 @@ class _WanFamily:
         *,
         on_step: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
-        from .loop import denoise
+        from fpstune.models.loop import denoise
 
         return denoise(transformer, router, conditions, sampling, on_step=on_step)
 
     def replay(
         self, transformer: Any, record: ReplayRecord, router: AttentionRouter | None = None
     ) -> torch.Tensor:
-        from .capture import replay
+        from fpstune.models.capture import replay
 
         return replay(transformer, record, router)
 
@@ -319,7 +318,7 @@ class _WanFamily:
         max_tokens: int | None = None,
         on_step: Callable[[int], None] | None = None,
     ) -> Capture:
-        from .capture import capture
+        from fpstune.models.capture import capture
 
         return capture(
             transformer,
@@ -378,7 +377,7 @@ class WanDiffusersAdapter(_WanFamily):
         return replay_probe(checkpoint=weights, record=record, seeds=tuple(seeds), device=device)
 
     def config(self, path: str | os.PathLike[str] | None) -> Mapping[str, Any]:
-        from .wan import transformer_config
+        from fpstune.models.wan import transformer_config
 
         if path is None:
             raise NoModel(f"adapter {self.name} needs a checkpoint directory")
@@ -395,7 +394,7 @@ class WanDiffusersAdapter(_WanFamily):
         steps: int,
         cfg: int,
     ) -> ModelShape:
-        from .wan import model_shape
+        from fpstune.models.wan import model_shape
 
         return model_shape(
             config, name=name, height=height, width=width, frames=frames, steps=steps, cfg=cfg
@@ -408,7 +407,7 @@ class WanDiffusersAdapter(_WanFamily):
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> tuple[Any, Any]:
-        from .wan import load_wan
+        from fpstune.models.wan import load_wan
 
         if path is None:
             raise NoModel(f"adapter {self.name} needs a checkpoint directory")
@@ -423,7 +422,7 @@ class MiniAdapter(_WanFamily):
     end_to_end = True
 
     def config(self, path: str | os.PathLike[str] | None) -> Mapping[str, Any]:
-        from .mini import MINI_CONFIG
+        from fpstune.models.mini import MINI_CONFIG
 
         return dict(MINI_CONFIG)
 
@@ -438,7 +437,7 @@ class MiniAdapter(_WanFamily):
         steps: int,
         cfg: int,
     ) -> ModelShape:
-        from .wan import VaeScale, model_shape
+        from fpstune.models.wan import VaeScale, model_shape
 
         return model_shape(
             config,
@@ -458,13 +457,13 @@ class MiniAdapter(_WanFamily):
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> tuple[Any, Any]:
-        from .mini import build_mini, sampling
+        from fpstune.models.mini import build_mini, sampling
 
         model = build_mini(weights=None if path is None else Path(path), device=device)
         return model.to(dtype=dtype), sampling().scheduler
 
     def serves(self, transformer: Any) -> bool:
-        from .mini import MINI_CONFIG
+        from fpstune.models.mini import MINI_CONFIG
 
         if not super().serves(transformer):
             return False

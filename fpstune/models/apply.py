@@ -30,10 +30,9 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
 from fpstune.kernels.policy import Policy
-
-from . import adapters
-from .processor import install, patch_grid
-from .router import AttentionRouter
+from fpstune.models import adapters
+from fpstune.models.processor import install, patch_grid
+from fpstune.models.router import AttentionRouter
 
 HOOK_NAME = "fpstune"
 

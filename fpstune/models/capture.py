@@ -34,6 +34,9 @@ import torch
 
 from fpstune.errors import BadInput
 from fpstune.kernels.atomic import replacing
+from fpstune.models.loop import Conditions, Sampling, denoise
+from fpstune.models.processor import install, patch_grid
+from fpstune.models.router import AttentionRouter
 from fpstune.quality.calibration import (
     CalibrationMeta,
     Cell,
@@ -42,10 +45,6 @@ from fpstune.quality.calibration import (
     query_rows,
     read_safetensors,
 )
-
-from .loop import Conditions, Sampling, denoise
-from .processor import install, patch_grid
-from .router import AttentionRouter
 
 RECORD_VERSION = 1
 RECORD_KEY = "fpstune_replay"

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from .processor import patch_grid
-from .router import AttentionRouter
+from fpstune.models.processor import patch_grid
+from fpstune.models.router import AttentionRouter
 
 
 @dataclass(frozen=True)

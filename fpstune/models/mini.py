@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from .loop import Conditions, Sampling
-from .videos import PromptTable, random_prompts
+from fpstune.models.loop import Conditions, Sampling
+from fpstune.models.videos import PromptTable, random_prompts
 
 FRAMES, HEIGHT, WIDTH = 5, 24, 32
 GRID = (5, 12, 16)
@@ -72,7 +72,7 @@ def build_mini(
                 f"{path}: mini model weights not found (train them with `fpstune model "
                 "train-mini` on a GPU, or reinstall fpstune)"
             )
-        from ..safetensors_check import check_safetensors
+        from fpstune.safetensors_check import check_safetensors
 
         check_safetensors(path, what="mini model weights", error=ValueError)
         state = load_file(str(path))
@@ -109,7 +109,7 @@ def conditions(seeds: Sequence[int], *, guidance: bool = True) -> Conditions:
         gen = torch.Generator().manual_seed(int(seed))
         prompts.append(random_prompts(1, generator=gen).ids)
         latents.append(torch.randn(1, 3, FRAMES, HEIGHT, WIDTH, generator=gen))
-    from .videos import Prompts
+    from fpstune.models.videos import Prompts
 
     ids = Prompts(torch.cat(prompts))
     emb = table.embed(ids, device="cpu")

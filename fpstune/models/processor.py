@@ -16,8 +16,7 @@ from typing import Any
 import torch
 
 from fpstune.kernels.rope import rotary
-
-from .router import AttentionRouter
+from fpstune.models.router import AttentionRouter
 
 
 class WanSelfAttention:

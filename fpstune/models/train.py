@@ -20,8 +20,16 @@ from typing import Any
 
 import torch
 
-from .mini import FLOW_SHIFT, FRAMES, HEIGHT, MINI_CONFIG, WIDTH, build_mini, prompt_table
-from .videos import random_prompts, render
+from fpstune.models.mini import (
+    FLOW_SHIFT,
+    FRAMES,
+    HEIGHT,
+    MINI_CONFIG,
+    WIDTH,
+    build_mini,
+    prompt_table,
+)
+from fpstune.models.videos import random_prompts, render
 
 DROP_PROMPT = 0.1
 

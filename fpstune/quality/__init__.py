@@ -3,7 +3,7 @@ that score a policy with them."""
 
 from __future__ import annotations
 
-from .calibration import (
+from fpstune.quality.calibration import (
     CalibrationError,
     CalibrationMeta,
     CalibrationSet,
@@ -15,8 +15,8 @@ from .calibration import (
     synthetic_calibration,
     tensor_name,
 )
-from .metrics import METRICS, Metric, compare, cosine, rel_l2
-from .probe import AttentionProbe, QualityProbe, QualityResult
+from fpstune.quality.metrics import METRICS, Metric, compare, cosine, rel_l2
+from fpstune.quality.probe import AttentionProbe, QualityProbe, QualityResult
 
 __all__ = [
     "METRICS",

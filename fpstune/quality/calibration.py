@@ -576,7 +576,7 @@ def read_safetensors(
     line naming the file, e.g. ``x: no such calibration file``) when it is missing or not one."""
     from safetensors import SafetensorError, safe_open
 
-    from ..safetensors_check import check_safetensors
+    from fpstune.safetensors_check import check_safetensors
 
     where = str(path)
     check_safetensors(path, what=what, error=error)  # dtypes, sizes: before any tensor is read

@@ -29,13 +29,12 @@ from typing import Any
 
 import torch
 
-from fpstune.evaluation import CandidateError
 from fpstune.kernels import InfeasibleConfig, SpecError
 from fpstune.models.loop import Conditions, Sampling, denoise
 from fpstune.models.processor import install
 from fpstune.models.router import AttentionRouter
-
-from .probe import QualityResult
+from fpstune.quality.probe import QualityResult
+from fpstune.stages.evaluation import CandidateError
 
 PSNR_CAP = 100.0
 DATA_RANGE = 2.0

@@ -30,12 +30,11 @@ from typing import Any, Protocol
 import torch
 
 from fpstune.errors import one_line
-from fpstune.evaluation import CandidateError
 from fpstune.kernels import AttentionSpec, InfeasibleConfig, Mode, SpecError, attention
 from fpstune.kernels.config import default_tile
-
-from .calibration import CalibrationSet, Cell
-from .metrics import compare
+from fpstune.quality.calibration import CalibrationSet, Cell
+from fpstune.quality.metrics import compare
+from fpstune.stages.evaluation import CandidateError
 
 AttentionFn = Callable[..., torch.Tensor]
 REFERENCE = AttentionSpec(mode=Mode.BF16_DENSE)

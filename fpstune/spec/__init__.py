@@ -6,9 +6,9 @@ and the field (the CLI exits with status 2 on it).
 
 from __future__ import annotations
 
-from .loading import BadInput, read_mapping
-from .space import FloatParam, IntParam, KernelSpace, ScheduleSpace
-from .study import (
+from fpstune.spec.loading import BadInput, read_mapping
+from fpstune.spec.space import FloatParam, IntParam, KernelSpace, ScheduleSpace
+from fpstune.spec.study import (
     CalibrationSpec,
     Constraint,
     LatencySpec,

@@ -3,11 +3,11 @@
 Two kinds, told apart by ``kind``:
 
 - `KernelSpace` (``kind: kernel``): the kernel-level grid per GPU and attention shape: modes,
-  sparsity buckets, patterns, 3D tiles and launch configs. `fpstune.space.kernel` removes the
+  sparsity buckets, patterns, 3D tiles and launch configs. `fpstune.stages.kernel_space` removes the
   infeasible points and turns the rest into Optuna suggestions.
 - `ScheduleSpace` (``kind: schedule``): compact parameters of a per-(step, layer) schedule: phase
   boundaries, per-phase sparsity, pattern, tile, dense first/last layers and per-layer-group
-  sparsity offsets. `fpstune.space.schedule` turns them into a `Policy`.
+  sparsity offsets. `fpstune.stages.schedule_space` turns them into a `Policy`.
 
 A searched parameter (`FloatParam`, `IntParam`) is written either as a range ``{low, high,
 step}`` (``step`` optional for floats, 1 for ints) or as a list of choices (``[0.5, 0.75]`` or
@@ -35,8 +35,7 @@ from pydantic_core import PydanticCustomError
 
 from fpstune.kernels import Mode, Pattern
 from fpstune.kernels.config import is_block_size
-
-from .loading import show
+from fpstune.spec.loading import show
 
 # -- shared building blocks ------------------------------------------------------------------
 
@@ -214,7 +213,7 @@ class KernelSpace(_SourcedFrozen):
     Buckets are (mode, sparsity, pattern): one per dense mode (``bf16_dense`` is measured as the
     SDPA baseline, with nothing to tune), and one per sparsity x pattern for each sparse mode.
     Within a bucket the search runs over tile x launch config; points the runtime's feasibility
-    check refuses are removed before any trial (see `fpstune.space.kernel`).
+    check refuses are removed before any trial (see `fpstune.stages.kernel_space`).
     """
 
     kind: Literal["kernel"]
@@ -380,7 +379,7 @@ class LayerSpace(Frozen):
 
 
 class ScheduleSpace(_SourcedFrozen):
-    """Schedule-level search space (``kind: schedule``); see `fpstune.space.schedule`."""
+    """Schedule-level search space (``kind: schedule``); see `fpstune.stages.schedule_space`."""
 
     kind: Literal["schedule"]
     phases: PhaseSpace = PhaseSpace()

@@ -28,9 +28,17 @@ from pydantic import Field, PrivateAttr, Strict, ValidationInfo, field_validator
 
 from fpstune.errors import one_line
 from fpstune.kernels.policy import ModelShape
-
-from .loading import BadInput, load_model, read_mapping, show, validate
-from .space import Float, Frozen, KernelSpace, NonNegInt, PosInt, ScheduleSpace, at, tile_key
+from fpstune.spec.loading import BadInput, load_model, read_mapping, show, validate
+from fpstune.spec.space import (
+    Float,
+    Frozen,
+    KernelSpace,
+    NonNegInt,
+    PosInt,
+    ScheduleSpace,
+    at,
+    tile_key,
+)
 
 if TYPE_CHECKING:
     import optuna
@@ -605,7 +613,7 @@ def _where(space: KernelSpace | ScheduleSpace, study_file: str, field: str) -> t
 
 
 def _check_kernel_space(space: KernelSpace, model: ModelSpec, *, file: str, prefix: str) -> None:
-    from fpstune.space.kernel import bucket_points, kernel_buckets
+    from fpstune.stages.kernel_space import bucket_points, kernel_buckets
 
     for bucket in kernel_buckets(space):
         bucket_points(space, model.head_dim, bucket, file=file, prefix=prefix)
@@ -624,7 +632,7 @@ def _check_schedule_space(
 ) -> None:
     """Everything a schedule can run must be in the latency table the kernel stage fills."""
     from fpstune.kernels import Mode
-    from fpstune.space.kernel import feasible_kernel_points
+    from fpstune.stages.kernel_space import feasible_kernel_points
 
     if schedule.layers.groups > model.layers:
         raise BadInput(

@@ -15,11 +15,11 @@ from typing import Any, Literal
 import optuna
 from optuna.trial import TrialState
 
-from fpstune.candidates import ScheduleSource
 from fpstune.kernels import Policy
 from fpstune.latency.compose import compose
 from fpstune.latency.table import packaged_table, shipped_tables
 from fpstune.spec.study import StudySpec, load_study
+from fpstune.stages.candidates import ScheduleSource
 
 ROOT = Path(__file__).resolve().parents[2]
 MINI = ROOT / "studies" / "mini.yaml"

@@ -184,8 +184,9 @@ r = annotate_storage(optuna.storages.RDBStorage({url!r}),
                      artifact_store=FileSystemArtifactStore(store), storage_label="x")
 assert r.artifacts > 0, r
 render_html(report_info("mini", storage_url={url!r}))
-print(sorted(m for m in ("ray", "fpstune.worker", "fpstune.controller", "fpstune.evaluators",
-                         "fpstune.export") if m in sys.modules))
+heavy = ("ray", "fpstune.run.worker", "fpstune.run.controller", "fpstune.stages.evaluators",
+         "fpstune.export")
+print(sorted(m for m in heavy if m in sys.modules))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

@@ -12,20 +12,21 @@ import optuna
 import pytest
 import torch
 
-from fpstune import evaluators, latency_check
-from fpstune.candidates import ScheduleSource
 from fpstune.catalog import study_status
 from fpstune.errors import BadInput
-from fpstune.evaluators import build_evaluator, schedule_latency
 from fpstune.export import export_policy
 from fpstune.kernels import AttentionSpec, Mode
 from fpstune.kernels.fingerprint import HardwareFingerprint
 from fpstune.kernels.policy import Policy
 from fpstune.latency.table import AttentionShape, packaged_table, shipped_tables
-from fpstune.latency_check import check_schedule_latency, kernel_trial_seconds
+from fpstune.run import preflight as latency_check
+from fpstune.run.preflight import check_schedule_latency, kernel_trial_seconds
+from fpstune.run.trial_writes import user_attrs_of
 from fpstune.spec.study import load_study
+from fpstune.stages import evaluators
+from fpstune.stages.candidates import ScheduleSource
+from fpstune.stages.evaluators import build_evaluator, schedule_latency
 from fpstune.trial_attrs import metric_names
-from fpstune.trial_writes import user_attrs_of
 
 ROOT = Path(__file__).resolve().parents[2]
 STUDIES = ROOT / "studies"
@@ -45,7 +46,8 @@ def _on_gpu(monkeypatch: pytest.MonkeyPatch, fp: HardwareFingerprint) -> torch.d
 def test_a_shape_without_rows_is_one_line_exit_2_before_ray_or_storage(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from fpstune import cli, runner
+    from fpstune.cli import commands as cli
+    from fpstune.run import runner
 
     def no_ray(*args: Any) -> None:
         raise AssertionError("Ray was started")

@@ -20,16 +20,16 @@ from fpstune.baselines import (
     reference_cells,
     run_baselines,
 )
-from fpstune.evaluators import build_evaluator
 from fpstune.kernels import AttentionSpec, Mode, default_tile
 from fpstune.kernels.fingerprint import current_fingerprint
 from fpstune.kernels.policy import Policy, Provenance
 from fpstune.latency.table import AttentionShape
 from fpstune.models import mini
 from fpstune.quality.e2e import PSNR_CAP, EndToEndProbe, video_metrics
-from fpstune.space import schedule_from_params
 from fpstune.spec import load_study
 from fpstune.spec.space import FloatParam
+from fpstune.stages.evaluators import build_evaluator
+from fpstune.stages.schedule_space import schedule_from_params
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from wan_helpers import FRAMES, GRID, HEIGHT, LATENT, STEPS, WIDTH
 
-from fpstune.cli import main
+from fpstune.cli.commands import main
 from fpstune.kernels import AttentionSpec, Mode
 from fpstune.models import wan
 from fpstune.models.capture import capture, initial_latents, load_record, record_path, replay

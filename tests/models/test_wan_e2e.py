@@ -16,7 +16,7 @@ import yaml
 from shared_helpers import fpstune
 from wan_helpers import FRAMES, HEIGHT, WIDTH
 
-from fpstune.cli import main
+from fpstune.cli.commands import main
 from fpstune.kernels import AttentionSpec, Mode
 from fpstune.kernels.policy import Policy
 from fpstune.models import adapters

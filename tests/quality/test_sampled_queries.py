@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fpstune.evaluation import CandidateError
 from fpstune.kernels import AttentionSpec, attention
 from fpstune.kernels.policy import ModelShape
 from fpstune.quality import AttentionProbe, compare, load_calibration, synthetic_calibration
@@ -22,6 +21,7 @@ from fpstune.quality.calibration import (
     query_rows,
     save_calibration,
 )
+from fpstune.stages.evaluation import CandidateError
 
 SHAPE = ModelShape(name="s", heads=2, head_dim=32, layers=2, grid=(4, 8, 8), steps=4, cfg=2)
 BOX = (2, 4, 4)

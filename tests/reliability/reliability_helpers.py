@@ -64,7 +64,7 @@ def run_main(
 ) -> tuple[int, str, str]:
     """``fpstune ARGS`` in this process, through the script's own entry point: exit status,
     stdout, stderr (read through ``capsys``, or, for a module-wide fixture, redirected)."""
-    from fpstune.cli import main
+    from fpstune.cli.commands import main
 
     monkeypatch.chdir(cwd)
     monkeypatch.setattr(sys, "argv", ["fpstune", *args])

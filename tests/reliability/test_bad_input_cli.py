@@ -1,8 +1,9 @@
 """Bad input through the real CLI: every case exits 2 with exactly one line on stderr that names
 the file (or option) and the field, no traceback, and leaves the storage as it was.
 
-The corpus runs in-process through `fpstune.cli.main` (the entry point the ``fpstune`` script
-calls); a sample runs as a real subprocess, which is what proves "no traceback" for a user.
+The corpus runs in-process through `fpstune.cli.commands.main` (the entry point the
+``fpstune`` script calls); a sample runs as a real subprocess, which is what proves "no
+traceback" for a user.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ from reliability_helpers import CHEAP, H100, ROOT, fpstune, run_main
 from safetensors.torch import save_file
 from shared_helpers import ALIAS_BOMB
 
-from fpstune.candidates import ScheduleSource
 from fpstune.quality.calibration import META_KEY, save_calibration, synthetic_calibration
 from fpstune.spec.study import load_study
+from fpstune.stages.candidates import ScheduleSource
 
 SERVICE = ROOT / "tests" / "service" / "data"
 

@@ -1,6 +1,6 @@
 """The trial budget is the storage's promise (issue 24, item 3): two controllers on one study,
 run at once as a user runs them, end with exactly the budget of COMPLETE trials, over repeated
-runs — on one PostgreSQL study (the budget claim, `fpstune.budget`), and on one SQLite file
+runs — on one PostgreSQL study (the budget claim, `fpstune.run.budget`), and on one SQLite file
 reached through a symlink (the one-controller lock resolves the real path)."""
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from optuna.trial import TrialState
 from reliability_helpers import CHEAP, ROOT
 from service_helpers import fill_latency_table
 
+from fpstune.run.trial_writes import counts_toward_budget
 from fpstune.spec.study import load_study
-from fpstune.trial_writes import counts_toward_budget
 
 pytestmark = pytest.mark.slow
 

@@ -22,7 +22,7 @@ from reliability_helpers import H100, TINY, fill_latency_table, fpstune, run_mai
 
 from fpstune import __version__
 from fpstune.catalog import MODE_CODES, mode_grid
-from fpstune.cli import app
+from fpstune.cli.commands import app
 from fpstune.kernels import Mode
 from fpstune.kernels.policy import Policy, PolicyError
 from fpstune.spec.study import load_study
@@ -73,7 +73,7 @@ class Hide(MetaPathFinder):
 HIDDEN = set(sys.argv[1:])
 sys.meta_path.insert(0, Hide())
 sys.argv = ["fpstune", "--help"]
-from fpstune.cli import main
+from fpstune.cli.commands import main
 main()
 """
 

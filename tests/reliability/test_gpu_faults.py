@@ -14,8 +14,8 @@ import torch
 import yaml
 from reliability_helpers import CHEAP
 
+from fpstune.run.worker import Worker
 from fpstune.spec.study import load_study
-from fpstune.worker import Worker
 
 pytestmark = [
     pytest.mark.gpu,
@@ -75,11 +75,11 @@ def test_triton_compile_error_fails_the_candidate_and_the_worker_survives(
     before launch) is switched off so a config the FP8 kernel cannot be built for (P·V with
     block_n=16: an FP8 dot needs K >= 32) reaches the compiler. The trial fails with the
     compiler's reason; the worker runs on."""
-    import fpstune.evaluators
     import fpstune.kernels.api
+    import fpstune.stages.evaluators
 
     worker, good = _kernel_worker(tmp_path)
-    monkeypatch.setattr(fpstune.evaluators, "infeasibility", lambda *a, **k: [])
+    monkeypatch.setattr(fpstune.stages.evaluators, "infeasibility", lambda *a, **k: [])
     monkeypatch.setattr(fpstune.kernels.api, "check_feasible", lambda *a, **k: None)
     bad = copy.deepcopy(good)
     bad["spec"]["kernel"] = {"block_m": 64, "block_n": 16, "num_warps": 4, "num_stages": 2}

@@ -22,13 +22,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reliability_helpers import CHEAP, run_main
 
-from fpstune.candidates import ScheduleSource
 from fpstune.kernels import AttentionSpec, Mode, attention
 from fpstune.kernels.fingerprint import GPU_TYPE_FIELDS, SOFTWARE_FIELDS
 from fpstune.kernels.policy import ModelShape, Policy, PolicyError, PolicyWarning
 from fpstune.kernels.tiling import TileLayout
 from fpstune.spec import BadInput
 from fpstune.spec.study import load_space, load_study
+from fpstune.stages.candidates import ScheduleSource
 
 PROPERTY = settings(
     max_examples=60,

@@ -31,12 +31,12 @@ from reliability_helpers import (
     start_fpstune,
 )
 
-from fpstune.candidates import ScheduleSource
-from fpstune.controller import Controller
-from fpstune.evaluation import Evaluation
 from fpstune.quality.calibration import save_calibration, synthetic_calibration, tensor_name
+from fpstune.run.controller import Controller
+from fpstune.run.worker import Worker
 from fpstune.spec.study import StudySpec, load_study
-from fpstune.worker import Worker
+from fpstune.stages.candidates import ScheduleSource
+from fpstune.stages.evaluation import Evaluation
 
 ILLEGAL = {  # block_m must be a power of two: the runtime refuses this before any launch
     "mode": "fp8_dense",

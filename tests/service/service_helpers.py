@@ -7,8 +7,8 @@ from pathlib import Path
 from fpstune.kernels.fingerprint import HardwareFingerprint
 from fpstune.latency.measure import Timing
 from fpstune.latency.table import AttentionShape, LatencyTable
-from fpstune.space.kernel import bucket_points, kernel_buckets
 from fpstune.spec.study import StudySpec
+from fpstune.stages.kernel_space import bucket_points, kernel_buckets
 
 DATA = Path(__file__).parent / "data"
 TINY = DATA / "tiny.yaml"

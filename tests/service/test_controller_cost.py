@@ -7,9 +7,9 @@ import pytest
 import sqlalchemy as sa
 from service_helpers import fill_latency_table
 
-import fpstune.controller
-from fpstune.candidates import ScheduleSource
-from fpstune.controller import Controller
+import fpstune.run.controller
+from fpstune.run.controller import Controller
+from fpstune.stages.candidates import ScheduleSource
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -24,7 +24,7 @@ def test_a_trial_costs_a_bounded_number_of_transactions(
     sqlite_url: str, tiny, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Periodic heartbeats and recounts are per second, not per trial: none in this short run.
-    monkeypatch.setattr(fpstune.controller, "HEARTBEAT_S", 3600)
+    monkeypatch.setattr(fpstune.run.controller, "HEARTBEAT_S", 3600)
     fill_latency_table(sqlite_url, tiny)
     budget = 8
     controller = Controller(

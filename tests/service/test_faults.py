@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 from service_helpers import TINY, fill_latency_table
 from shared_helpers import evaluating_workers
 
-from fpstune.runner import run_study
+from fpstune.run.runner import run_study
 
 
 def test_worker_killed_mid_trial_is_replaced_and_its_trial_rerun(ray_cluster, sqlite_url, tiny):

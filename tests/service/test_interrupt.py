@@ -22,14 +22,14 @@ import pytest
 from optuna.trial import TrialState
 from service_helpers import DATA, TINY, fill_latency_table
 
-from fpstune import runner
 from fpstune.catalog import study_status
-from fpstune.cli import INTERRUPTED, INTERRUPTED_RESUMABLE
-from fpstune.controller import _signals_deferred
-from fpstune.pool import WorkerStartError
+from fpstune.cli.commands import INTERRUPTED, INTERRUPTED_RESUMABLE
+from fpstune.run import runner
+from fpstune.run.controller import _signals_deferred
+from fpstune.run.pool import WorkerStartError
 from fpstune.spec.study import load_study
 
-CLI = [sys.executable, "-c", "from fpstune.cli import main; main()"]
+CLI = [sys.executable, "-c", "from fpstune.cli.commands import main; main()"]
 SLOW = DATA / "interrupt.yaml"  # trials of about a second
 MINI = Path(__file__).parents[2] / "studies" / "mini.yaml"  # its workers start on a new file
 
@@ -121,8 +121,8 @@ def test_ctrl_c_during_start_up_leaves_no_database_file(tmp_path: Path) -> None:
 
 
 def _handles_sigterm(pid: int) -> bool:
-    """`fpstune.cli.main` has installed its handlers (Python itself catches only SIGINT), and
-    not yet dropped them (it ignores signals once the command is over)."""
+    """`fpstune.cli.commands.main` has installed its handlers (Python itself catches only
+    SIGINT), and not yet dropped them (it ignores signals once the command is over)."""
     with contextlib.suppress(OSError):
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith("SigCgt:"):

@@ -12,7 +12,7 @@ import torch
 from fpstune.export import export_policy
 from fpstune.kernels.policy import Policy, PolicyError
 from fpstune.latency import AttentionShape
-from fpstune.runner import run_study
+from fpstune.run.runner import run_study
 from fpstune.spec.study import load_study
 
 MINI = Path(__file__).resolve().parents[2] / "studies" / "mini.yaml"

@@ -8,8 +8,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-import fpstune.progress
-from fpstune.progress import StudyProgress
+import fpstune.run.progress
+from fpstune.run.progress import StudyProgress
 
 
 class _Study:
@@ -34,7 +34,7 @@ def _trial(state: TrialState) -> optuna.trial.FrozenTrial:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     now = [1000.0]
-    monkeypatch.setattr(fpstune.progress.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(fpstune.run.progress.time, "monotonic", lambda: now[0])
     return now
 
 

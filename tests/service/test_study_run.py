@@ -12,11 +12,11 @@ import ray
 from optuna.trial import TrialState
 from service_helpers import TEST_GPU, TINY, fill_latency_table
 
-from fpstune.candidates import ScheduleSource
-from fpstune.controller import Controller
 from fpstune.export import export_policy
 from fpstune.kernels.policy import Policy
-from fpstune.runner import run_study
+from fpstune.run.controller import Controller
+from fpstune.run.runner import run_study
+from fpstune.stages.candidates import ScheduleSource
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -118,7 +118,7 @@ def test_export_validate_load_round_trip(sqlite_url: str, tiny, tmp_path: Path) 
 def test_controllers_of_one_run_share_the_pool(sqlite_url: str, tiny) -> None:
     """Controllers given one pool (a kernel stage: one per bucket) use the same worker processes
     and leave them running; closing the pool ends those processes."""
-    from fpstune.pool import WorkerPool
+    from fpstune.run.pool import WorkerPool
 
     fill_latency_table(sqlite_url, tiny)
     pool = WorkerPool(tiny, "schedule", sqlite_url, 2)

@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 from optuna.trial import TrialState
 
-from fpstune.trial_writes import TrialWriter, constraint_system_attrs, tell_values
+from fpstune.run.trial_writes import TrialWriter, constraint_system_attrs, tell_values
 
 USER = {"candidate": {"policy": {"entries": [1, 2]}}, "latency_source": "table", "n": 3}
 CONS = {"rel_l2": -0.05, "cosine": 0.01}

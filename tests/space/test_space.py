@@ -16,17 +16,16 @@ from hypothesis import strategies as st
 from fpstune.kernels import AttentionSpec, KernelConfig, Mode, Pattern, infeasibility
 from fpstune.kernels.fingerprint import HardwareFingerprint
 from fpstune.kernels.policy import ModelShape, Policy, Provenance
-from fpstune.space import (
+from fpstune.spec import FloatParam, IntParam, ScheduleSpace, StudySpec, load_study
+from fpstune.spec.space import aspect_key, tile_key
+from fpstune.stages.kernel_space import (
     KernelBucket,
     feasible_kernel_points,
     kernel_buckets,
     kernel_from_params,
-    schedule_from_params,
     suggest_kernel,
-    suggest_schedule,
 )
-from fpstune.spec import FloatParam, IntParam, ScheduleSpace, StudySpec, load_study
-from fpstune.spec.space import aspect_key, tile_key
+from fpstune.stages.schedule_space import schedule_from_params, suggest_schedule
 
 ROOT = Path(__file__).resolve().parents[2]
 MINI = load_study(ROOT / "studies" / "mini.yaml")
@@ -247,7 +246,7 @@ def test_suggest_schedule_gives_valid_policies(study: StudySpec, sampler: str) -
 def test_suggest_schedule_builds_through_schedule_from_params(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import fpstune.space.schedule as schedule
+    import fpstune.stages.schedule_space as schedule
 
     calls: list[dict[str, Any]] = []
     real = schedule.schedule_from_params
@@ -603,9 +602,9 @@ def test_kernel_buckets_with_head_dim_checks_feasibility() -> None:
 
 
 def test_kernel_stage_measures_the_runtime_default_first() -> None:
-    from fpstune.candidates import KernelSource
     from fpstune.kernels.config import default_config, default_tile
-    from fpstune.space.kernel import kernel_buckets, kernel_from_params
+    from fpstune.stages.candidates import KernelSource
+    from fpstune.stages.kernel_space import kernel_buckets, kernel_from_params
 
     model = WAN.model
     for bucket in kernel_buckets(WAN.kernel_space, model.head_dim):

@@ -32,7 +32,7 @@ def baselines_cmd(
     baselines already stored; they do not count toward the search budget."""
     import torch
 
-    from .baselines import run_baselines
+    from fpstune.baselines import run_baselines
 
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     results = run_baselines(study_file, storage_url=storage, threshold=threshold, device=dev)

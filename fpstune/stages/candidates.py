@@ -6,9 +6,9 @@ from typing import Any, Literal, Protocol
 
 import optuna
 
-from .space.kernel import Bucket, default_params, suggest_kernel
-from .space.schedule import suggest_schedule
-from .spec.study import StudySpec
+from fpstune.spec.study import StudySpec
+from fpstune.stages.kernel_space import Bucket, default_params, suggest_kernel
+from fpstune.stages.schedule_space import suggest_schedule
 
 
 class CandidateSource(Protocol):
@@ -42,7 +42,7 @@ class ScheduleSource:
         space holds, evaluated before the sampler's picks, each with its ``queued_as`` label."""
         if not self.spec.sampler.start_from_baselines:
             return []
-        from .baselines import baseline_params
+        from fpstune.baselines import baseline_params
 
         found = baseline_params(self.spec.schedule_space, self.spec.model.shape())
         return [(params, f"baseline {name}") for name, params in found.items()]

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from fpstune.errors import one_line
-from fpstune.evaluation import CandidateError, Evaluation
 from fpstune.kernels import (
     AttentionSpec,
     DeviceLimits,
@@ -34,16 +33,15 @@ from fpstune.kernels import (
     infeasibility,
 )
 from fpstune.kernels.fingerprint import HardwareFingerprint, current_fingerprint, same_gpu_type
-
-from .latency.compose import (
+from fpstune.latency.compose import (
     CallLatency,
     MeasuredLatency,
     TableLatency,
     compose_with,
     latency_provenance,
 )
-from .latency.measure import CPU_METHOD, GPU_WARMUP_S, measure, warm_gpu
-from .latency.table import (
+from fpstune.latency.measure import CPU_METHOD, GPU_WARMUP_S, measure, warm_gpu
+from fpstune.latency.table import (
     AttentionShape,
     LatencyTable,
     NoLatencyRow,
@@ -52,17 +50,18 @@ from .latency.table import (
     resolve_spec,
     shipped_tables,
 )
-from .latency.target import TargetShapeLatency
-from .quality.calibration import (
+from fpstune.latency.target import TargetShapeLatency
+from fpstune.quality.calibration import (
     CalibrationSet,
     check_fits,
     load_calibration,
     synthetic_calibration,
 )
-from .quality.probe import AttentionProbe, QualityProbe
+from fpstune.quality.probe import AttentionProbe, QualityProbe
+from fpstune.stages.evaluation import CandidateError, Evaluation
 
 if TYPE_CHECKING:
-    from .spec.study import StudySpec
+    from fpstune.spec.study import StudySpec
 
 LATENCY = "latency_ms"
 _MODEL_FIELDS = ("heads", "head_dim", "layers", "grid", "steps", "cfg")
@@ -329,8 +328,8 @@ def end_to_end_probe(
 ) -> QualityProbe:
     """The study's end-to-end quality probe over ``seeds``; an adapter that replays a capture
     (``end_to_end_from_record``) gets the replay record beside ``calibration.source``."""
-    from .models import adapters
-    from .models.capture import record_path
+    from fpstune.models import adapters
+    from fpstune.models.capture import record_path
 
     e2e, model = spec.end_to_end, spec.model
     if e2e is None:

@@ -30,20 +30,20 @@ import optuna
 import ray
 from optuna.trial import TrialState
 
-from .budget import claim_slot
-from .candidates import CandidateSource
-from .latency.table import LatencyTable
-from .pool import WorkerPool
-from .progress import StudyProgress
-from .spec.study import StudySpec
-from .storage import open_storage, requeue_interrupted, retry_db
-from .trial_writes import (
+from fpstune.latency.table import LatencyTable
+from fpstune.run.budget import claim_slot
+from fpstune.run.pool import WorkerPool
+from fpstune.run.progress import StudyProgress
+from fpstune.run.trial_writes import (
     TrialWriter,
     constraint_system_attrs,
     counts_toward_budget,
     tell_values,
     user_attrs_of,
 )
+from fpstune.spec.study import StudySpec
+from fpstune.stages.candidates import CandidateSource
+from fpstune.storage import open_storage, requeue_interrupted, retry_db
 
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 5
@@ -350,7 +350,7 @@ class Controller:
         return ref, _Pending(trial, actor, candidate)
 
     def _ask(self) -> optuna.Trial | None:
-        """`Study.ask` inside a claim on the budget (`fpstune.budget`): however many
+        """`Study.ask` inside a claim on the budget (`fpstune.run.budget`): however many
         controllers share the study, no more trials run or complete than the budget."""
         study_id = self.study._study_id
         with claim_slot(self.storage.engine, study_id, self.budget) as free:

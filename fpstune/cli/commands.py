@@ -20,9 +20,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Annotated, Any
 
-from . import __version__
-from .errors import BAD_INPUT_ERRORS, BadInput
-from .outputs import check_output
+from fpstune import __version__
+from fpstune.errors import BAD_INPUT_ERRORS, BadInput
+from fpstune.outputs import check_output
 
 try:  # the tuner's packages: without the [tune] extra, say what to install
     import optuna
@@ -34,9 +34,9 @@ except ModuleNotFoundError as e:
     )
     sys.exit(2)
 
-from .cli_baselines import baselines_cmd
-from .cli_capture import capture_cmd
-from .cli_model import model_app
+from fpstune.cli.baselines import baselines_cmd
+from fpstune.cli.capture import capture_cmd
+from fpstune.cli.model import model_app
 
 
 def _help_without_command(ctx: typer.Context) -> None:
@@ -158,7 +158,7 @@ def study_run(
     ] = None,
 ) -> None:
     """Run (or resume) a study until it has its budget of complete trials."""
-    from .runner import run_study
+    from fpstune.run.runner import run_study
 
     if timeout is not None and not timeout > 0:
         raise BadInput(f"--timeout: must be more than 0 seconds, got {timeout:g}")
@@ -192,7 +192,7 @@ def study_status(
     study: StudyArg, storage: StorageOpt = DEFAULT_STORAGE, as_json: JsonOpt = False
 ) -> None:
     """Trials by state, the front and the best values of a study."""
-    from .catalog import study_status as status
+    from fpstune.catalog import study_status as status
 
     info = status(study, storage_url=storage)
     if as_json:
@@ -207,7 +207,7 @@ def study_status(
 @study_app.command("list")
 def study_list(storage: StorageOpt = DEFAULT_STORAGE, as_json: JsonOpt = False) -> None:
     """All studies in the storage."""
-    from .catalog import list_studies
+    from fpstune.catalog import list_studies
 
     _emit(list_studies(storage_url=storage), as_json)
 
@@ -217,7 +217,7 @@ def study_trials(
     study: StudyArg, storage: StorageOpt = DEFAULT_STORAGE, as_json: JsonOpt = False
 ) -> None:
     """Every trial of a study: number, state, values, feasibility and parameters."""
-    from .catalog import study_trials as trials
+    from fpstune.catalog import study_trials as trials
 
     _emit(trials(study, storage_url=storage), as_json)
 
@@ -227,7 +227,7 @@ def study_best(
     study: StudyArg, storage: StorageOpt = DEFAULT_STORAGE, as_json: JsonOpt = False
 ) -> None:
     """The best trials of a study: its feasible Pareto front, fastest first."""
-    from .catalog import study_trials as trials
+    from fpstune.catalog import study_trials as trials
 
     _emit(trials(study, storage_url=storage, best=True), as_json)
 
@@ -242,7 +242,7 @@ def study_delete(
     ] = False,
 ) -> None:
     """Delete a study and its trials (the latency rows its trials measured are kept)."""
-    from .catalog import delete_study, study_size
+    from fpstune.catalog import delete_study, study_size
 
     name, n = study_size(study, storage_url=storage)
     if not yes:
@@ -281,7 +281,7 @@ def export(
     ] = None,
 ) -> None:
     """Pick a feasible Pareto trial (knee point unless bounded), re-check it, write its policy."""
-    from .export import export_policy
+    from fpstune.export import export_policy
 
     check_output(output)
     result = export_policy(
@@ -316,8 +316,7 @@ def policy_validate(
     kernels, this machine's GPU and, with --study, the study's model shape. Warnings (another
     GPU type allowed, other driver or library versions) go to stderr, one line each."""
     from fpstune.kernels.policy import Policy, PolicyError, PolicyWarning
-
-    from .spec.study import load_study
+    from fpstune.spec.study import load_study
 
     model = load_study(study).model.shape() if study is not None else None
     with warnings.catch_warnings(record=True) as caught:
@@ -345,9 +344,8 @@ def _cli_words(message: str) -> str:
 def policy_show(file: Annotated[Path, typer.Argument(help="Policy YAML.")]) -> None:
     """Print a policy's model, hardware, specs and provenance, then a grid of its modes: one row
     per denoising step, one column per layer, one letter per mode (legend below it)."""
+    from fpstune.catalog import describe_policy
     from fpstune.kernels.policy import Policy
-
-    from .catalog import describe_policy
 
     typer.echo(describe_policy(Policy.load(file, hardware=None)))
 
@@ -358,7 +356,7 @@ def latency_export(
     storage: StorageOpt = DEFAULT_STORAGE,
 ) -> None:
     """Write the measured latency table of a storage as JSON (the form shipped in the package)."""
-    from .catalog import measured_latency_table
+    from fpstune.catalog import measured_latency_table
 
     check_output(output)
     n = measured_latency_table(storage).export_json(output)
@@ -502,9 +500,9 @@ def _run_app() -> tuple[int, str | None]:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    from .controller import TooManyFailures
-    from .pool import WorkerStartError
-    from .storage import StorageUnavailable, db_error_line
+    from fpstune.run.controller import TooManyFailures
+    from fpstune.run.pool import WorkerStartError
+    from fpstune.storage import StorageUnavailable, db_error_line
 
     try:
         code = app(standalone_mode=False)

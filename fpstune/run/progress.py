@@ -23,7 +23,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from .trial_writes import counts_toward_budget
+from fpstune.run.trial_writes import counts_toward_budget
 
 # Redraws run on rich's thread and hold the GIL the controller needs; twice a second is plenty.
 _REFRESH_PER_S = 2

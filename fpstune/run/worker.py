@@ -14,12 +14,11 @@ from typing import Any
 import torch
 
 from fpstune.kernels.fingerprint import device_identity
-
-from .evaluation import CandidateError, Evaluation, Evaluator
-from .evaluators import build_evaluator
-from .latency.table import stored_latency_table
-from .spec.study import StudySpec
-from .storage import retry_db
+from fpstune.latency.table import stored_latency_table
+from fpstune.spec.study import StudySpec
+from fpstune.stages.evaluation import CandidateError, Evaluation, Evaluator
+from fpstune.stages.evaluators import build_evaluator
+from fpstune.storage import retry_db
 
 
 class Worker:

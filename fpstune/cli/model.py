@@ -32,7 +32,7 @@ def train_mini_cmd(
     import torch
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from .models.train import train_mini
+    from fpstune.models.train import train_mini
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise typer.BadParameter("no CUDA GPU here (training on a CPU: --device cpu, very slow)")

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from .errors import BadInput
-from .outputs import check_output
+from fpstune.errors import BadInput
+from fpstune.outputs import check_output
 
 if TYPE_CHECKING:
     import torch
@@ -81,9 +81,9 @@ def capture_cmd(
     import torch
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from .models import capture as cap_mod
-    from .models import prompts, wan
-    from .models.loop import Conditions, Sampling
+    from fpstune.models import capture as cap_mod
+    from fpstune.models import prompts, wan
+    from fpstune.models.loop import Conditions, Sampling
 
     if out.suffix != ".safetensors":
         raise BadInput(f"--out: {out}: expected a .safetensors file")

@@ -9,17 +9,17 @@ from pathlib import Path
 
 import ray
 
-from .candidates import CandidateSource, KernelSource, ScheduleSource
-from .controller import Controller, RunSummary, ensure_ray
-from .errors import BadInput
-from .latency_check import check_schedule_latency
-from .models import mini
-from .pool import WorkerPool
-from .quality.calibration import CalibrationError, load_calibration
-from .safetensors_check import check_safetensors
-from .space.kernel import kernel_buckets
-from .spec.study import SYNTHETIC, StudySpec, load_study
-from .storage import (
+from fpstune.errors import BadInput
+from fpstune.models import mini
+from fpstune.quality.calibration import CalibrationError, load_calibration
+from fpstune.run.controller import Controller, RunSummary, ensure_ray
+from fpstune.run.pool import WorkerPool
+from fpstune.run.preflight import check_schedule_latency
+from fpstune.safetensors_check import check_safetensors
+from fpstune.spec.study import SYNTHETIC, StudySpec, load_study
+from fpstune.stages.candidates import CandidateSource, KernelSource, ScheduleSource
+from fpstune.stages.kernel_space import kernel_buckets
+from fpstune.storage import (
     check_reachable,
     check_url,
     controller_lock,

@@ -18,12 +18,10 @@ from pathlib import Path
 import sqlalchemy as sa
 import torch
 
+from fpstune.errors import BadInput, one_line
 from fpstune.kernels import AttentionSpec, Mode
 from fpstune.kernels.fingerprint import current_fingerprint
-
-from .errors import BadInput, one_line
-from .evaluators import schedule_latency
-from .latency.table import (
+from fpstune.latency.table import (
     AttentionShape,
     LatencyRecord,
     LatencyRow,
@@ -33,9 +31,10 @@ from .latency.table import (
     packaged_table,
     shipped_tables,
 )
-from .space.kernel import kernel_buckets
-from .spec.study import StudySpec
-from .storage import mask_url, sqlite_path
+from fpstune.spec.study import StudySpec
+from fpstune.stages.evaluators import schedule_latency
+from fpstune.stages.kernel_space import kernel_buckets
+from fpstune.storage import mask_url, sqlite_path
 
 
 def check_schedule_latency(

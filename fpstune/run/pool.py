@@ -11,8 +11,8 @@ from typing import Any
 
 import ray
 
-from .spec.study import StudySpec
-from .worker import Worker
+from fpstune.run.worker import Worker
+from fpstune.spec.study import StudySpec
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,2 @@
+"""The two search stages (kernel, schedule): where candidates come
+from and how they are evaluated."""
