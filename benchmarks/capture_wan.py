@@ -6,7 +6,9 @@ UniPC scheduler config; the prompt embeddings are random (1, 512, 4096). The run
 the real `capture` command (typer), then replays the record with the transformer alone and
 compares the final latents with the captured ones.
 
-    python benchmarks/capture_wan.py --work /tmp/capture --out result.json   # on the GPU
+    python3 -m benchmarks.capture_wan --work /tmp/capture          # on the GPU
+
+Writes benchmarks/results/<date>-<gpu>-capture_wan.json (``--out`` to choose).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 import typer
 
 from fpstune.cli.capture import capture_cmd
+from fpstune.latency.bench import result_args, write_result
 from fpstune.models import wan
 from fpstune.models.capture import load_record, record_path, replay
 from fpstune.quality.calibration import load_calibration
@@ -65,9 +68,15 @@ def make_checkpoint(root: Path) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--work", type=Path, default=Path("/tmp/capture"))
-    ap.add_argument("--out", type=Path, default=Path("capture_wan.json"))
+    ap = argparse.ArgumentParser(
+        prog="python3 -m benchmarks.capture_wan",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "--work", type=Path, default=Path("/tmp/capture"), help="checkpoint and capture"
+    )
+    result_args(ap)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--layers", default="0,15,29")
     ap.add_argument("--sample-steps", default="0,9")
@@ -117,9 +126,9 @@ def main() -> None:
         "calibration_bytes": cal.stat().st_size,
         "record_bytes": record_path(cal).stat().st_size,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    path = write_result("capture_wan", result, out=args.out, folder=args.results)
     print(json.dumps(result, indent=2))
+    print(f"written: {path}")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,9 @@ DB=$OUT/flow.db
 [ -n "${DB_IN:-}" ] && cp "$DB_IN" "$DB"
 CK=$W/checkpoint
 fp() { (cd "$W" && python3 -m fpstune "$@"); }  # outside the checkout: the installed fpstune
+# benchmarks.* from this checkout, fpstune as installed: -P keeps the checkout's folder off the
+# front of sys.path, so /tmp/site's fpstune (with fpstune.kernels mapped) wins.
+bench() { PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$ROOT python3 -P -m "benchmarks.$1" "${@:2}"; }
 timed() {  # timed NAME CMD...: run, log, record the wall time
   local name=$1; shift; local t0=$EPOCHREALTIME
   "$@" > "$OUT/$name.log" 2>&1; local rc=$?
@@ -97,7 +100,7 @@ EOF
 # lets it run first (its latency rows are keyed by shape and GPU, not by study).
 sed -e 's/^calibration:.*/calibration: {source: synthetic}/' -e '/^end_to_end:/d' "$W/flow.yaml" > "$W/flow-kernel.yaml"
 step kernel && timed kernel fp study run flow-kernel.yaml --stage kernel --storage "sqlite:///$DB" --no-progress
-step ckpt && timed ckpt python3 benchmarks/write_wan_checkpoint.py --model "$MODEL" --out "$CK"
+step ckpt && timed ckpt bench write_wan_checkpoint --model "$MODEL" --out "$CK"
 step capture && timed capture fp capture "$CK" -o calib.safetensors --prompt "a cat runs on the beach" \
   --negative-prompt "blurry" --height "$HEIGHT" --width "$WIDTH" --frames "$FRAMES" --steps "$NSTEPS" \
   --seeds 0 --layers "$LAYERS" --sample-steps "$SAMPLE_STEPS" --max-tokens 4096 \
@@ -105,6 +108,6 @@ step capture && timed capture fp capture "$CK" -o calib.safetensors --prompt "a 
 step schedule && timed schedule fp study run flow.yaml --storage "sqlite:///$DB" --no-progress
 step export && timed export fp export flow.yaml --storage "sqlite:///$DB" -o "$OUT/policy.yaml" --verify-e2e 1 \
   && fp study status flow.yaml --storage "sqlite:///$DB" > "$OUT/status.log" 2>&1
-step pipeline && timed pipeline python3 benchmarks/pipeline_apply.py --checkpoint "$CK" \
+step pipeline && timed pipeline bench pipeline_apply --checkpoint "$CK" \
   --policy "${POLICY:-$OUT/policy.yaml}" --out "$OUT/pipeline.json"
 echo; echo "step	seconds	exit"; cat "$OUT/times.tsv"

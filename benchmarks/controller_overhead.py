@@ -12,7 +12,9 @@ the CPU time of the database's server processes is sampled from /proc (Linux; a 
 machine), so a slow trial can be told apart: controller CPU, server CPU, or waiting for a core.
 
     FPSTUNE_TEST_PG_URL=postgresql+psycopg://fpstune:...@127.0.0.1:5432/postgres \\
-        python benchmarks/controller_overhead.py --workers 8 1 --runs 3 --trials 100
+        python3 -m benchmarks.controller_overhead --workers 8 1 --runs 3 --trials 100
+
+Writes benchmarks/results/<date>-cpu-controller_overhead.json (the controller runs on the CPU).
 """
 
 from __future__ import annotations
@@ -32,12 +34,14 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from fpstune.latency.bench import environment, result_args, write_result
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "tests/service/data/tiny.yaml"
-# The service tests' synthetic latency table, filled by the checkout under test.
+# The service tests' synthetic latency table, filled by the checkout under test (its
+# tests/service on PYTHONPATH).
 _FILL = (
-    "import sys; sys.path.insert(0, 'tests/service'); "
-    "from service_helpers import TINY, fill_latency_table; "
+    "import sys; from service_helpers import TINY, fill_latency_table; "
     "from fpstune.spec.study import load_study; fill_latency_table(sys.argv[1], load_study(TINY))"
 )
 
@@ -83,7 +87,8 @@ def one_run(admin_url: str, workers: int, trials: int, tree: Path = ROOT) -> dic
     url = sa.engine.make_url(admin_url).set(database=name).render_as_string(hide_password=False)
     env = {**os.environ, "PYTHONPATH": str(tree)}  # that checkout's fpstune, Ray workers too
     try:
-        subprocess.run([sys.executable, "-c", _FILL, url], cwd=tree, env=env, check=True)
+        helpers = {**env, "PYTHONPATH": f"{tree}{os.pathsep}{tree / 'tests' / 'service'}"}
+        subprocess.run([sys.executable, "-c", _FILL, url], cwd=tree, env=helpers, check=True)
         cmd = [sys.executable, "-m", "fpstune", "study", "run", TINY, "--storage", url]
         cmd += ["--workers", str(workers), "--trials", str(trials)]
         server = ServerCpu(name)
@@ -112,12 +117,16 @@ def one_run(admin_url: str, workers: int, trials: int, tree: Path = ROOT) -> dic
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="python3 -m benchmarks.controller_overhead",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--workers", type=int, nargs="+", default=[8, 1])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--trials", type=int, default=100)
     ap.add_argument("--pg-url", default=os.environ.get("FPSTUNE_TEST_PG_URL"))
-    ap.add_argument("--out", type=Path, help="also write every run as JSON lines here")
+    result_args(ap)
     ap.add_argument(
         "--tree",
         type=Path,
@@ -128,15 +137,17 @@ def main() -> None:
     args = ap.parse_args()
     if not args.pg_url:
         ap.error("--pg-url (or FPSTUNE_TEST_PG_URL): an admin URL of the PostgreSQL server")
-    rows = []
+    rows: list[dict[str, Any]] = []
+    env = environment("cpu")
+    path = None
     for workers in args.workers:
         for _ in range(args.runs):
             row = one_run(args.pg_url, workers, args.trials, args.tree.resolve())
             rows.append(row)
             print(json.dumps(row), flush=True)
-            if args.out:
-                with args.out.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
+            payload = {"tree": str(args.tree), "rows": rows}
+            path = write_result("controller_overhead", payload, out=args.out,
+                                folder=args.results, env=env)  # fmt: skip
     keys = ["overhead_ms", "overhead_cpu_ms", "sampler_ms", "sampler_cpu_ms"]
     keys += ["server_cpu_ms_per_trial", "elapsed_s", "process_wall_s"]
     print(f"\n{'workers':>7} {'figure':>24} {'median':>8} {'min':>8} {'max':>8}")
@@ -145,6 +156,7 @@ def main() -> None:
         for k in keys:
             v = [r[k] for r in mine]
             print(f"{workers:>7} {k:>24} {statistics.median(v):8.1f} {min(v):8.1f} {max(v):8.1f}")
+    print(f"\nwritten: {path}")
 
 
 if __name__ == "__main__":

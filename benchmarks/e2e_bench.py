@@ -1,4 +1,4 @@
-"""End-to-end speed on the Wan2.1 architecture (issue 7): diffusers' ``WanTransformer3DModel`` at
+"""End-to-end speed on the Wan2.1 architecture: diffusers' ``WanTransformer3DModel`` at
 the Wan2.1-1.3B and -14B configs with random weights (latency does not depend on weight values),
 one transformer forward (batch 1: a CFG step is two) at 480p and 720p.
 
@@ -22,20 +22,19 @@ fraction; tile and kernel config the runtime's defaults at the target grid); eve
 per-step assignment of specs to layers is measured as one forward; the generation is the sum
 over the 50 steps (x2 for CFG), against 50 x 2 SDPA forwards, with its Amdahl bound.
 
-    python benchmarks/e2e_bench.py --out e2e.json                      # all four (~4 min H100)
-    python benchmarks/e2e_bench.py --models 1.3b --res 720p --policy policy.yaml --out e2e.json
-    python benchmarks/e2e_bench.py --models 1.3b --res 720p --kernel gluon_ws --out e2e.json
+    python3 -m benchmarks.e2e_bench                                   # all four (~4 min H100)
+    python3 -m benchmarks.e2e_bench --models 1.3b --res 720p --policy policy.yaml
+    python3 -m benchmarks.e2e_bench --models 1.3b --res 720p --kernel gluon_ws
+
+Writes benchmarks/results/<date>-<gpu>-e2e_bench.json (``--out`` to choose).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 import statistics
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,9 +43,14 @@ import torch
 import torch.nn.functional as F
 
 from fpstune.kernels import AttentionSpec, attention
-
-sys.path.insert(0, str(Path(__file__).parent))
-from kernel_bench import time_op
+from fpstune.latency.bench import (
+    KERNELS,
+    environment,
+    result_args,
+    time_calls,
+    wall_ms,
+    write_result,
+)
 
 CONFIGS = {
     "tiny": {"num_attention_heads": 2, "ffn_dim": 64, "num_layers": 2},  # CPU smoke runs
@@ -63,12 +67,6 @@ LATENTS = {"480p": (21, 60, 104), "720p": (21, 90, 160), "tiny": (2, 8, 8)}
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 TEXT_TOKENS = 512
 SPARSITIES = (0.5, 0.75, 0.9)
-#: --kernel: the fp8 kernel config every fp8 spec runs (None: the runtime's default config)
-KERNELS: dict[str, dict[str, Any] | None] = {
-    "default": None,
-    "gluon_ws": {"block_m": 128, "block_n": 256, "num_warps": 8, "num_stages": 2,
-                 "impl": "gluon_ws"},
-}  # fmt: skip
 
 
 def with_kernel(spec: AttentionSpec, grid: tuple[int, int, int], kernel: str) -> AttentionSpec:
@@ -127,18 +125,7 @@ def build(model: str, device: torch.device) -> Any:
     return m
 
 
-def timed(fn: Callable[[], object], reps: int) -> list[float]:
-    """Wall time per call (ms), each synchronised; one untimed warm-up first."""
-    sync = torch.cuda.synchronize if DEVICE.type == "cuda" else (lambda: None)
-    fn()
-    sync()
-    out = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        sync()
-        out.append((time.perf_counter() - t) * 1e3)
-    return out
+timed = wall_ms  # a whole forward: synchronised wall time per call
 
 
 @functools.cache
@@ -161,12 +148,13 @@ def attention_speedup(grid: tuple[int, int, int], heads: int, spec: AttentionSpe
 
 def op_ms(fn: Callable[[], object]) -> float:
     """Median time per call of one layer's attention. On the GPU, calls are issued back to back
-    (`kernel_bench.time_op`) as inside a forward, where the host runs ahead: synchronising after
-    each call put fpstune's host time (pre-pass and index launches) on the clock, and at 480p
-    made the bound 10 % lower than the step speed-up it bounds (H200 run, 2026-12-03)."""
+    (`fpstune.latency.bench.time_calls`) as inside a forward, where the host runs ahead:
+    synchronising after each call put fpstune's host time (pre-pass and index launches) on the
+    clock, and at 480p made the bound 10 % lower than the step speed-up it bounds (H200 run,
+    2026-12-03)."""
     if DEVICE.type != "cuda":
         return statistics.median(timed(fn, 5))
-    return statistics.median(time_op(fn, budget_s=0.5))
+    return time_calls(fn, budget_s=0.5)[0].median_ms
 
 
 def run_model(
@@ -294,8 +282,12 @@ def generation(
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--out", required=True, type=Path)
+    ap = argparse.ArgumentParser(
+        prog="python3 -m benchmarks.e2e_bench",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
+    result_args(ap)
     ap.add_argument("--models", nargs="+", default=["1.3b", "14b"], choices=list(CONFIGS))
     ap.add_argument("--res", nargs="+", default=["480p", "720p"], choices=list(LATENTS))
     ap.add_argument("--reps", type=int, default=3, help="timed forwards per row (median)")
@@ -312,9 +304,8 @@ def main() -> None:
         for res in args.res:
             use = args.policy if (model, res) == ("1.3b", "720p") else None
             rows.append(run_model(model, res, args.reps, use, args.kernel, args.rope == "fused"))
-    gpu = torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu"
-    env = {"gpu": gpu, "torch": torch.__version__, "kernel": args.kernel, "rope": args.rope}
-    args.out.write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
+    path = write_result("e2e_bench", {"kernel": args.kernel, "rope": args.rope, "rows": rows},
+                        out=args.out, folder=args.results, env=environment(DEVICE))  # fmt: skip
     head = ("model", "res", "share", "spec", "step", "bound", "of")
     print("\n{:5s} {:5s} {:>6s} {:34s} {:>6s} {:>6s} {:>6s}".format(*head))
     for r in rows:
@@ -323,6 +314,7 @@ def main() -> None:
                 f"{r['model']:5s} {r['res']:5s} {r['attention_share']:6.1%} {s['spec']:34s} "
                 f"{s['speedup']:5.2f}x {s['amdahl_bound']:5.2f}x {s['of_bound']:6.1%}"
             )
+    print(f"\nwritten: {path}")
 
 
 if __name__ == "__main__":

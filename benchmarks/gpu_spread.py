@@ -8,7 +8,7 @@ hits all of them alike. Prints, per config, the median on each GPU and the sprea
 ((max - min) / mean), beside the spread of the repeats on one GPU; then per bucket whether the
 winner is the same on every GPU.
 
-    python benchmarks/gpu_spread.py --storage URL --study wan2.1-t2v-1.3b-480p-w2 --out DIR
+    python3 -m benchmarks.gpu_spread --storage URL --study wan2.1-t2v-1.3b-480p-w2 --work DIR
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from typing import Any
 
 import optuna
 from optuna.trial import TrialState
+
+from fpstune.latency.bench import result_args, write_result
 
 
 def top_configs(storage: str, study: str, top: int) -> list[dict[str, Any]]:
@@ -55,7 +57,8 @@ def measure_here(configs: list[dict[str, Any]], repeats: int) -> dict[str, Any]:
     import torch
 
     from fpstune.kernels.fingerprint import device_identity
-    from fpstune.latency.table import AttentionShape
+    from fpstune.latency.shape import AttentionShape
+    from fpstune.stages.candidates import KernelCandidate
     from fpstune.stages.evaluators import KernelEvaluator
 
     device = torch.device("cuda")
@@ -67,18 +70,24 @@ def measure_here(configs: list[dict[str, Any]], repeats: int) -> dict[str, Any]:
             if key not in evaluators:  # the first warms the GPU (20 s)
                 shape = AttentionShape.from_dict(c["shape"])
                 evaluators[key] = KernelEvaluator(shape, device=device, warmup=10, reps=50)
-            ms[i].append(evaluators[key].evaluate(c["candidate"]).values["latency_ms"])
+            candidate = KernelCandidate.from_attr(c["candidate"])
+            ms[i].append(evaluators[key].evaluate(candidate).values["latency_ms"])
     return {**device_identity(device), "ms": ms}
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python3 -m benchmarks.gpu_spread",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
     p.add_argument("--storage", required=True)
     p.add_argument("--study", required=True, help="the study's name (as in its YAML)")
     p.add_argument("--top", type=int, default=2, help="configs per bucket")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--gpus", type=int, default=None, help="default: every GPU torch sees")
-    p.add_argument("--out", type=Path, default=Path("."))
+    p.add_argument("--work", type=Path, default=Path("."), help="folder for the per-GPU files")
+    result_args(p)
     # internal: a child process measuring the configs of file CHILD on its one GPU into OUT
     p.add_argument(
         "--child", type=Path, nargs=2, metavar=("CONFIGS", "OUT"), help=argparse.SUPPRESS
@@ -91,18 +100,20 @@ def main() -> None:
     import torch
 
     gpus = args.gpus or torch.cuda.device_count()
-    args.out.mkdir(parents=True, exist_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
     configs = top_configs(args.storage, args.study, args.top)
     if not configs:
         sys.exit(f"no COMPLETE kernel-stage trials of study {args.study!r} in the storage")
-    todo = args.out / "spread-configs.json"
+    todo = args.work / "spread-configs.json"
     todo.write_text(json.dumps(configs))
     procs = []
     for g in range(gpus):
-        result = args.out / f"spread-gpu{g}.json"
+        result = args.work / f"spread-gpu{g}.json"
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(g)}
-        cmd = [sys.executable, __file__, "--storage", args.storage, "--study", args.study,
-               "--repeats", str(args.repeats), "--child", str(todo), str(result)]  # fmt: skip
+        safe = ["-P"] if sys.flags.safe_path else []  # as this process was started
+        cmd = [sys.executable, *safe, "-m", "benchmarks.gpu_spread", "--storage", args.storage,
+               "--study", args.study, "--repeats", str(args.repeats),
+               "--child", str(todo), str(result)]  # fmt: skip
         procs.append((g, result, subprocess.Popen(cmd, env=env)))
     per_gpu = {}
     for g, result, proc in procs:
@@ -131,9 +142,8 @@ def main() -> None:
                       "same_everywhere": len(set(winners.values())) == 1,
                       "margin": _margin(group)})  # fmt: skip
     uuids = {g: r.get("gpu_uuid") for g, r in per_gpu.items()}
-    (args.out / "spread.json").write_text(
-        json.dumps({"gpus": uuids, "configs": rows, "buckets": flips}, indent=1)
-    )
+    path = write_result("gpu_spread", {"study": args.study, "gpus": uuids, "configs": rows,
+                        "buckets": flips}, out=args.out, folder=args.results)  # fmt: skip
     print(f"\nGPUs: {uuids}")
     print(
         "bucket                         trial  study ms (gpu)  "
@@ -155,6 +165,7 @@ def main() -> None:
         if not f["same_everywhere"]:
             margin = 100 * f["margin"]
             print(f"  {f['bucket']}: winners {f['winner_per_gpu']} (top-2 margin {margin:.2f}%)")
+    print(f"written: {path}")
 
 
 def _margin(group: list[dict[str, Any]]) -> float:

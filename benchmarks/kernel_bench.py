@@ -1,109 +1,88 @@
-"""Benchmark fpstune's attention op against torch SDPA (cuDNN and flash backends) on one GPU.
+"""Kernel vs peers: fpstune's attention op against the other attention kernels on one GPU, at
+the Wan2.1 self-attention shapes (`fpstune.latency.bench.SHAPES`), all in one process.
 
-Times the whole op as production calls it, `fpstune.kernels.attention` (pre-pass, block-index
-building and attention kernel), at the Wan2.1 attention shapes, next to SDPA's cuDNN and flash
-backends in the same process, and prints dense-equivalent TFLOP/s (4·B·H·N²·D / time) and the
-speed-up over cuDNN. The cuDNN row of each shape is measured first and again last: the gap between
-the two is the noise floor. A sweep section times kernel configs and tiles for the fp8 modes at
-1x12x75600x128, and an accuracy section checks FlashAttention's rule at full size on sampled rows.
+Per shape, in this order:
+- ``sdpa_cudnn``: torch SDPA's cuDNN backend, BF16 (the baseline), measured first and again last:
+  the gap between the two is the run's noise floor; ratios are against their mean;
+- ``sdpa_flash``: torch SDPA's flash backend, BF16;
+- ``flash_attn3`` / ``flash_attn2``: FlashAttention's own package where it is installed
+  (``flash_attn_interface``, ``flash_attn``), BF16;
+- ``cudnn_fp8``: cuDNN's FP8 attention where the cuDNN frontend is installed
+  (``nvidia-cudnn-frontend``; ``graph.sdpa_fp8``, per-tensor scales, e4m3 in and out, as
+  Transformer Engine uses it): NVIDIA's own FP8 forward, the ceiling to compare fp8_dense with;
+- fpstune's modes, the whole op as production calls it (`fpstune.kernels.attention`: pre-pass,
+  block-index building, kernel); with ``--kernel-alone`` also the attention kernel alone on one
+  pre-pass (``[kernel]`` rows). The fp8 rows run the runtime's default config (the Triton
+  kernel), or each config ``--kernel`` names: ``gluon_ws`` is the warp-specialised Gluon kernel
+  (128x256, 2 stages, Hopper), ``--kernel default gluon_ws`` measures both in one process.
 
-    python benchmarks/kernel_bench.py --out bench.json            # everything (~3 min on an H100)
-    python benchmarks/kernel_bench.py --shapes 720p --no-sweep --out quick.json
+Each row: median and IQR (`fpstune.latency.bench.time_calls`: calls back to back, CUDA events),
+host ms per call, dense-equivalent TFLOP/s (4·B·H·N²·D / time, sparse rows too) and the speed-up
+over cuDNN BF16. Inputs are bf16 ``randn``. Accuracy is the GPU tests' job
+(``pytest -m gpu tests/kernels``). Writes benchmarks/results/<date>-<gpu>-kernel_bench.json.
+
+    python3 -m benchmarks.kernel_bench                                  # all shapes, ~3 min
+    python3 -m benchmarks.kernel_bench --shapes 720p 720p-14b --kernel default gluon_ws \\
+        --kernel-alone --quick                                          # the H200 table
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-DEVICE = "cuda"  # a CPU dry run of the accuracy section sets "cpu" (with TRITON_INTERPRET=1)
-SHAPES: dict[str, tuple[int, int, tuple[int, int, int], int]] = {
-    # name: (batch, heads, grid, head_dim)
-    "480p": (1, 12, (21, 30, 52), 128),
-    "720p": (1, 12, (21, 45, 80), 128),
-    "720p-14b": (1, 40, (21, 45, 80), 128),
-}
+from fpstune.latency.bench import (
+    KERNELS,
+    SHAPES,
+    TIME_CALLS_METHOD,
+    environment,
+    flops,
+    result_args,
+    time_calls,
+    write_result,
+)
+
+E4M3_MAX = 448.0
+SPARSITIES = (0.5, 0.75, 0.9)
 
 
-@dataclass
-class Timing:
-    name: str
-    shape: str
-    median_ms: float
-    p25_ms: float
-    p75_ms: float
-    reps: int
-    tflops: float = 0.0
-    speedup_vs_cudnn: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
+def spec_of(mode: str, sparsity: float = 0.0, pattern: str | None = None, **kw: Any) -> Any:
+    from fpstune.kernels import AttentionSpec
+
+    d: dict[str, Any] = {"mode": mode, **kw}
+    if pattern is not None:
+        d.update(sparsity=sparsity, pattern={"kind": pattern})
+    return AttentionSpec.from_dict(d)
 
 
-HOST_MS: dict[int, float] = {}  # id(times list) -> host (Python) time per call, ms
+def modes(grid: tuple[int, int, int], kernels: list[str], quick: bool) -> list[tuple[str, Any]]:
+    """(label, spec) of fpstune's rows; the fp8 ones once per kernel config in ``kernels``."""
+    from fpstune.kernels import default_tile
 
+    def fp8(kernel: str, label: str, *args: Any) -> tuple[str, Any]:
+        config = KERNELS[kernel]
+        if config is None:
+            return label, spec_of(*args)
+        return f"{label} {kernel}", spec_of(*args, tile=default_tile(grid), kernel=config)
 
-def time_op(fn: Callable[[], object], *, budget_s: float, min_reps: int = 5) -> list[float]:
-    """Per-call GPU times (ms) from CUDA events around each call, calls issued back to back
-    (one synchronisation at the end, as triton.testing.do_bench does): the host runs ahead as
-    it does inside a model, and only host time the GPU cannot hide shows up. Two warm-up calls
-    first (the first compiles). The host time per call is kept in HOST_MS."""
-    fn()
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    est_ms = (time.perf_counter() - t0) * 1e3
-    reps = max(min_reps, min(100, int(budget_s * 1e3 / max(est_ms, 1e-3))))
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    host = []
-    for i in range(reps):
-        starts[i].record()
-        h0 = time.perf_counter()
-        fn()
-        host.append((time.perf_counter() - h0) * 1e3)
-        ends[i].record()
-    torch.cuda.synchronize()
-    times = [a.elapsed_time(b) for a, b in zip(starts, ends, strict=True)]
-    HOST_MS[id(times)] = statistics.median(host)
-    return times
-
-
-def summarise(name: str, shape: str, times: list[float], flops: float, **extra: Any) -> Timing:
-    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
-    med = statistics.median(times)
-    extra.setdefault("host_ms", HOST_MS.get(id(times)))
-    return Timing(name, shape, med, q[0], q[2], len(times), flops / med / 1e9, extra=extra)
-
-
-def random_qkv(
-    shape: tuple[int, int, int, int], *, seed: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fresh bf16 q, k, v of ``shape`` (B, H, N, D) on the GPU, N(0, 1), from ``seed``."""
-    gen = torch.Generator(device=DEVICE).manual_seed(seed)
-    return tuple(  # type: ignore[return-value]
-        torch.randn(shape, device=DEVICE, dtype=torch.bfloat16, generator=gen) for _ in range(3)
-    )
-
-
-def set_vs_cudnn(rows: list[dict[str, Any]]) -> None:
-    """Each row's speed-up over the mean of the run's ``sdpa_cudnn`` rows (first and last)."""
-    ref = statistics.mean(r["median_ms"] for r in rows if r["op"].startswith("sdpa_cudnn"))
-    for r in rows:
-        r["vs_cudnn"] = ref / r["median_ms"]
+    rows = [("bf16_dense (SDPA)", spec_of("bf16_dense"))]
+    for kernel in kernels:
+        rows.append(fp8(kernel, "fp8_dense", "fp8_dense"))
+        for s in SPARSITIES:
+            rows.append(fp8(kernel, f"fp8_sparse window {s:.0%}", "fp8_sparse", s, "window"))
+        if not quick:
+            rows.append(fp8(kernel, "fp8_sparse topk 90%", "fp8_sparse", 0.9, "topk"))
+    if not quick:
+        rows.append(("bf16_sparse window 90%", spec_of("bf16_sparse", 0.9, "window")))
+    return rows
 
 
 def sdpa(backend: Any) -> Callable[..., torch.Tensor]:
@@ -116,404 +95,202 @@ def sdpa(backend: Any) -> Callable[..., torch.Tensor]:
     return run
 
 
-def shape_args(ap: argparse.ArgumentParser) -> None:
-    """The options the per-shape benchmarks share: --shapes, --budget-s, --out."""
-    ap.add_argument("--shapes", nargs="+", default=["720p", "720p-14b"], choices=list(SHAPES))
-    ap.add_argument("--budget-s", type=float, default=3.0, help="timing budget per op")
-    ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
-
-
-def environment() -> dict[str, Any]:
-    import triton
-
-    props = torch.cuda.get_device_properties(0)
+def flash_attn_peer(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[str, Callable[[], object]] | None:
+    """FlashAttention's own package, FA3 first, on (B, N, H, D) copies; None if not installed."""
     try:
-        import pynvml
+        from flash_attn_interface import flash_attn_func  # type: ignore[import-not-found]
 
-        pynvml.nvmlInit()
-        driver = pynvml.nvmlSystemGetDriverVersion()
-    except Exception:
-        driver = "unknown"
+        name = "flash_attn3"
+    except Exception:  # not installed, or built for another torch / CUDA
+        try:
+            from flash_attn import flash_attn_func  # type: ignore[import-not-found,no-redef]
+
+            name = "flash_attn2"
+        except Exception:
+            return None
+    qt, kt, vt = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+    return name, partial(flash_attn_func, qt, kt, vt)
+
+
+def cudnn_fp8_peer(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_amax: float
+) -> Callable[[], None] | None:
+    """A cuDNN FP8 SDPA graph over e4m3 copies of bf16 (B, H, N, D) ``q, k, v`` (per-tensor
+    scales, amax -> 448; ``out_amax`` sets the output's scale); None without the frontend."""
     try:
-        from importlib.metadata import version
+        import cudnn  # type: ignore[import-not-found]
+    except Exception:  # not installed, or its libraries do not load
+        return None
+    dev = q.device
 
-        fpstune_version = version("fpstune")
-    except Exception:
-        fpstune_version = "unknown"
-    return {
-        "gpu": props.name,
-        "sm_count": props.multi_processor_count,
-        "capability": list(torch.cuda.get_device_capability()),
-        "driver": str(driver),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cudnn": torch.backends.cudnn.version(),
-        "fpstune": fpstune_version,
-        "python": platform.python_version(),
-        "timing": "CUDA events around each call, calls back to back (one sync at the end), "
-        "2 warm-up calls, reps = clamp(budget/est, 5, 100), median and quartiles",
-    }
+    def quantised(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = x.abs().amax().float() / E4M3_MAX
+        codes = (x.float() / scale).to(torch.float8_e4m3fn)
+        return codes, scale.reshape(1, 1, 1, 1)
+
+    (q8, sq), (k8, sk), (v8, sv) = quantised(q), quantised(k), quantised(v)
+    scalar = {"dim": [1, 1, 1, 1], "stride": [1, 1, 1, 1]}
+    s_scale = torch.full((1, 1, 1, 1), E4M3_MAX, device=dev)  # P in [0, 1] -> P * 448
+    o_scale = torch.full((1, 1, 1, 1), E4M3_MAX / out_amax, device=dev)
+    values = {"dq": sq, "dk": sk, "dv": sv, "ds": 1.0 / s_scale, "ss": s_scale, "so": o_scale}
+    handle = cudnn.create_handle()
+    cudnn.set_stream(handle=handle, stream=torch.cuda.current_stream(dev).cuda_stream)
+    e4m3, fp32 = cudnn.data_type.FP8_E4M3, cudnn.data_type.FLOAT
+    graph = cudnn.pygraph(io_data_type=e4m3, intermediate_data_type=fp32,
+                          compute_data_type=fp32, handle=handle)  # fmt: skip
+    shape, stride = list(q8.shape), list(q8.stride())
+    tq, tk, tv = (graph.tensor(name=n, dim=shape, stride=stride, data_type=e4m3) for n in "qkv")
+    scales = {n: graph.tensor(name=n, data_type=fp32, **scalar) for n in values}
+    o, _stats, amax_s, amax_o = graph.sdpa_fp8(
+        q=tq, k=tk, v=tv, descale_q=scales["dq"], descale_k=scales["dk"],
+        descale_v=scales["dv"], descale_s=scales["ds"], scale_s=scales["ss"],
+        scale_o=scales["so"], is_inference=True, attn_scale=1.0 / math.sqrt(shape[-1]),
+        use_causal_mask=False, name="sdpa_fp8",
+    )  # fmt: skip
+    o.set_output(True).set_dim(shape).set_stride(stride).set_data_type(e4m3)
+    for amax in (amax_s, amax_o):
+        amax.set_output(True).set_data_type(fp32).set_dim(scalar["dim"])
+        amax.set_stride(scalar["stride"])
+    graph.validate()
+    graph.build_operation_graph()
+    graph.create_execution_plans([cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK])
+    graph.check_support()
+    graph.build_plans()
+    o8 = torch.empty_like(q8)
+    amaxes = torch.empty(2, 1, 1, 1, 1, device=dev)
+    pack = {tq: q8, tk: k8, tv: v8, o: o8, amax_s: amaxes[0], amax_o: amaxes[1]}
+    pack |= {scales[n]: t for n, t in values.items()}
+    workspace = torch.empty(graph.get_workspace_size(), dtype=torch.uint8, device=dev)
+
+    def run() -> None:
+        graph.execute(pack, workspace, handle=handle)
+
+    return run
 
 
-def spec_of(mode: str, sparsity: float = 0.0, pattern: str | None = None, **kw: Any) -> Any:
-    from fpstune.kernels import AttentionSpec
+def kernel_alone(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int, int], spec: Any
+) -> Callable[[], object]:
+    """The attention kernel on one pre-pass of ``q, k, v`` (the op's pre-pass and block index
+    left out), with the config the op would run."""
+    from fpstune.kernels import default_config, default_tile
+    from fpstune.kernels.dispatch import attend
+    from fpstune.kernels.prepare import prepare
+    from fpstune.kernels.tiling import TileLayout
 
-    d: dict[str, Any] = {"mode": mode, **kw}
-    if pattern is not None:
-        d.update(sparsity=sparsity, pattern={"kind": pattern})
-    return AttentionSpec.from_dict(d)
+    tile = spec.tile or default_tile(grid)
+    config = spec.kernel or default_config(tile, q.shape[-1], spec.mode)
+    prep = prepare(q, k, v, layout=TileLayout(grid, tile), spec=spec, impl=config.impl)
+    out = torch.empty_like(q)
+    launch = {f: getattr(config, f) for f in ("block_m", "block_n", "num_warps", "num_stages")}
+    return partial(
+        attend, prep, **launch, impl=config.impl, knobs=config.knobs, scale=q.shape[-1] ** -0.5,
+        out_dtype=q.dtype, out=out,
+    )  # fmt: skip
 
 
-def bench_shape(name: str, budget_s: float, modes: list[tuple[str, Any]]) -> list[Timing]:
+def bench_shape(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     from torch.nn.attention import SDPBackend
 
     from fpstune.kernels import attention
 
     b, h, grid, d = SHAPES[name]
     n = math.prod(grid)
-    flops = 4.0 * b * h * n * n * d
-    q, k, v = random_qkv((b, h, n, d), seed=0)
-    rows: list[Timing] = []
-
-    def add(label: str, fn: Callable[[], object], **extra: Any) -> None:
-        t = summarise(label, name, time_op(fn, budget_s=budget_s), flops, **extra)
-        rows.append(t)
-        host = t.extra["host_ms"]
-        print(
-            f"  {name:9s} {label:31s} {t.median_ms:9.3f} ms  {t.tflops:7.1f} TFLOP/s"
-            f"  (host {host:.3f} ms/call)",
-            flush=True,
-        )
-
-    cudnn, flash = sdpa(SDPBackend.CUDNN_ATTENTION), sdpa(SDPBackend.FLASH_ATTENTION)
-    add("sdpa_cudnn", lambda: cudnn(q, k, v))
-    add("sdpa_flash", lambda: flash(q, k, v))
-    for label, spec in modes:
-        add(label, partial(attention, q, k, v, grid=grid, spec=spec), spec=spec.to_dict())
-    add("sdpa_cudnn (again)", lambda: cudnn(q, k, v))
-    ref = statistics.mean(r.median_ms for r in rows if r.name.startswith("sdpa_cudnn"))
-    for r in rows:
-        r.speedup_vs_cudnn = ref / r.median_ms
-    return rows
-
-
-def main_modes(quick: bool, shape: str = "") -> list[tuple[str, Any]]:
-    modes = [
-        ("bf16_dense (attention)", spec_of("bf16_dense")),
-        ("fp8_dense", spec_of("fp8_dense")),
-    ]
-    for s in (0.5, 0.75, 0.9):
-        modes.append((f"fp8_sparse window {s:.0%}", spec_of("fp8_sparse", s, "window")))
-    modes.append(("fp8_sparse topk 90%", spec_of("fp8_sparse", 0.9, "topk")))
-    if not quick:
-        modes.append(("bf16_sparse window 90%", spec_of("bf16_sparse", 0.9, "window")))
-    if shape.startswith("720p"):
-        # (1, 8, 16) pads 45 -> 48 like the default (1, 16, 8) but has half as many partial
-        # (masked) tiles.
-        t = (1, 8, 16)
-        modes.append(("fp8_dense t=1x8x16", spec_of("fp8_dense", tile=t)))
-        modes.append(
-            ("fp8_sparse window 90% t=1x8x16", spec_of("fp8_sparse", 0.9, "window", tile=t))
-        )
-    return modes
-
-
-def sweep(budget_s: float) -> list[Timing]:
-    """Kernel configs and tiles at 1x12x75600x128 (the whole op, pre-pass included), then where
-    the time goes for the default configs: pre-pass + index building vs the attention kernel."""
-    from fpstune.kernels import KernelConfig, attention, default_config, default_tile, infeasibility
-    from fpstune.kernels.tiling import TileLayout
-    from fpstune.kernels.triton_attention import attend, prepare
-
-    b, h, grid, d = SHAPES["720p"]
-    n = math.prod(grid)
-    flops = 4.0 * b * h * n * n * d
-    q, k, v = random_qkv((b, h, n, d), seed=1)
-    t168, t1816 = (1, 16, 8), (1, 8, 16)
-    fp8_points = [
-        (t168, (128, 128, 8, 3)),  # the first default
-        (t168, (64, 128, 4, 3)),  # the second
-        (t168, (64, 128, 4, 5)),  # the default now
-        (t168, (64, 64, 4, 5)),
-        (t1816, (64, 128, 4, 5)),
-        ((1, 8, 8), (64, 64, 4, 5)),
-    ]
-    bf16_points = [
-        (t168, (128, 64, 8, 3)),  # the first default
-        (t168, (128, 128, 8, 2)),
-        (t168, (128, 128, 8, 3)),  # the default now
-    ]
-    cases: list[tuple[str, tuple[str, float, str | None, tuple[int, int, int], Any]]] = []
-    for mode, sp, pat, points in (
-        ("fp8_dense", 0.0, None, fp8_points),
-        ("fp8_sparse", 0.9, "window", fp8_points),
-        ("bf16_sparse", 0.9, "window", bf16_points),
-    ):
-        for tile, (bm, bn, w, st) in points:
-            kc = KernelConfig(block_m=bm, block_n=bn, num_warps=w, num_stages=st)
-            label = f"{mode} {sp:.0%} t={'x'.join(map(str, tile))} {bm}x{bn} w{w} s{st}"
-            cases.append((label, (mode, sp, pat, tile, kc)))
-    rows: list[Timing] = []
-    for label, (mode, sp, pat, tile, kc) in cases:
-        spec = spec_of(mode, sp, pat, tile=tile, kernel=kc.model_dump())
-        why = infeasibility(kc, tile=tile, head_dim=d, mode=spec.mode)
-        if why:
-            print(f"  sweep {label}: infeasible: {why}")
-            continue
-        try:
-            times = time_op(partial(attention, q, k, v, grid=grid, spec=spec), budget_s=budget_s)
-        except Exception as e:  # a config the compiler rejects is a result, not a crash
-            print(f"  sweep {label}: failed: {type(e).__name__}: {str(e)[:200]}")
-            continue
-        t = summarise(label, "720p", times, flops, spec=spec.to_dict())
-        rows.append(t)
-        print(f"  sweep {label:44s} {t.median_ms:9.3f} ms {t.tflops:7.1f} TFLOP/s", flush=True)
-
-    tile = default_tile(grid)
-    layout = TileLayout(grid, tile)
-    for mode, sp, pat in (
-        ("fp8_dense", 0.0, None),
-        ("fp8_sparse", 0.9, "window"),
-        ("fp8_sparse", 0.9, "topk"),
-        ("bf16_sparse", 0.9, "window"),
-    ):
-        spec = spec_of(mode, sp, pat, tile=tile)
-        kc = default_config(tile, d, spec.mode)
-        prep = prepare(q, k, v, layout=layout, spec=spec)
-        tp = time_op(partial(prepare, q, k, v, layout=layout, spec=spec), budget_s=budget_s)
-        # The same pre-pass with the blocks given: the difference is the index building.
-        blocks = prep.blocks
-        tb = time_op(
-            partial(prepare, q, k, v, layout=layout, spec=spec, blocks=blocks), budget_s=budget_s
-        )
-        ta = time_op(
-            partial(attend, prep, **kc.model_dump(), scale=d**-0.5, out_dtype=q.dtype),
-            budget_s=budget_s,
-        )
-        label = f"parts {mode} {sp:.0%} {pat or ''}"
-        pre, pre_b = statistics.median(tp), statistics.median(tb)
-        t = summarise(label, "720p", ta, flops, prepass_ms=pre, prepass_given_blocks_ms=pre_b)
-        rows.append(t)
-        print(
-            f"  {label:34s} prepare {pre:7.3f} ms (blocks given {pre_b:6.3f}, host "
-            f"{HOST_MS[id(tp)]:.3f})  kernel {t.median_ms:8.3f} ms ({t.tflops:6.1f} TFLOP/s)",
-            flush=True,
-        )
-
-    return rows
-
-
-def host_check(budget_s: float) -> list[dict[str, Any]]:
-    """Does the host wait for the GPU? Each piece of the op is issued right behind an 8192^3 bf16
-    matmul (~1.5 ms of GPU work): a piece that synchronises shows a host time close to the GPU
-    time of the pair, one that does not shows only its own launch cost."""
-    from fpstune.kernels import attention, block_index, default_tile
-    from fpstune.kernels.tiling import TileLayout
-    from fpstune.kernels.triton_attention import (
-        _ascending,
-        _full_first,
-        _ranked_blocks,
-        _static,
-        prepare,
-    )
-
-    b, h, grid, d = SHAPES["720p"]
-    n = math.prod(grid)
-    gen = torch.Generator(device=DEVICE).manual_seed(4)
+    gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (
-        torch.randn(b, h, n, d, device=DEVICE, dtype=torch.bfloat16, generator=gen)
+        torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, generator=gen)
         for _ in range(3)
     )
-    layout = TileLayout(grid, default_tile(grid))
-    qp, kp = (torch.randn(b, h, layout.n_tiles, d, device=DEVICE, generator=gen) for _ in range(2))
-    topk, window = spec_of("fp8_sparse", 0.9, "topk"), spec_of("fp8_sparse", 0.9, "window")
-    assert topk.pattern is not None
-    pat = topk.pattern
-    ranked = _ranked_blocks(pat, 0.9, qp, kp)
-    partial_tiles = _static(layout, q.device).partial
-    filler = torch.randn(8192, 8192, device=DEVICE, dtype=torch.bfloat16)
-    pieces: list[tuple[str, Callable[[], object]]] = [
-        ("matmul alone", lambda: None),
-        (
-            "torch.topk (patterns.block_index)",
-            lambda: block_index(layout, pat, 0.9, q_pooled=qp, k_pooled=kp),
-        ),
-        ("sort (_ranked_blocks)", lambda: _ranked_blocks(pat, 0.9, qp, kp)),
-        ("_full_first", lambda: _full_first(ranked, partial_tiles)),
-        ("_ascending", lambda: _ascending(ranked)),
-        ("prepare window 90%", lambda: prepare(q, k, v, layout=layout, spec=window)),
-        ("prepare topk 90%", lambda: prepare(q, k, v, layout=layout, spec=topk)),
-        ("attention window 90%", lambda: attention(q, k, v, grid=grid, spec=window)),
-        ("attention topk 90%", lambda: attention(q, k, v, grid=grid, spec=topk)),
-    ]
-    out = []
+    rows: list[dict[str, Any]] = []
 
-    def behind_matmul(fn: Callable[[], object]) -> tuple[torch.Tensor, object]:
-        return filler @ filler, fn()
+    def add(label: str, make: Callable[[], Callable[[], object] | None], **extra: Any) -> None:
+        try:
+            fn = make()
+            if fn is None:
+                return
+            timing, host = time_calls(fn, budget_s=args.budget)
+        except Exception as e:  # a peer or config that fails is a result, not a crash
+            rows.append({"shape": name, "op": label, "error": f"{type(e).__name__}: {e}"[:300]})
+            print(f"  {name:9s} {label:36s} FAILED {type(e).__name__}: {e}"[:200], flush=True)
+            return
+        row = {"shape": name, "op": label, **timing.to_dict(), "host_ms": host, **extra}
+        row["tflops"] = flops(name) / timing.median_ms / 1e9
+        rows.append(row)
+        print(f"  {name:9s} {label:36s} {timing.median_ms:9.3f} ms {row['tflops']:7.1f} "
+              f"TFLOP/s  (host {host:.3f} ms/call)", flush=True)  # fmt: skip
 
-    for label, fn in pieces:
-        times = time_op(partial(behind_matmul, fn), budget_s=budget_s)
-        row = {"piece": label, "gpu_ms": statistics.median(times), "host_ms": HOST_MS[id(times)]}
-        out.append(row)
-        print(
-            f"  host check {label:36s} GPU {row['gpu_ms']:7.3f} ms  host {row['host_ms']:7.3f} ms",
-            flush=True,
-        )
-    return out
-
-
-def accuracy_at_scale(
-    rows_per_head: int = 256, knobs: tuple[dict[str, Any], ...] = ({},)
-) -> list[dict[str, Any]]:
-    """FlashAttention's rule at 1x12x75600x128 on sampled query rows: error of the Triton output
-    and of the fp32 emulation of the same fp8 semantics, both against fp64 unquantised attention
-    with the same block mask; once per ``knobs`` (softmax knobs set on the default kernel config,
-    e.g. ``{"exp2": "f16x2"}``)."""
-    from fpstune.kernels import default_config, default_tile
-    from fpstune.kernels.reference import (
-        P_SCALE,
-        channel_scales,
-        fake_quant_channels,
-        fake_quant_tiles,
-        fp8_round,
-        tile_scales,
+    cudnn, flash = sdpa(SDPBackend.CUDNN_ATTENTION), sdpa(SDPBackend.FLASH_ATTENTION)
+    add("sdpa_cudnn", lambda: partial(cudnn, q, k, v))
+    add("sdpa_flash", lambda: partial(flash, q, k, v))
+    fa = flash_attn_peer(q, k, v)
+    if fa is not None:
+        add(fa[0], lambda: fa[1])
+    if "cudnn_fp8" not in args.skip:
+        amax = cudnn(q, k, v).abs().amax().item()
+        add("cudnn_fp8", lambda: cudnn_fp8_peer(q, k, v, amax))
+    for label, spec in modes(grid, args.kernel, args.quick):
+        add(label, lambda s=spec: partial(attention, q, k, v, grid=grid, spec=s),
+            spec=spec.to_dict())  # fmt: skip
+        if args.kernel_alone and spec.mode.value != "bf16_dense":
+            add(f"{label} [kernel]", lambda s=spec: kernel_alone(q, k, v, grid, s),
+                spec=spec.to_dict())  # fmt: skip
+    add("sdpa_cudnn (again)", lambda: partial(cudnn, q, k, v))
+    ref = statistics.mean(
+        r["median_ms"] for r in rows if r["op"].startswith("sdpa_cudnn") and "median_ms" in r
     )
-    from fpstune.kernels.tiling import TileLayout
-    from fpstune.kernels.triton_attention import attend, prepare, wgmma_keys
-
-    b, h, grid, d = SHAPES["720p"]
-    tile = default_tile(grid)
-    layout = TileLayout(grid, tile)
-    n = layout.tokens
-    scale = d**-0.5
-    out_rows = []
-    for kind in ("random", "structured"):
-        gen = torch.Generator(device=DEVICE).manual_seed(7)
-        if kind == "random":
-            q, k, v = (torch.randn(b, h, n, d, device=DEVICE, generator=gen) for _ in range(3))
-        else:
-            pos = torch.stack(
-                torch.meshgrid(
-                    *(torch.arange(g, device=DEVICE, dtype=torch.float32) for g in grid),
-                    indexing="ij",
-                ),
-                -1,
-            ).reshape(n, 3)
-            freqs = torch.randn(b, h, 3, d // 2, device=DEVICE, generator=gen) / 4.0
-            ph = pos @ freqs
-            feat = math.sqrt(16.0 / math.sqrt(d)) * torch.cat((ph.cos(), ph.sin()), -1)
-            q = feat + 0.3 * torch.randn(b, h, n, d, device=DEVICE, generator=gen)
-            k = feat + 0.3 * torch.randn(b, h, n, d, device=DEVICE, generator=gen)
-            v = torch.randn(b, h, n, d, device=DEVICE, generator=gen)
-        q, k, v = (x.to(torch.bfloat16) for x in (q, k, v))
-        rows = torch.randperm(n, device=DEVICE, generator=gen)[:rows_per_head]
-        qt, kt, vt = (layout.to_tiles(x.float()) for x in (q, k, v))
-        qd = layout.from_tiles(fake_quant_tiles(qt, tile_scales(qt, layout), layout))[:, :, rows]
-        kd = fake_quant_tiles(kt, tile_scales(kt, layout), layout)
-        vd = fake_quant_channels(vt, channel_scales(vt))
-        valid = layout.valid(DEVICE)
-        for mode, sp, pat in (("fp8_dense", 0.0, None), ("fp8_sparse", 0.9, "window")):
-            spec = spec_of(mode, sp, pat, tile=tile)
-            kc = default_config(tile, d, spec.mode)
-            prep = prepare(q, k, v, layout=layout, spec=spec)
-            keep = valid.view(1, 1, 1, -1).expand(b, h, len(rows), -1)
-            if prep.blocks is not None:
-                tmask = prep.blocks.dense_mask(layout.n_tiles).to(DEVICE)
-                q_tile = layout.token_slot(DEVICE)[rows] // layout.tile_tokens
-                tm = tmask[:, :, q_tile].repeat_interleave(layout.tile_tokens, -1)
-                keep = keep & tm
-            # fp64 truth on unquantised inputs, in padded tile-major key order.
-            s64 = (q.double()[:, :, rows] @ kt.double().transpose(-1, -2)) * scale
-            truth = torch.softmax(s64.masked_fill(~keep, float("-inf")), -1) @ vt.double()
-            # fp32 emulation of the fp8 semantics (reference.py's arithmetic, on these rows).
-            s = ((qd @ kd.transpose(-1, -2)) * scale).masked_fill(~keep, float("-inf"))
-            p = torch.exp(s - s.amax(-1, keepdim=True))
-            emu = ((fp8_round(p * P_SCALE) / P_SCALE) @ vd / p.sum(-1, keepdim=True)).to(
-                torch.bfloat16
-            )
-            e_ref = (emu.double() - truth).abs()
-            for knob in knobs:
-                cfg = type(kc).model_validate({**kc.model_dump(), **knob})
-                res: dict[str, Any] = {"kind": kind, "mode": mode, "sparsity": sp}
-                res["config"] = cfg.key
-                res["ref_max"], res["ref_mean"] = e_ref.max().item(), e_ref.mean().item()
-                out = torch.full_like(q, float("nan"))  # poisoned: every element is written
-                if wgmma_keys(cfg.impl) != wgmma_keys(prep.impl):  # V's key order differs
-                    prep = prepare(q, k, v, layout=layout, spec=spec, impl=cfg.impl)
-                attend(prep, **cfg.model_dump(), scale=scale, out_dtype=q.dtype, out=out)
-                e = (out[:, :, rows].double() - truth).abs()
-                res["triton_max"], res["triton_mean"] = e.max().item(), e.mean().item()
-                res["ratio_max"] = res["triton_max"] / res["ref_max"]
-                res["ratio_mean"] = res["triton_mean"] / res["ref_mean"]
-                out_rows.append(res)
-                print("  accuracy", json.dumps(res), flush=True)
-        del q, k, v, qt, kt, vt, kd, vd
-        torch.cuda.empty_cache()
-    return out_rows
-
-
-def table(rows: list[Timing]) -> str:
-    head = ("shape", "op", "median ms", "IQR ms", "TFLOP/s", "vs cuDNN")
-    lines = ["{:9s} {:31s} {:>10s} {:>15s} {:>8s} {:>8s}".format(*head)]
     for r in rows:
+        if "median_ms" in r:
+            r["vs_cudnn"] = ref / r["median_ms"]
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = ["{:9s} {:40s} {:>10s} {:>9s} {:>8s} {:>9s}".format(
+        "shape", "op", "median ms", "IQR ms", "TFLOP/s", "vs cuDNN")]  # fmt: skip
+    for r in rows:
+        if "median_ms" not in r:
+            lines.append(f"{r['shape']:9s} {r['op']:40s} {r['error'][:40]}")
+            continue
         lines.append(
-            f"{r.shape:9s} {r.name:31s} {r.median_ms:10.3f} {r.p25_ms:7.2f}-{r.p75_ms:<7.2f} "
-            f"{r.tflops:8.1f} {r.speedup_vs_cudnn:7.2f}x"
+            f"{r['shape']:9s} {r['op']:40s} {r['median_ms']:10.3f} {r['iqr_ms']:9.3f} "
+            f"{r['tflops']:8.1f} {r['vs_cudnn']:8.2f}x"
         )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python3 -m benchmarks.kernel_bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("--out", required=True, help="path of the JSON results file")
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--kernel", nargs="+", choices=list(KERNELS), default=["default"],
+                    help="fp8 kernel configs: one set of fp8 rows each")  # fmt: skip
+    ap.add_argument("--kernel-alone", action="store_true",
+                    help="also time the attention kernel alone on one pre-pass")  # fmt: skip
     ap.add_argument("--budget", type=float, default=1.0, help="seconds of timed calls per row")
-    ap.add_argument("--no-sweep", action="store_true", help="skip the config / tile sweep")
-    ap.add_argument("--no-accuracy", action="store_true", help="skip the full-size accuracy check")
-    ap.add_argument("--no-host-check", action="store_true", help="skip the host-sync check")
-    ap.add_argument("--quick", action="store_true", help="fewer modes")
+    ap.add_argument("--quick", action="store_true", help="leave out topk and bf16_sparse")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["cudnn_fp8"],
+                    help="peers to leave out")  # fmt: skip
+    result_args(ap)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("kernel_bench needs a CUDA GPU", file=sys.stderr)
         return 2
-    t0 = time.time()
-    result: dict[str, Any] = {"environment": environment(), "command": " ".join(sys.argv)}
-    print(json.dumps(result["environment"]), flush=True)
-
-    def save() -> None:
-        result["wall_s"] = time.time() - t0
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1, default=str)
-
-    main_rows: list[Timing] = []
+    env = environment()
+    print(env, flush=True)
+    payload: dict[str, Any] = {"timing": TIME_CALLS_METHOD, "kernel": args.kernel, "rows": []}
+    path = None
     for name in args.shapes:
-        try:
-            main_rows += bench_shape(name, args.budget, main_modes(args.quick, name))
-        except Exception as e:  # keep what was measured; say what broke
-            result.setdefault("errors", []).append(f"{name}: {type(e).__name__}: {e}")
-            print(f"  {name}: FAILED {type(e).__name__}: {e}", flush=True)
+        payload["rows"] += bench_shape(name, args)
         torch.cuda.empty_cache()
-        result["main"] = [asdict(r) for r in main_rows]
-        save()
-    sections: list[tuple[str, bool, Callable[[], Any]]] = [
-        ("host_check", args.no_host_check, lambda: host_check(args.budget * 0.5)),
-        ("accuracy", args.no_accuracy, accuracy_at_scale),
-        ("sweep", args.no_sweep, lambda: [asdict(r) for r in sweep(args.budget * 0.6)]),
-    ]
-    for key, skip, run in sections:
-        if skip:
-            continue
-        try:
-            result[key] = run()
-        except Exception as e:
-            result.setdefault("errors", []).append(f"{key}: {type(e).__name__}: {e}")
-            print(f"  {key}: FAILED {type(e).__name__}: {e}", flush=True)
-        torch.cuda.empty_cache()
-        save()
+        path = write_result("kernel_bench", payload, out=args.out, folder=args.results, env=env)
     print()
-    print(table(main_rows))
+    print(table(payload["rows"]))
+    print(f"\nwritten: {path}")
     return 0
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Issue 4's H100 run: the mini-e2e study (TPE, 200 trials), the same study with random search
+# The mini-e2e study on one GPU (run on the H100 for docs/quality.md) (TPE, 200 trials), the same study with random search
 # (100 trials; it starts from the same baseline schedules as TPE does, so that the hypervolume
-# comparison is fair), the four baselines; then benchmarks/mini_front.py on the storage. Run on the GPU
+# comparison is fair), the four baselines; then benchmarks.mini_front on the storage. Run on the GPU
 # machine from the repo root with the wheels of ../shared/gpu/pack-wheels.sh (+ diffusers,
 # huggingface_hub<2, importlib_metadata, zipp, pydantic...) under .whl/. Writes under $OUT.
 set -uo pipefail
@@ -32,4 +32,4 @@ echo "baselines: $(( $(date +%s) - S )) s"
 S=$(date +%s)
 python3 -m fpstune study run mini-e2e-random.yaml --trials ${RANDOM_TRIALS:-100} --storage $DB --no-progress 2>&1 | tail -2
 echo "random run: $(( $(date +%s) - S )) s"
-python3 $ROOT/benchmarks/mini_front.py --storage $DB --json $OUT/mini_front.json
+PYTHONPATH=$PYTHONPATH:$ROOT python3 -P -m benchmarks.mini_front --storage $DB --out $OUT/mini_front.json

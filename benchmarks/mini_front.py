@@ -1,7 +1,7 @@
 """Issue 4's check on a finished mini-e2e run: does the front beat every baseline, and does
 the sampler beat random search?
 
-    python benchmarks/mini_front.py --storage sqlite:///mini-e2e.db \
+    python3 -m benchmarks.mini_front --storage sqlite:///mini-e2e.db \
         [--study mini-e2e:schedule] [--random mini-e2e-random:schedule] [--at 100]
 
 For each baseline (trials marked ``baseline`` by `fpstune baselines`): the best PSNR among the
@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 from typing import Any
 
 import numpy as np
 import optuna
 from optuna._hypervolume import compute_hypervolume
 
+from fpstune.latency.bench import result_args, write_result
 from fpstune.run.trial_writes import counts_toward_budget
 
 
@@ -99,13 +99,17 @@ def recomposed(study_file: str) -> Any:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python3 -m benchmarks.mini_front",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
     ap.add_argument("--storage", required=True)
     ap.add_argument("--study", default="mini-e2e:schedule")
     ap.add_argument("--random", default="mini-e2e-random:schedule")
     ap.add_argument("--at", type=int, default=100)
     ap.add_argument("--psnr-floor", type=float, nargs="+", default=[12.0, 25.0])
-    ap.add_argument("--json", default=None)
+    result_args(ap)
     ap.add_argument(
         "--recompose",
         metavar="STUDY_YAML",
@@ -184,9 +188,8 @@ def main() -> None:
         print(
             f"hypervolume after {args.at} trials (ref latency {ref[0]:.0f} ms, PSNR {floor}):", hv
         )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    out.update(study=args.study, random=args.random, at=args.at, recompose=args.recompose)
+    print("written:", write_result("mini_front", out, out=args.out, folder=args.results))
 
 
 if __name__ == "__main__":

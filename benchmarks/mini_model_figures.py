@@ -7,7 +7,9 @@
   attention mass within a local 3D window (|dt| <= 1, |dh| <= 2, |dw| <= 2 latent patches,
   see LOCAL) averaged over the denoising steps, trained vs untrained (random init).
 
-    python benchmarks/mini_model_figures.py --out-dir docs/img --json mini_structure.json
+    python3 -m benchmarks.mini_model_figures --out-dir docs/img
+
+The table also goes to benchmarks/results/<date>-cpu-mini_model_figures.json.
 
 Needs matplotlib for the loss curve (a documentation tool, not a dependency of fpstune).
 """
@@ -15,13 +17,13 @@ Needs matplotlib for the loss curve (a documentation tool, not a dependency of f
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 
+from fpstune.latency.bench import environment, result_args, write_result
 from fpstune.models import mini
 from fpstune.models.loop import denoise
 from fpstune.models.processor import install
@@ -68,9 +70,13 @@ def attention_locality(model: Any, seeds: list[int]) -> list[list[float]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--out-dir", default="docs/img")
-    ap.add_argument("--json", default=None)
+    ap = argparse.ArgumentParser(
+        prog="python3 -m benchmarks.mini_model_figures",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
+    ap.add_argument("--out-dir", default="docs/img", help="where the two figures go")
+    result_args(ap)
     args = ap.parse_args()
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -121,19 +127,16 @@ def main() -> None:
     for i, (tr, un) in enumerate(zip(trained, untrained, strict=True)):
         for j, (a, b) in enumerate(zip(tr, un, strict=True)):
             print(f"{i:5d} {j:4d}  {a:7.3f}  {b:9.3f}")
-    if args.json:
-        Path(args.json).write_text(
-            json.dumps(
-                {
-                    "local": LOCAL,
-                    "keys_in_window": n_local,
-                    "trained": trained,
-                    "untrained": untrained,
-                    "weights": meta,
-                },
-                indent=1,
-            )
-        )
+    result = {
+        "local": LOCAL,
+        "keys_in_window": n_local,
+        "trained": trained,
+        "untrained": untrained,
+        "weights": meta,
+    }
+    path = write_result("mini_model_figures", result, out=args.out, folder=args.results,
+                        env=environment("cpu"))  # fmt: skip
+    print(f"written: {path}")
 
 
 if __name__ == "__main__":

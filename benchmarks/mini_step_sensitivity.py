@@ -3,11 +3,12 @@
 For docs/quality.md: end-to-end PSNR against BF16 dense (seed 0, 10 steps, CFG 5, the packaged
 weights) of hand-made policies that change the mode of a few steps, every layer.
 
-    python benchmarks/mini_step_sensitivity.py
+    python3 -m benchmarks.mini_step_sensitivity
 """
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import torch
@@ -15,6 +16,7 @@ import torch
 from fpstune.kernels import AttentionSpec, Mode
 from fpstune.kernels.fingerprint import current_fingerprint
 from fpstune.kernels.policy import ModelShape, Policy, PolicyEntry
+from fpstune.latency.bench import environment, result_args, write_result
 from fpstune.quality.e2e import mini_probe
 
 BF16 = AttentionSpec(mode=Mode.BF16_DENSE)
@@ -28,6 +30,10 @@ def sparse(s: float) -> AttentionSpec:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(prog="python3 -m benchmarks.mini_step_sensitivity",
+                                 description=__doc__)  # fmt: skip
+    result_args(ap)
+    args = ap.parse_args()
     torch.set_num_threads(1)
     probe = mini_probe(seeds=(0,), steps=10, guidance=5.0, device="cpu")
     shape = ModelShape(
@@ -48,13 +54,19 @@ def main() -> None:
         "fp8, sparse0.5 last 2": policy(FP8, ((8, 10), sparse(0.5))),
         "sparse0.9 first 1, fp8, bf16 last 2": policy(FP8, ((0, 1), sparse(0.9)), ((8, 10), BF16)),
     }
+    rows = []
     for name, p in cases.items():
         t = time.time()
         r = probe.measure(p)
+        rows.append({"policy": name, **r.values})
         print(
             f"{name:40s} psnr {r.values['psnr']:.2f} ssim {r.values['ssim']:.3f}"
             f" ({time.time() - t:.0f}s)"
         )
+    payload = {"probe": "mini, seed 0, 10 steps, CFG 5, CPU", "rows": rows}
+    path = write_result("mini_step_sensitivity", payload, out=args.out, folder=args.results,
+                        env=environment("cpu"))  # fmt: skip
+    print(f"written: {path}")
 
 
 if __name__ == "__main__":

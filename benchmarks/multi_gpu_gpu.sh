@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Issue 8 on a host of several GPUs (nvidia-h200-x2 here): a kernel-level and a schedule-level
+# Scaling over the GPUs of one host (nvidia-h200-x2 here): a kernel-level and a schedule-level
 # study with 1..N Ray workers (one per GPU) on a PostgreSQL server started on loopback, then the
-# same configs measured on every GPU (benchmarks/gpu_spread.py). Run from the repo root on the GPU
+# same configs measured on every GPU (benchmarks.gpu_spread). Run from the repo root on the GPU
 # host. The host has no package index and no PostgreSQL, so $PKGS (default .mgpu, git-ignored)
 # holds: the wheels of ../shared/gpu/pack-wheels.sh plus psycopg (pure Python), and pg.tar.xz, a
 # relocatable PostgreSQL 16 build (bin/postgres, initdb, pg_ctl; lib/ with libpq.so.5; share/)
@@ -11,7 +11,7 @@ set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-$PWD/gpu-out}; mkdir -p "$OUT"; PKGS=${PKGS:-.mgpu}; ROOT=$PWD
 # Everything lands in $LOGS; $OUT gets one archive of it (the device tool returns 8 files at most).
-LOGS=/tmp/issue8; rm -rf $LOGS; mkdir -p $LOGS; trap 'tar czf "$OUT/issue8.tgz" -C $LOGS .' EXIT
+LOGS=/tmp/multi-gpu; rm -rf $LOGS; mkdir -p $LOGS; trap 'tar czf "$OUT/multi_gpu.tgz" -C $LOGS .' EXIT
 [ -n "${SKIP_INSTALL:-}" ] || {
   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site "$PKGS"/*.whl \
     && python3 -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target /tmp/site . \
@@ -40,10 +40,13 @@ STUDY=$ROOT/studies/${STUDY:-wan2.1-t2v-1.3b-480p}.yaml
 NAME=$(python3 -c "import yaml,sys; print(yaml.safe_load(open(sys.argv[1]))['name'])" "$STUDY")
 mkdir -p /tmp/run && cd /tmp/run || exit 1
 step() { [[ " ${STEPS:-kernel schedule spread} " == *" $1 "* ]]; }
-step kernel && timeout ${KERNEL_TIMEOUT:-300} python3 $ROOT/benchmarks/multi_gpu_scaling.py "$STUDY" --stage kernel \
-  --storage $URL --workers $WORKERS --trials ${KERNEL_TRIALS:-3} --out $LOGS/kernel 2>&1 | tail -6
-step schedule && timeout ${SCHEDULE_TIMEOUT:-150} python3 $ROOT/benchmarks/multi_gpu_scaling.py "$STUDY" --stage schedule \
-  --storage $URL --workers $WORKERS --trials ${SCHEDULE_TRIALS:-30} --out $LOGS/schedule 2>&1 | tail -6
-step spread && timeout ${SPREAD_TIMEOUT:-150} python3 $ROOT/benchmarks/gpu_spread.py --storage $URL \
-  --study "$NAME-w${WORKERS##* }" --top 2 --repeats 3 --out $LOGS/spread 2>&1 | tail -40
+# benchmarks.* from this checkout, fpstune as installed: -P keeps the checkout's folder off the
+# front of sys.path, so /tmp/site's fpstune (with fpstune.kernels mapped) wins.
+BENCH=(env "PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$ROOT" python3 -P -m)
+step kernel && timeout ${KERNEL_TIMEOUT:-300} "${BENCH[@]}" benchmarks.multi_gpu_scaling "$STUDY" --stage kernel \
+  --storage $URL --workers $WORKERS --trials ${KERNEL_TRIALS:-3} --work $LOGS/kernel --out $LOGS/scaling-kernel.json 2>&1 | tail -6
+step schedule && timeout ${SCHEDULE_TIMEOUT:-150} "${BENCH[@]}" benchmarks.multi_gpu_scaling "$STUDY" --stage schedule \
+  --storage $URL --workers $WORKERS --trials ${SCHEDULE_TRIALS:-30} --work $LOGS/schedule --out $LOGS/scaling-schedule.json 2>&1 | tail -6
+step spread && timeout ${SPREAD_TIMEOUT:-150} "${BENCH[@]}" benchmarks.gpu_spread --storage $URL \
+  --study "$NAME-w${WORKERS##* }" --top 2 --repeats 3 --work $LOGS/spread --out $LOGS/spread.json 2>&1 | tail -40
 as_pg $PG/pg/bin/pg_ctl -D $PG/data -m fast stop >/dev/null

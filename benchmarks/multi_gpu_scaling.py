@@ -12,14 +12,13 @@ W``. Two rates per run:
 Efficiency = rate(W) / (W x rate(1)). Each run gets a fresh ``TRITON_CACHE_DIR``, so every
 worker compiles the kernels it measures, as on a fresh host.
 
-    python benchmarks/multi_gpu_scaling.py studies/wan2.1-t2v-1.3b-480p.yaml --stage kernel \
+    python3 -m benchmarks.multi_gpu_scaling studies/wan2.1-t2v-1.3b-480p.yaml --stage kernel \
         --storage postgresql+psycopg://postgres@127.0.0.1:55432/fpstune --workers 1 2 --trials 3
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -30,6 +29,8 @@ from pathlib import Path
 import optuna
 import yaml
 from optuna.trial import TrialState
+
+from fpstune.latency.bench import result_args, write_result
 
 
 def study_copy(study_file: Path, name: str, folder: Path) -> Path:
@@ -87,22 +88,29 @@ def run_one(args: argparse.Namespace, workers: int, folder: Path) -> dict[str, f
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python3 -m benchmarks.multi_gpu_scaling",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
     p.add_argument("study", type=Path, help="study YAML")
     p.add_argument("--stage", choices=("kernel", "schedule"), default="schedule")
     p.add_argument("--storage", required=True, help="storage URL (PostgreSQL for several GPUs)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--trials", type=int, required=True, help="budget (per bucket for kernel)")
-    p.add_argument("--out", type=Path, default=Path("."), help="folder for logs and the JSON")
+    p.add_argument("--work", type=Path, default=Path("."), help="folder for study copies and logs")
+    result_args(p)
     args = p.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    rows = [run_one(args, w, args.out) for w in args.workers]
+    args.work.mkdir(parents=True, exist_ok=True)
+    rows = [run_one(args, w, args.work) for w in args.workers]
     base = rows[0]
     for r in rows:
         for kind in ("wall", "busy"):
             per_worker = r[f"per_hour_{kind}"] / (r["workers"] / base["workers"])
             r[f"efficiency_{kind}"] = per_worker / base[f"per_hour_{kind}"]
-    (args.out / f"scaling-{args.stage}.json").write_text(json.dumps(rows, indent=1))
+    payload = {"study": str(args.study), "stage": args.stage, "trials": args.trials, "rows": rows}
+    path = write_result(f"multi_gpu_scaling-{args.stage}", payload, out=args.out,
+                        folder=args.results)  # fmt: skip
     print(f"\n{args.study.name}, stage {args.stage}, {args.trials} trials per study")
     print(
         "workers  GPUs used  trials  wall s  busy s  trials/h wall  trials/h busy"
@@ -114,6 +122,7 @@ def main() -> None:
             f"{r['busy_s']:>6.1f}  {r['per_hour_wall']:>13,.0f}  {r['per_hour_busy']:>13,.0f}  "
             f"{r['efficiency_wall']:>8.2f}  {r['efficiency_busy']:>8.2f}"
         )
+    print(f"written: {path}")
 
 
 if __name__ == "__main__":

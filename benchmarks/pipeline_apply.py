@@ -18,25 +18,25 @@ with self-attention returning v; each cell's attention at its spec's speed-up ov
 layer's q, k, v, `e2e_bench.attention_speedup`), and the final latents' rel-L2 and PSNR against
 the SDPA generation of the same seed.
 
-    python benchmarks/pipeline_apply.py --policy docs/policies/mini-e2e-run6-25db.yaml \\
-        --kernel gluon_ws --out pipeline.json
+    python3 -m benchmarks.pipeline_apply --policy docs/policies/mini-e2e-run6-25db.yaml \\
+        --kernel gluon_ws
+
+Writes benchmarks/results/<date>-<gpu>-pipeline_apply.json (``--out`` to choose).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from e2e_bench import (
+import fpstune
+from benchmarks.e2e_bench import (
     CONFIGS,
     DEVICE,
     KERNELS,
@@ -48,11 +48,10 @@ from e2e_bench import (
     timed,
     with_kernel,
 )
-
-import fpstune
 from fpstune.kernels import AttentionSpec, Mode, Policy, PolicyEntry
 from fpstune.kernels.fingerprint import current_fingerprint
 from fpstune.kernels.policy import ModelShape
+from fpstune.latency.bench import environment, result_args, write_result
 
 STEPS = 50
 
@@ -84,7 +83,11 @@ def target_policy(proxy: Policy, shape: ModelShape, kernel: str) -> Policy:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python3 -m benchmarks.pipeline_apply",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
     ap.add_argument("--policy", type=Path, required=True, help="the proxy's policy YAML")
     ap.add_argument(
         "--checkpoint", type=Path,
@@ -94,7 +97,7 @@ def main() -> None:
     ap.add_argument("--model", default="1.3b", choices=[m for m in CONFIGS if m != "tiny"])
     ap.add_argument("--res", default="480p", choices=list(LATENTS))
     ap.add_argument("--kernel", choices=list(KERNELS), default="default")
-    ap.add_argument("--out", type=Path, required=True)
+    result_args(ap)
     args = ap.parse_args()
 
     from diffusers import UniPCMultistepScheduler, WanPipeline
@@ -214,12 +217,14 @@ def main() -> None:
         "of_bound": (base_s / fp_s) / bound, "forward_sdpa_ms": sdpa_ms, "forward_rest_ms": rest_ms,
         "latent_rel_l2": float(diff), "latent_psnr_db": psnr,
     }  # fmt: skip
-    args.out.write_text(json.dumps(out, indent=1))
+    path = write_result("pipeline_apply", out, out=args.out, folder=args.results,
+                        env=environment(DEVICE))  # fmt: skip
     print(f"\n{'model':22s} {'cells (bf16/fp8/fp8 sparse)':28s} {'fpstune':>8s} {'SDPA':>8s} "
           f"{'speed-up':>8s} {'bound':>6s} {'rel-L2':>7s} {'PSNR':>6s}")  # fmt: skip
     cells = f"{modes['bf16_dense']}/{modes['fp8_dense']}/{modes['fp8_sparse']}"
     print(f"{shape.name:22s} {cells:28s} {fp_s:7.1f}s {base_s:7.1f}s {base_s / fp_s:7.2f}x "
           f"{bound:5.2f}x {float(diff):7.4f} {psnr:5.1f}")  # fmt: skip
+    print(f"\nwritten: {path}")
 
 
 if __name__ == "__main__":

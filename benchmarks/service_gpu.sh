@@ -43,11 +43,13 @@ echo "== noise: one config measured 10 times (1x12x75600x128, fp8_sparse window 
 python3 - <<'PY' 2>&1 | tee "$OUT/noise.log"
 import statistics, torch
 from fpstune.stages.evaluators import KernelEvaluator
-from fpstune.latency.table import AttentionShape
+from fpstune.stages.candidates import KernelCandidate
+from fpstune.latency.shape import AttentionShape
 shape = AttentionShape(batch=1, heads=12, head_dim=128, grid=(21, 45, 80))
 ev = KernelEvaluator(shape, device=torch.device("cuda"), warmup=10, reps=50, rotate_inputs=True)
 spec = {"mode": "fp8_sparse", "tile": [1, 16, 8], "sparsity": 0.9, "pattern": {"kind": "window"}}
-rows = [ev.evaluate({"stage": "kernel", "spec": spec}) for _ in range(10)]
+candidate = KernelCandidate.from_attr({"stage": "kernel", "spec": spec})
+rows = [ev.evaluate(candidate) for _ in range(10)]
 med = [r.values["latency_ms"] for r in rows]
 rel = [r.attrs["iqr_ms"] / r.values["latency_ms"] for r in rows]
 print("medians ms", [round(m, 3) for m in med])

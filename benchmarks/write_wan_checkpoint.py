@@ -6,26 +6,28 @@ transformer's text width with a word-level tokenizer (the real UMT5-XXL is 5.7 B
 the prompt's content does not matter for speed or for the tuning flow), and Wan's UniPC
 scheduler (flow shift 3, Wan 2.1's at 480p). Nothing is downloaded.
 
-    python benchmarks/write_wan_checkpoint.py --model 1.3b --out /tmp/wan-1.3b
+    python3 -m benchmarks.write_wan_checkpoint --model 1.3b --out /tmp/wan-1.3b
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from e2e_bench import COMMON, DEVICE, build
+from benchmarks.e2e_bench import COMMON, DEVICE, build
 
 WORDS = ["<pad>", "</s>", "<unk>", "a", "cat", "dog", "runs", "on", "the", "beach", "blurry"]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python3 -m benchmarks.write_wan_checkpoint",
+        description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
     ap.add_argument("--model", default="1.3b", choices=["tiny", "1.3b", "14b"])
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()

@@ -38,6 +38,7 @@ from optuna.trial import FrozenTrial, TrialState
 from optuna_dashboard import save_note, save_plotly_graph_object
 
 from fpstune.kernels import Mode, Policy
+from fpstune.trial_attrs import SCHEDULE_STAGE, STAGE, study_spec
 
 from .figures import cell_colour, cell_text, draw_front
 from .info import baseline_name, front_info, is_feasible, metric_names
@@ -47,7 +48,6 @@ from .trials import (
     export_preview,
     latency_breakdown,
     schedule_info,
-    study_spec,
     trial_policy,
 )
 
@@ -92,7 +92,7 @@ def annotate_storage(
     written into the policy previews' provenance."""
     total = AnnotateResult()
     for summary in optuna.get_all_study_summaries(storage, include_best_trial=False):
-        if summary.user_attrs.get("fpstune_stage") != "schedule":
+        if summary.user_attrs.get(STAGE) != SCHEDULE_STAGE:
             continue
         # A sampler without side effects: notes are saved through `optuna.Trial` handles.
         study = optuna.load_study(

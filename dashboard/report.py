@@ -17,17 +17,18 @@ import optuna
 import plotly.graph_objects as go
 import plotly.offline
 
+from fpstune import trial_attrs
 from fpstune.catalog import latency_provenance, load_study_by_ref
 from fpstune.errors import BadInput
 from fpstune.kernels import HardwareFingerprint
 from fpstune.kernels.atomic import write_text
-from fpstune.latency.table import AttentionShape
+from fpstune.latency.shape import AttentionShape
 from fpstune.storage import mask_url
 
 from . import figures
 from .info import FrontInfo, HypervolumeInfo, front_info, hypervolume_info
 from .tables import LatencyTableInfo, latency_table_info, table_rows
-from .trials import ScheduleInfo, schedule_info, study_spec, trial_policy
+from .trials import ScheduleInfo, schedule_info, trial_policy
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ class ReportInfo:
 
 
 def report_info(study_ref: str, *, storage_url: str, knees: int = 3) -> ReportInfo:
-    study, spec = load_study_by_ref(study_ref, storage_url=storage_url, stage="schedule")
+    study, spec = load_study_by_ref(study_ref, storage_url=storage_url)
     if len(study.directions) != 2:
         raise BadInput(
             f"study {study.study_name}: the report draws two objectives, it has "
@@ -60,7 +61,7 @@ def report_info(study_ref: str, *, storage_url: str, knees: int = 3) -> ReportIn
     if not front.points:
         raise BadInput(f"study {study.study_name}: no complete trial to report yet")
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
-    fallback = study_spec(study.user_attrs)
+    fallback = trial_attrs.study_spec(study.user_attrs)
     schedules = []
     for rank, number in enumerate(front.knees, 1):
         policy = trial_policy(by_number[number], fallback)
@@ -101,11 +102,11 @@ def _latency_provenance(
     fps: Counter[HardwareFingerprint] = Counter()
     sources: Counter[str] = Counter()
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        details = t.user_attrs.get("details") or {}
-        if details.get("latency_fingerprint"):
-            fps[HardwareFingerprint.model_validate(details["latency_fingerprint"])] += 1
-        source = t.user_attrs.get("latency_source", "?")
-        rows = t.user_attrs.get("latency_row_source")
+        attrs = trial_attrs.evaluation_attrs(t)
+        if (fp := trial_attrs.latency_fingerprint(attrs)) is not None:
+            fps[fp] += 1
+        source = trial_attrs.latency_source(attrs)
+        rows = attrs.get(trial_attrs.LATENCY_ROW_SOURCE)
         sources[f"{source} ({rows} rows)" if rows else str(source)] += 1
     return [("latencies", fp, n) for fp, n in fps.most_common()], dict(sources)
 

@@ -14,17 +14,10 @@ import sqlalchemy as sa
 
 from fpstune.kernels import HardwareFingerprint
 from fpstune.kernels.fingerprint import same_gpu_type
-from fpstune.latency.table import (
-    PACKAGE_DATA,
-    AttentionShape,
-    LatencyRecord,
-    LatencyRow,
-    LatencyTable,
-    NoLatencyRow,
-    create_engine,
-    gpu_slug,
-    packaged_table,
-)
+from fpstune.latency.rows import LatencyRow, NoLatencyRow
+from fpstune.latency.shape import AttentionShape
+from fpstune.latency.shipped import PACKAGE_DATA, gpu_slug, packaged_table
+from fpstune.latency.table import LatencyRecord, LatencyTable, create_engine
 
 
 @dataclass(frozen=True)

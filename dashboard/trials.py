@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import Any
 
 from optuna.trial import FrozenTrial
 
-from fpstune import __version__
+from fpstune import __version__, trial_attrs
 from fpstune.kernels import AttentionSpec, HardwareFingerprint, Mode, Policy, SpecError
 from fpstune.pinning import pin_kernels
 from fpstune.spec.study import StudySpec
@@ -83,15 +82,10 @@ class LatencyBreakdown:
         return out
 
 
-def study_spec(user_attrs: dict[str, Any]) -> StudySpec | None:
-    raw = user_attrs.get("fpstune_study")
-    return StudySpec.model_validate(raw) if raw is not None else None
-
-
 def trial_policy(trial: FrozenTrial, spec: StudySpec | None) -> Policy | None:
     """The policy the trial ran: the stored candidate's (a searched trial), the ``policy``
     attribute (a baseline), else rebuilt from its parameters."""
-    candidate = trial.user_attrs.get("candidate")
+    candidate = trial.user_attrs.get(trial_attrs.CANDIDATE)
     stored = candidate.get("policy") if isinstance(candidate, dict) else None
     stored = stored or trial.user_attrs.get("policy")
     if isinstance(stored, dict):
@@ -112,7 +106,7 @@ def trial_policy(trial: FrozenTrial, spec: StudySpec | None) -> Policy | None:
             spec.model,
             hardware=current_fingerprint("cpu"),
             provenance=Provenance(
-                study=spec.study_name("schedule"),
+                study=spec.study_name(trial_attrs.SCHEDULE_STAGE),
                 trial=trial.number if trial.number >= 0 else None,  # -1: not in a study
                 # Optuna's datetimes are naive local time
                 created=(trial.datetime_start or dt.datetime.now()).astimezone(dt.UTC),
@@ -137,11 +131,12 @@ def schedule_info(policy: Policy, *, trial: int, title: str = "") -> ScheduleInf
 
 def latency_breakdown(trial: FrozenTrial) -> LatencyBreakdown | None:
     """How the trial's latency splits over its distinct specs (None when it stored no lookups)."""
-    details = trial.user_attrs.get("details")
-    if not isinstance(details, dict) or not details.get("latency_lookups"):
+    attrs = trial_attrs.evaluation_attrs(trial)
+    lookups = trial_attrs.latency_lookups(attrs)
+    if not lookups:
         return None
     parts = []
-    for lk in details["latency_lookups"]:
+    for lk in lookups:
         used = AttentionSpec.from_dict(lk.get("used") or lk["requested"])
         parts.append(
             LatencyPart(
@@ -152,14 +147,11 @@ def latency_breakdown(trial: FrozenTrial) -> LatencyBreakdown | None:
                 method=str(lk.get("method", "")),
             )
         )
-    fp = details.get("latency_fingerprint")
     return LatencyBreakdown(
         trial=trial.number,
-        source=str(trial.user_attrs.get("latency_source", details.get("latency_source", "?"))),
-        row_source=str(
-            trial.user_attrs.get("latency_row_source", details.get("latency_row_source", "?"))
-        ),
-        fingerprint=HardwareFingerprint.model_validate(fp) if fp else None,
+        source=trial_attrs.latency_source(attrs),
+        row_source=str(attrs.get(trial_attrs.LATENCY_ROW_SOURCE, "?")),
+        fingerprint=trial_attrs.latency_fingerprint(attrs),
         parts=tuple(sorted(parts, key=lambda p: -p.total_ms)),
     )
 
@@ -170,19 +162,17 @@ def export_preview(
     """The policy `fpstune export --trial N` would write, before its re-measurement: kernel
     configs pinned to the ones its latency was composed from, the latency table's GPU as the
     hardware, provenance naming the trial."""
-    details = trial.user_attrs.get("details") or {}
-    policy = pin_kernels(policy, details.get("latency_lookups", []))
-    if details.get("latency_fingerprint"):
-        policy = policy.replace(
-            hardware=HardwareFingerprint.model_validate(details["latency_fingerprint"])
-        )
+    attrs = trial_attrs.evaluation_attrs(trial)
+    policy = pin_kernels(policy, trial_attrs.latency_lookups(attrs))
+    if (fingerprint := trial_attrs.latency_fingerprint(attrs)) is not None:
+        policy = policy.replace(hardware=fingerprint)
     return policy.with_provenance(
         {
             "study": study,
             "trial": trial.number,
             "storage": storage,
             "objectives": dict(zip(metric_names, trial.values, strict=True)),
-            "latency_source": trial.user_attrs.get("latency_source"),
+            "latency_source": trial.user_attrs.get(trial_attrs.LATENCY_SOURCE),
             "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "fpstune_version": __version__,
             "notes": "preview from the study; `fpstune export --trial` re-measures before shipping",

@@ -29,6 +29,7 @@ from typing import Any
 import optuna
 import torch
 
+from fpstune import trial_attrs
 from fpstune.errors import BadInput
 from fpstune.kernels import AttentionSpec, Mode, attention, default_tile
 from fpstune.kernels.fingerprint import current_fingerprint
@@ -170,6 +171,8 @@ def add_baselines(
 ) -> dict[str, dict[str, float]]:
     """Evaluate and store each baseline as a marked COMPLETE trial (skipping stored ones);
     returns name -> objective values."""
+    from fpstune.stages.candidates import ScheduleCandidate
+
     stored = {
         t.user_attrs["baseline"]: t
         for t in study.get_trials(deepcopy=False)
@@ -181,7 +184,7 @@ def add_baselines(
             t = stored[name]
             out[name] = dict(zip(metric_names, t.values or [], strict=False))
             continue
-        ev = evaluator.evaluate({"stage": "schedule", "policy": policy.to_dict()})
+        ev = evaluator.evaluate(ScheduleCandidate(policy))
         attrs = dict(ev.attrs)
         if notes and name in notes:
             attrs["baseline_notes"] = notes[name]
@@ -227,12 +230,11 @@ def run_baselines(
     from fpstune.quality.e2e import EndToEndProbe
     from fpstune.quality.probe import AttentionProbe
     from fpstune.spec import load_study
-    from fpstune.stages.evaluators import ScheduleEvaluator, build_evaluator
+    from fpstune.stages.evaluators import build_schedule_evaluator
     from fpstune.storage import open_storage, retry_db
 
     spec = load_study(study_file)
-    evaluator = build_evaluator(spec, stage="schedule", device=device)
-    assert isinstance(evaluator, ScheduleEvaluator)
+    evaluator = build_schedule_evaluator(spec, device=device)
     model = spec.model.shape()
     hardware = current_fingerprint()
     policies = fixed_baselines(model, hardware)
@@ -247,7 +249,7 @@ def run_baselines(
     storage = open_storage(storage_url)
     study = retry_db(
         lambda: optuna.create_study(
-            study_name=spec.study_name("schedule"),
+            study_name=spec.study_name(trial_attrs.SCHEDULE_STAGE),
             storage=storage,
             directions=list(spec.directions),
             load_if_exists=True,

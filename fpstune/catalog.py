@@ -12,6 +12,7 @@ import optuna
 import sqlalchemy as sa
 from optuna.trial import FrozenTrial, TrialState
 
+from fpstune import trial_attrs
 from fpstune.errors import BadInput
 from fpstune.kernels import Mode
 from fpstune.kernels.policy import Policy
@@ -29,9 +30,7 @@ MODE_CODES: dict[Mode, str] = {
 }
 
 
-def find_study(
-    ref: str, *, storage_url: str, stage: str = "schedule"
-) -> tuple[optuna.storages.RDBStorage, str]:
+def find_study(ref: str, *, storage_url: str) -> tuple[optuna.storages.RDBStorage, str]:
     """The storage and the name of the study ``ref`` names: a study YAML or a study name
     (``mini`` or ``mini:schedule``); `BadInput` listing the studies there if none matches."""
     storage = _open(storage_url)
@@ -40,23 +39,21 @@ def find_study(
         base = load_study(Path(ref)).name
     else:
         base = ref
-    for name in (base, f"{base}:{stage}"):
+    for name in (base, f"{base}:{trial_attrs.SCHEDULE_STAGE}"):
         if name in names:
             return storage, name
     known = ", ".join(sorted(names)) or "none"
     raise BadInput(f"study {ref!r}: not found in {mask_url(storage_url)} (studies: {known})")
 
 
-def load_study_by_ref(
-    ref: str, *, storage_url: str, stage: str = "schedule"
-) -> tuple[optuna.Study, StudySpec]:
+def load_study_by_ref(ref: str, *, storage_url: str) -> tuple[optuna.Study, StudySpec]:
     """``ref`` is a study YAML or a study name (``mini`` or ``mini:schedule``)."""
-    storage, name = find_study(ref, storage_url=storage_url, stage=stage)
+    storage, name = find_study(ref, storage_url=storage_url)
     study = optuna.load_study(study_name=name, storage=storage)
-    raw = study.user_attrs.get("fpstune_study")
-    if raw is None:
-        raise BadInput(f"study {name}: not an fpstune study (no fpstune_study attribute)")
-    return study, StudySpec.model_validate(raw)
+    spec = trial_attrs.study_spec(study.user_attrs)
+    if spec is None:
+        raise BadInput(f"study {name}: not an fpstune study (no {trial_attrs.STUDY} attribute)")
+    return study, spec
 
 
 def study_status(ref: str, *, storage_url: str) -> dict[str, Any]:
@@ -99,9 +96,9 @@ def latency_provenance(trials: Sequence[FrozenTrial]) -> str | None:
     (``from table measured on NVIDIA H100 80GB HBM3 (not this machine: cpu)``), most trials
     first, ``; ``-joined when they differ; None for trials made before the label existed."""
     seen = Counter(
-        str(t.user_attrs["latency_provenance"])
+        str(t.user_attrs[trial_attrs.LATENCY_PROVENANCE])
         for t in trials
-        if t.state == TrialState.COMPLETE and "latency_provenance" in t.user_attrs
+        if t.state == TrialState.COMPLETE and trial_attrs.LATENCY_PROVENANCE in t.user_attrs
     )
     return "; ".join(p for p, _ in seen.most_common()) or None
 
@@ -114,7 +111,7 @@ def list_studies(*, storage_url: str) -> list[dict[str, Any]]:
             {
                 "study": s.study_name,
                 "trials": s.n_trials,
-                "stage": s.user_attrs.get("fpstune_stage", "?"),
+                "stage": s.user_attrs.get(trial_attrs.STAGE, "?"),
                 "started": s.datetime_start.isoformat(timespec="seconds")
                 if s.datetime_start
                 else None,

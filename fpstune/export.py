@@ -10,18 +10,18 @@ from typing import Any
 import optuna
 import torch
 
-from fpstune import __version__
+from fpstune import __version__, trial_attrs
 from fpstune.catalog import load_study_by_ref
 from fpstune.errors import BadInput
-from fpstune.kernels.fingerprint import HardwareFingerprint, current_fingerprint
-from fpstune.kernels.policy import Policy
+from fpstune.kernels.fingerprint import current_fingerprint
 from fpstune.latency.e2e import measure_policy_run
 from fpstune.latency.table import stored_latency_table
 from fpstune.outputs import check_output
 from fpstune.pinning import pin_kernels
 from fpstune.spec.study import StudySpec
+from fpstune.stages.candidates import ScheduleCandidate
 from fpstune.stages.evaluation import CandidateError
-from fpstune.stages.evaluators import build_evaluator, end_to_end_probe
+from fpstune.stages.evaluators import build_schedule_evaluator, end_to_end_probe
 from fpstune.storage import mask_url
 from fpstune.trial_attrs import metric_names
 
@@ -108,7 +108,7 @@ def export_policy(
     bar (`_psnr_bar`: ``min_quality`` on a psnr or frame_psnr objective, else such a
     constraint's min)."""
     check_output(output, option="output")  # before the re-measurement, which takes a while
-    study, spec = load_study_by_ref(study_ref, storage_url=storage_url, stage="schedule")
+    study, spec = load_study_by_ref(study_ref, storage_url=storage_url)
     bar = None if verify_e2e is None else _psnr_bar(study, spec, verify_e2e, min_quality)
     if trial_number is None:
         trial = pick_trial(study, min_quality=min_quality, max_latency=max_latency)
@@ -116,19 +116,19 @@ def export_policy(
         trial = _trial_by_number(study, trial_number)
     names = study.metric_names or []
     stored = dict(zip(names, trial.values, strict=True))
-    candidate = trial.user_attrs["candidate"]
 
     # Re-measure the pick on this machine before shipping it.
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    evaluator = build_evaluator(
-        spec, stage="schedule", device=device, latency_table=stored_latency_table(storage_url)
+    evaluator = build_schedule_evaluator(
+        spec, device=device, latency_table=stored_latency_table(storage_url)
     )
     try:
+        candidate = ScheduleCandidate.from_attr(trial.user_attrs[trial_attrs.CANDIDATE])
         again = evaluator.evaluate(candidate)
     except CandidateError as e:
         raise BadInput(f"study {study.study_name}: trial {trial.number} fails again: {e}") from e
     remeasured = {k: again.values[k] for k in names if k in again.values}
-    policy = Policy.from_dict(candidate["policy"])
+    policy = candidate.policy
     # Check the composition against one measured end-to-end run; not for a proxy costed at a
     # target shape (`latency.target`), whose latency is the target's and its run the proxy's.
     if device.type == "cuda" and spec.latency.target is None:
@@ -136,9 +136,8 @@ def export_policy(
         remeasured["end_to_end_ms"] = run.timing.median_ms
 
     # The policy is for the GPU its latencies were measured on, with the configs measured there.
-    policy = pin_kernels(policy, again.attrs.get("latency_lookups", []))
-    if "latency_fingerprint" in again.attrs:
-        fingerprint = HardwareFingerprint.model_validate(again.attrs["latency_fingerprint"])
+    policy = pin_kernels(policy, trial_attrs.latency_lookups(again.attrs))
+    if (fingerprint := trial_attrs.latency_fingerprint(again.attrs)) is not None:
         policy = policy.replace(hardware=fingerprint)
     where = current_fingerprint(device).gpu
     notes = f"re-measured on {where}"
@@ -161,8 +160,8 @@ def export_policy(
         notes += (
             f"; end-to-end {metric} {psnr:.2f} dB verified on {n} {list(seeds)} (bar {floor:g})"
         )
-    if "latency_provenance" in again.attrs:  # says when the latencies are another GPU's
-        notes += f"; latencies {again.attrs['latency_provenance']}"
+    if trial_attrs.LATENCY_PROVENANCE in again.attrs:  # says when the latencies are another GPU's
+        notes += f"; latencies {again.attrs[trial_attrs.LATENCY_PROVENANCE]}"
     policy = policy.with_provenance(
         _provenance(study, trial, storage_url, stored, remeasured, again.attrs) | {"notes": notes}
     )
@@ -173,7 +172,7 @@ def export_policy(
         trial=trial.number,
         stored=stored,
         remeasured=remeasured,
-        latency_source=str(again.attrs.get("latency_source", "?")),
+        latency_source=trial_attrs.latency_source(again.attrs),
     )
 
 
@@ -191,7 +190,7 @@ def _provenance(
         "storage": mask_url(storage_url),
         "objectives": stored,
         "remeasured": remeasured,
-        "latency_source": attrs.get("latency_source"),
+        "latency_source": attrs.get(trial_attrs.LATENCY_SOURCE),
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "fpstune_version": __version__,
     }

@@ -38,6 +38,7 @@ from optuna.storages._rdb import models  # the heartbeat table (no public API)
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
+from fpstune import trial_attrs
 from fpstune.errors import BadInput
 
 DEFAULT_STORAGE = "sqlite:///fpstune.db"
@@ -287,7 +288,7 @@ class RetryingRDBStorage(optuna.storages.RDBStorage):
                     base.set_trial_user_attr(
                         self,
                         trial_id,
-                        "fail_reason",
+                        trial_attrs.FAIL_REASON,
                         f"{why}: its controller died or lost the database",
                     )
         return sorted(stale | orphans)
@@ -348,7 +349,9 @@ class _RequeueStale(optuna.storages.RetryHeartbeatStaleTrialCallback):
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         trial = copy.copy(trial)
-        trial.user_attrs = {k: v for k, v in trial.user_attrs.items() if k != "fail_reason"}
+        trial.user_attrs = {
+            k: v for k, v in trial.user_attrs.items() if k != trial_attrs.FAIL_REASON
+        }
         super().__call__(study, trial)
 
 

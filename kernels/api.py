@@ -72,9 +72,9 @@ def attention(
         return out.to(out_dtype)
     config = spec.kernel or default_config(tile, q.shape[-1], spec.mode)
     check_feasible(config, tile=tile, head_dim=q.shape[-1], mode=spec.mode)
-    from .triton_attention import triton_attention
+    from .dispatch import fused_attention
 
-    return triton_attention(
+    return fused_attention(
         q, k, v, layout=TileLayout(grid, tile), spec=spec, config=config, scale=scale, rope=rope
     )
 

@@ -11,12 +11,14 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from .dispatch import impl_infeasibility, kv_block
+from .knobs import registered as registered_knobs
 from .spec import KernelConfig, Mode, Tile
 from .tiling import TileLayout
 
 # Candidate tiles for `default_tile`, each 128 tokens (two 64-row blocks or one 128-row block).
 # (1, 8, 16) before (1, 16, 8): same padding at 720p, half as many partly filled tiles, 1-3 %
-# faster in every H100 run (docs/benchmarks.md).
+# faster in every H100 run (docs/kernel-design.md).
 _DEFAULT_TILE_CANDIDATES: tuple[Tile, ...] = (
     (1, 8, 16),
     (1, 16, 8),
@@ -47,7 +49,7 @@ def default_tile(grid: tuple[int, int, int]) -> Tile:
 
 
 def default_config(tile: Tile, head_dim: int, mode: Mode) -> KernelConfig:
-    """Default launch config for a tile; benchmark evidence in docs/benchmarks.md.
+    """Default launch config for a tile; benchmark evidence in docs/kernel-design.md.
 
     fp8 (H100, 1x12x75600x128 sweeps): 64-row q blocks on 4 warps, so two CTAs share an SM and
     overlap one's softmax with the other's MMAs; 128-key blocks; 5 stages (Triton 3.6 lays out
@@ -84,20 +86,20 @@ def infeasibility(
     mode: Mode,
     limits: DeviceLimits = H100,
 ) -> list[str]:
-    """Reasons ``config`` cannot run ``mode`` on ``tile`` (empty when it can)."""
+    """Reasons ``config`` cannot run ``mode`` on ``tile`` (empty when it can): the rules every
+    kernel shares here, each kernel's own in `dispatch`, each registered knob's check."""
     reasons: list[str] = []
     tokens = math.prod(tile)
     for name in ("block_m", "block_n"):
         b = getattr(config, name)
-        # gluon_ws's 256-key steps are two 128-key blocks, each within one tile.
-        unit = min(b, 128) if name == "block_n" and config.impl == "gluon_ws" else b
+        unit = kv_block(config) if name == "block_n" else b  # what must lie within one tile
         if not is_block_size(b):
             reasons.append(f"{name}={b} is not a power of two >= 16")
         elif tokens % unit:
             reasons.append(f"{name}={unit} does not divide the tile's {tokens} tokens {list(tile)}")
     if mode.fp8 and config.block_n < 32:
         # P·V contracts over block_n; Hopper's fp8 MMA takes K >= 32 (seen failing to compile
-        # at 16 on the H100, Triton 3.6: docs/benchmarks.md).
+        # at 16 on the H100, Triton 3.6: docs/kernel-design.md).
         reasons.append(f"block_n={config.block_n}: fp8 P·V needs block_n >= 32")
     if head_dim not in (64, 128):
         reasons.append(f"head_dim={head_dim} is not 64 or 128")
@@ -112,47 +114,12 @@ def infeasibility(
             f"accumulators need ~{regs} registers per thread with {config.num_warps} warps, "
             f"over the {limits.registers_per_thread - 32} left after addressing"
         )
-    if config.impl != "triton":
-        reasons += _gluon_infeasibility(config, head_dim=head_dim, mode=mode, limits=limits)
+    reasons += impl_infeasibility(config, head_dim=head_dim, mode=mode, limits=limits)
     if mode.fp8 and limits.capability < (8, 9):
         reasons.append(f"fp8 needs compute capability >= 8.9, the GPU has {limits.capability}")
-    return reasons
-
-
-# What `gluon_attention`'s kernels are written for: (block_m, block_n, num_warps) -> least stages.
-# gluon: one warpgroup of 64 rows that refills its own ring, so >= 3 slots (the slot refilled in
-# iteration j must not be the one QK(j+1) reads). gluon_ws: two warpgroups of 64 rows and a
-# producer warp; a slot is refilled once both have released it, so 2 slots cannot deadlock;
-# block_n=256 takes two 128-key blocks per softmax step, a stage holding the pair.
-_GLUON_SHAPES = {
-    "gluon": {(64, 128, 4): 3},
-    "gluon_ws": {(128, 128, 8): 2, (128, 256, 8): 2},
-}
-
-
-def _gluon_infeasibility(
-    config: KernelConfig, *, head_dim: int, mode: Mode, limits: DeviceLimits
-) -> list[str]:
-    """The Gluon kernels: 64-row warpgroups, 128-key TMA blocks of 128-byte rows, Hopper's
-    wgmma."""
-    impl = config.impl
-    shapes = _GLUON_SHAPES[impl]
-    reasons = []
-    if not mode.fp8:
-        reasons.append(f"impl={impl} runs the fp8 modes only, not {mode.value}")
-    least = shapes.get((config.block_m, config.block_n, config.num_warps))
-    if least is None:
-        least = min(shapes.values())
-        named = " or ".join(f"block_m={m}, block_n={n}, num_warps={w}" for m, n, w in shapes)
-        reasons.append(f"impl={impl} needs {named}")
-    if head_dim != 128:
-        reasons.append(f"impl={impl} needs head_dim=128, got {head_dim}")
-    if config.num_stages < least:
-        reasons.append(f"impl={impl} needs num_stages >= {least}, got {config.num_stages}")
-    if config.exp2 != "f32":
-        reasons.append(f"impl={impl} has no exp2=f16x2 variant")
-    if limits.capability[0] != 9:
-        reasons.append(f"impl={impl} needs an sm_90 GPU (Hopper), the GPU has {limits.capability}")
+    for knob in registered_knobs():
+        why = knob.reason(config, tile=tile, head_dim=head_dim, mode=mode, limits=limits)
+        reasons += [why] if why else []
     return reasons
 
 

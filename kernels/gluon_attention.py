@@ -3,8 +3,7 @@
 Same contract as ``triton_attention._attn_kernel`` for the fp8 modes (the same `Prepared`
 buffers and kv lists, the same numbers: softmax scale and Q/K scales folded into one per-row
 factor, ``log2 448`` folded into the row max, P·V accumulated in the tensor core, V's channel
-scale applied at the end). What Gluon adds is control over the schedule (docs/kernel_notes.md,
-v9-v11):
+scale applied at the end). What Gluon adds is control over the schedule:
 
 - K and V blocks arrive by TMA into a ring of ``STAGES`` shared-memory slots, each with an
   mbarrier that counts the bytes in.
@@ -13,29 +12,30 @@ v9-v11):
   P·V and rescales. Issue and both waits sit in one iteration (a ``wait(1)`` across the loop's
   back edge makes ptxas serialise every wgmma: its message C7514).
 - P goes to the P·V wgmma without leaving its thread: its keys are relabelled (`_p_operand`)
-  and the pre-pass stores V's keys in the same order (`prepare(impl=...)`).
+  and the pre-pass stores V's keys in the same order (`prepare.prepare(impl=...)`).
 
 Two kernels share the per-warpgroup body `_warpgroup_rows`:
 
-- ``impl: gluon`` (v9): one warpgroup of 64 rows per CTA that refills its own ring, two CTAs
+- ``impl: gluon``: one warpgroup of 64 rows per CTA that refills its own ring, two CTAs
   per SM.
-- ``impl: gluon_ws`` (v10, v11): 128 rows per CTA on two consumer warpgroups (the default
+- ``impl: gluon_ws``: 128 rows per CTA on two consumer warpgroups (the default
   partition and a 4-warp worker, 240 registers each) fed by a 1-warp TMA producer
   (`gl.warp_specialize`); slots go back to the producer through ``empty`` mbarriers that both
-  consumers arrive on. One CTA per SM. ``block_n=256`` (v12, `_pair_loop`): two 128-key
+  consumers arrive on. One CTA per SM. ``block_n=256`` (`_pair_loop`): two 128-key
   TMA blocks per softmax step, so the per-block bookkeeping is paid once per 256 keys; 2-5 %
   faster than 128-key steps, 1.41-1.44x cuDNN dense and 12.5-12.9x at 90 % sparsity on the
-  H100. FA3's ping-pong turns between the consumers are a launch switch for benchmarks
-  (measured slower in every run, off).
+  H100. FA3's ping-pong turns between the consumers (one warpgroup's softmax while the other's
+  wgmmas hold the tensor cores) measured slower in every run and were removed.
 
-Hopper only (sm_90); the CPU interpreter does not run Gluon, so `attend` refuses these kernels
-off the GPU and their tests need the H100. Written against triton 3.6's Gluon API (experimental:
-3.9 renamed ``tma.async_copy_global_to_shared`` to ``async_load``).
+Hopper only (sm_90); the CPU interpreter does not run Gluon, so `dispatch.attend` refuses these
+kernels off the GPU and their tests need a Hopper GPU. Written against triton 3.6's Gluon API
+(experimental: 3.9 renamed ``tma.async_copy_global_to_shared`` to ``async_load``).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from triton.experimental import gluon
@@ -50,10 +50,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 # Plain @triton.jit helpers, shared with `_attn_kernel`: Gluon calls them with its own layouts.
-from .triton_attention import _scale_from_bits, _tile_of_rows
-
-if TYPE_CHECKING:
-    from .triton_attention import Prepared
+from .prepare import Prepared, scale_from_bits, tile_of_rows
 
 LOG2_448 = gl.constexpr(8.807354922057604)  # log2(448): P comes out as P·448
 # The warp-specialised kernel has 4 + 4 + 1 warps, i.e. three warpgroups (384 threads) at one
@@ -109,7 +106,7 @@ def _softmax(qk, m_i, l_i, c, bias_ptr, start, masked, s_layout: gl.constexpr,
     """One block's online softmax: the numerator P·448 (fp32), max, rescale. P crosses the
     loop's back edge as fp32 (P·V of block j is issued in iteration j+1); `_p_operand` packs it
     to e4m3 next to the wgmma that reads it (carried as e4m3 it was split into one byte per
-    register and re-packed with ~200 extra instructions per block, v9).
+    register and re-packed with ~200 extra instructions per block).
     """
     qk = _masked_scores(qk, bias_ptr, start, masked, s_layout, BLOCK_N)
     m_new = gl.maximum(m_i, gl.max(qk, 1) * c)
@@ -129,7 +126,7 @@ def _p_operand(p, p_layout: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.conste
     thread; V's keys are stored in the same order (`wgmma_key_order`), so P·V is unchanged.
     Each 4 consecutive keys of the operand layout are then packed into one register by two
     ``cvt.rn.satfinite.e4m3x2.f32`` (the rounding of the Triton kernel's ``.to``): Triton's own
-    fp32 -> e4m3 cast splits the pairs into bytes and re-packs them (v10b), fp16 in between
+    fp32 -> e4m3 cast splits the pairs into bytes and re-packs them, fp16 in between
     costs a third conversion per pair.
     """
     p = p.reshape([ROWS, BLOCK_N // 32, 2, 2, 4, 2]).permute((0, 1, 2, 4, 3, 5))
@@ -140,22 +137,6 @@ def _p_operand(p, p_layout: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.conste
         "=r,r,r,r,r", [p], dtype=gl.int8, is_pure=True, pack=4,
     )  # fmt: skip
     return codes.to(gl.float8e4nv, bitcast=True)
-
-
-# FlashAttention-3's turns: named barrier $1 over both consumer warpgroups (256 threads), waited
-# on (sync) or signalled without waiting (arrive); see `_turn`.
-TURN_SYNC = gl.constexpr("bar.sync $1, 256; mov.b32 $0, $1;")
-TURN_ARRIVE = gl.constexpr("bar.arrive $1, 256; mov.b32 $0, $1;")
-
-
-@gluon.jit
-def _turn(ID, ASM: gl.constexpr):
-    """``ASM`` (`TURN_SYNC` / `TURN_ARRIVE`) on hardware named barrier ``ID``, once per thread
-    (a 128-element tensor over the warpgroup's 4 warps). Inline PTX because Gluon's mbarriers
-    each add a ``bar.sync`` of the warpgroup. IDs 14 and 15: Gluon's partitions use low ones."""
-    one: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
-    x = gl.full([128], ID, gl.int32, one)
-    return gl.inline_asm_elementwise(ASM, "=r,r", [x], dtype=gl.int32, is_pure=False, pack=1)
 
 
 @gluon.jit
@@ -184,7 +165,7 @@ def _pair_loop(q_smem, ring, work, c_q, ks_ptr, bias_ptr, m_i, l_i, acc,
                s_layout: gl.constexpr, o_layout: gl.constexpr, p_layout: gl.constexpr,
                ROWS: gl.constexpr, BLOCK_N: gl.constexpr, TILE_TOKENS: gl.constexpr,
                STAGES: gl.constexpr):  # fmt: skip
-    """Two kv blocks per step, one online-softmax update for both (v12).
+    """Two kv blocks per step, one online-softmax update for both.
 
     The ring's slot ``j`` holds blocks 2j and 2j+1 (one ``ready`` and one ``empty`` barrier per
     pair). Step j: QK of both blocks, one wait, one max and rescale over 256 keys, P packed,
@@ -243,15 +224,11 @@ def _pair_loop(q_smem, ring, work, c_q, ks_ptr, bias_ptr, m_i, l_i, acc,
 def _warpgroup_rows(WG: gl.constexpr, ptrs, dims, ring, work, SPARSE: gl.constexpr,
                     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                     TILE_TOKENS: gl.constexpr, STAGES: gl.constexpr,
-                    REFILL: gl.constexpr, PINGPONG: gl.constexpr,
-                    PAIRS: gl.constexpr):  # fmt: skip
+                    REFILL: gl.constexpr, PAIRS: gl.constexpr):  # fmt: skip
     """One warpgroup's 64 rows of the CTA's ``BLOCK_M``: Q, the kv loop, the epilogue.
 
     ``REFILL``: this warpgroup refills the ring itself (the one-warpgroup kernel); otherwise a
     producer warp does, and the warpgroup arrives on the slot's ``empty`` barrier instead.
-    ``PINGPONG`` (two warpgroups): they take turns issuing their wgmmas, block by block, so one's
-    softmax runs while the other's matrix products hold the tensor cores (FlashAttention-3's
-    inter-warpgroup schedule; the turns are two named barriers, `_turn`).
     """
     QC, QS, KS, VAMAX, KV_BIAS, SLOT_SRC, OUT = ptrs
     qk_scale, H, N, N_TILES, GRID_H, GRID_W, TILES_H, TILES_W, TILE_T, TILE_H, TILE_W = dims[:11]
@@ -287,7 +264,7 @@ def _warpgroup_rows(WG: gl.constexpr, ptrs, dims, ring, work, SPARSE: gl.constex
     else:
         q_ptrs = QC + bh64 * N * HEAD_DIM + lrows[:, None] * HEAD_DIM + lcols[None, :]
         q = gl.load(q_ptrs, mask=(lrows < N)[:, None], other=0.0)
-        tile_of_row = _tile_of_rows(
+        tile_of_row = tile_of_rows(
             rows, N, GRID_H, GRID_W, TILES_H, TILES_W, TILE_T, TILE_H, TILE_W
         )
     q_smem = q_smem.index(WG)
@@ -306,13 +283,7 @@ def _warpgroup_rows(WG: gl.constexpr, ptrs, dims, ring, work, SPARSE: gl.constex
         # ---- block 0: QK and softmax
         mbarrier.wait(ready.index(0), 0)
         s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, s_layout)
-        if PINGPONG:  # turn j of warpgroup 1 follows turn j of 0, which follows turn j-1 of 1
-            if WG == 1:
-                _turn(14, TURN_ARRIVE)  # warpgroup 0 takes the first turn
-            _turn(14 + WG, TURN_SYNC)
         qk = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False)
-        if PINGPONG and (WG == 0 or total > 1):  # warpgroup 1's last turn passes nothing on
-            _turn(15 - WG, TURN_ARRIVE)
         kv_tile = gl.load(idx_ptr)
         c = c_q * gl.load(ks_ptr + kv_tile)
         p, m_i, l_i, alpha = _softmax(qk, m_i, l_i, c, KV_BIAS, kv_tile * TILE_TOKENS, n_plain <= 0,
@@ -326,14 +297,10 @@ def _warpgroup_rows(WG: gl.constexpr, ptrs, dims, ring, work, SPARSE: gl.constex
             slot = it % STAGES
             prev = (it - 1) % STAGES
             mbarrier.wait(ready.index(slot), (it // STAGES) & 1)
-            if PINGPONG:
-                _turn(14 + WG, TURN_SYNC)
             qk_tok = warpgroup_mma(q_smem, k_smem.index(slot).permute((1, 0)), s_zero,
                                    use_acc=False, is_async=True)  # fmt: skip
             p_op = _p_operand(p, p_layout, ROWS, BLOCK_N)
             acc_tok = warpgroup_mma(p_op, v_smem.index(prev).permute((1, 0)), acc, is_async=True)
-            if PINGPONG and (WG == 0 or it + 1 < total):
-                _turn(15 - WG, TURN_ARRIVE)
             kv_tile = kv_next
             c = c_q * ks_next
             kv_next = gl.load(idx_ptr + (it + 1) // NB, mask=it + 1 < total, other=0)
@@ -358,7 +325,7 @@ def _warpgroup_rows(WG: gl.constexpr, ptrs, dims, ring, work, SPARSE: gl.constex
     # ---- epilogue: normalise, V's channel scale, write in model order
     offs_d = gl.arange(0, HEAD_DIM, layout=col_o)
     out = acc * (1.0 / gl.convert_layout(l_i, row_o))[:, None]
-    out = out * _scale_from_bits(gl.load(VAMAX + bh64 * HEAD_DIM + offs_d))[None, :]
+    out = out * scale_from_bits(gl.load(VAMAX + bh64 * HEAD_DIM + offs_d))[None, :]
     out_rows = row0 + gl.arange(0, ROWS, layout=row_o)
     out_base = OUT + b.to(gl.int64) * s_ob + h.to(gl.int64) * s_oh
     if SPARSE:
@@ -468,7 +435,6 @@ def _gl_attn_kernel(
     TILE_TOKENS: gl.constexpr,
     STAGES: gl.constexpr,
     WARP_SPECIALIZE: gl.constexpr,
-    PINGPONG: gl.constexpr,
     PAIRS: gl.constexpr,
     CONSUMER_REGS: gl.constexpr,
 ):
@@ -502,9 +468,9 @@ def _gl_attn_kernel(
     if WARP_SPECIALIZE:
         gl.warp_specialize([
             (_warpgroup_rows, (0, ptrs, dims, ring, work, SPARSE, HEAD_DIM, BLOCK_M, BLOCK_N,
-                               TILE_TOKENS, STAGES, False, PINGPONG, PAIRS)),
+                               TILE_TOKENS, STAGES, False, PAIRS)),
             (_warpgroup_rows, (1, ptrs, dims, ring, work, SPARSE, HEAD_DIM, BLOCK_M, BLOCK_N,
-                               TILE_TOKENS, STAGES, False, PINGPONG, PAIRS)),
+                               TILE_TOKENS, STAGES, False, PAIRS)),
             (_produce, (ring, work, HEAD_DIM, BLOCK_N, TILE_TOKENS, STAGES, PAIRS)),
         ], [4, 1], [CONSUMER_REGS, 24])  # fmt: skip
     else:
@@ -512,7 +478,7 @@ def _gl_attn_kernel(
             _issue_load(k_desc, v_desc, k_smem, v_smem, ready, idx_ptr, s, total, bh, N_PAD,
                         HEAD_DIM, BLOCK_N, TILE_TOKENS, STAGES)  # fmt: skip
         _warpgroup_rows(0, ptrs, dims, ring, work, SPARSE, HEAD_DIM, BLOCK_M, BLOCK_N,
-                        TILE_TOKENS, STAGES, True, False, False)  # fmt: skip
+                        TILE_TOKENS, STAGES, True, False)  # fmt: skip
     for s in gl.static_range(STAGES):
         mbarrier.invalidate(ready.index(s))
         mbarrier.invalidate(empty.index(s))
@@ -527,15 +493,13 @@ def launch(
     block_n: int,
     num_stages: int,
     warp_specialize: bool = False,
-    pingpong: bool = False,
+    options: Mapping[str, Any] | None = None,
 ) -> None:
     """Run `_gl_attn_kernel` on a `Prepared` (fp8 modes). ``grid`` and ``rest`` (the kv lists,
-    output, sizes and strides) are what `triton_attention.attend` gives `_attn_kernel`.
+    output, sizes and strides) are `prepare.launch_args`'s, as for `_attn_kernel`.
     ``warp_specialize``: the 128-row, two-warpgroup kernel with a producer warp; with
-    ``block_n=256`` it takes two 128-key TMA blocks per softmax step (`_pair_loop`, v12), and a
-    stage is such a pair. ``pingpong`` (benchmarks only, 128-key steps) makes its warpgroups
-    take turns at the tensor cores: slower in every measurement (docs/kernel_notes.md, v11b,
-    v12)."""
+    ``block_n=256`` it takes two 128-key TMA blocks per softmax step (`_pair_loop`), and a
+    stage is such a pair. ``options``: further launch keywords (`knobs.launch_options`)."""
     assert prep.q_scale is not None and prep.k_scale is not None and prep.v_amax is not None
     pairs = warp_specialize and block_n == 256
     tma_block = 128 if pairs else block_n
@@ -544,8 +508,8 @@ def launch(
         prep.q, k_desc, v_desc, prep.q_scale, prep.k_scale, prep.v_amax, *rest,
         SPARSE=prep.spec.mode.sparse, HEAD_DIM=prep.shape[3], BLOCK_M=block_m, BLOCK_N=tma_block,
         TILE_TOKENS=prep.layout.tile_tokens, STAGES=num_stages, WARP_SPECIALIZE=warp_specialize,
-        PINGPONG=warp_specialize and pingpong and not pairs, PAIRS=pairs,
-        CONSUMER_REGS=CONSUMER_REGS, num_warps=4, **(WS_LAUNCH if warp_specialize else {}),
+        PAIRS=pairs, CONSUMER_REGS=CONSUMER_REGS, num_warps=4,
+        **{**(WS_LAUNCH if warp_specialize else {}), **(options or {})},
     )  # fmt: skip
 
 

@@ -15,9 +15,12 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    field_validator,
     model_serializer,
     model_validator,
 )
+
+from . import knobs as _knobs
 
 Tile = tuple[int, int, int]
 MAX_TILE_TOKENS = 8192  # shipped tiles hold 32-384 tokens; a kernel block is at most 256 rows
@@ -64,40 +67,73 @@ class Pattern(_Frozen):
         return self
 
 
+#: Knobs that were measured, lost and left the kernels: named in one line if a policy sets them.
+_REMOVED_KNOBS = {
+    "exp2": "packed fp16 exponentials (f16x2) saved nothing on sm_90 and were removed; "
+    "delete the key",
+}
+
+
 class KernelConfig(_Frozen):
-    """Launch parameters of the Triton attention kernel; checked by `config.check_feasible`."""
+    """Launch parameters of the attention kernels; checked by `config.check_feasible`."""
 
     block_m: int = Field(gt=0)
     block_n: int = Field(gt=0)
     num_warps: Literal[1, 2, 4, 8, 16] = 8
     num_stages: int = Field(default=2, ge=1, le=8)
-    #: fp8 modes: the softmax's exponentials as fp32 or as packed fp16 pairs (``ex2.approx.f16x2``;
-    #: P is cast to e4m3 anyway). On sm_90 ptxas issues the pair as two scalar MUFU ops, so it
-    #: saves nothing there (docs/kernel_notes.md, v5); bf16 ignores it
-    exp2: Literal["f32", "f16x2"] = "f32"
     #: fp8 modes: which kernel runs them. ``gluon`` is `gluon_attention`'s Hopper kernel (TMA
     #: ring, FlashAttention-3's overlap of one block's softmax with the previous block's P·V);
     #: it needs an sm_90 GPU, 64-row blocks on 4 warps, head_dim 128 and >= 3 stages.
     #: ``gluon_ws`` is its warp-specialised form: 128-row blocks on two consumer warpgroups
     #: (``num_warps=8``) fed by a producer warp, one K/V ring per CTA, >= 2 stages
     impl: Literal["triton", "gluon", "gluon_ws"] = "triton"
+    #: registered knobs (`fpstune.kernels.knobs`) set to other than their default
+    knobs: dict[str, _knobs.Scalar] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed(cls, data: Any) -> Any:
+        for name, why in _REMOVED_KNOBS.items():
+            if isinstance(data, dict) and name in data:
+                raise SpecError(name, why)
+        return data
+
+    @field_validator("knobs")
+    @classmethod
+    def _registered(cls, v: dict[str, _knobs.Scalar]) -> dict[str, _knobs.Scalar]:
+        for name, value in v.items():
+            try:
+                knob = _knobs.get(name)
+            except ValueError as e:
+                raise SpecError(name, str(e)) from None
+            if value not in knob.choices:
+                raise SpecError(name, f"{value!r} is not one of {list(knob.choices)}")
+        return {n: x for n, x in sorted(v.items()) if x != _knobs.get(n).default}
 
     @model_serializer(mode="wrap")
     def _without_default_knobs(self, handler: Any) -> dict[str, Any]:
         # Configs written before the knobs existed keep their stored form (table keys, YAML).
         d: dict[str, Any] = handler(self)
-        for knob, default in (("exp2", "f32"), ("impl", "triton")):
+        for knob, default in (("impl", "triton"), ("knobs", {})):
             if d.get(knob) == default:
                 del d[knob]
         return d
 
+    def __hash__(self) -> int:  # ``knobs`` is a dict; specs are cache keys
+        fields = (self.block_m, self.block_n, self.num_warps, self.num_stages, self.impl)
+        return hash((*fields, tuple(self.knobs.items())))
+
+    def knob(self, name: str) -> _knobs.Scalar:
+        """A registered knob's value in this config (its default when not set)."""
+        return self.knobs.get(name, _knobs.get(name).default)
+
     @property
     def key(self) -> str:
-        """Stable short name: ``m64_n128_w4_s5`` (``_e16`` added for packed fp16 exponentials,
-        ``_gl`` / ``_glws`` for the Gluon kernels)."""
-        e16 = "_e16" if self.exp2 == "f16x2" else ""
+        """Stable short name: ``m64_n128_w4_s5`` (``_gl`` / ``_glws`` added for the Gluon
+        kernels, ``_<knob>-<value>`` for each registered knob set off its default)."""
         gl = {"triton": "", "gluon": "_gl", "gluon_ws": "_glws"}[self.impl]
-        return f"m{self.block_m}_n{self.block_n}_w{self.num_warps}_s{self.num_stages}{e16}{gl}"
+        extra = "".join(f"_{n}-{v}" for n, v in self.knobs.items())
+        return f"m{self.block_m}_n{self.block_n}_w{self.num_warps}_s{self.num_stages}{gl}{extra}"
 
 
 class AttentionSpec(_Frozen):

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import uuid
 import zlib
 from collections.abc import Iterator
 
 import pytest
 import torch
+from shared_helpers import fresh_pg_database
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -26,19 +26,5 @@ def rng(request: pytest.FixtureRequest) -> torch.Generator:
 @pytest.fixture
 def pg_url() -> Iterator[str]:
     """A fresh database on the PostgreSQL server .ci/run starts (FPSTUNE_TEST_PG_URL)."""
-    import sqlalchemy as sa  # here, not at the top: the GPU host runs the kernel tests without it
-
-    admin = os.environ.get("FPSTUNE_TEST_PG_URL")
-    if not admin:
-        if os.environ.get("CI"):
-            pytest.fail("FPSTUNE_TEST_PG_URL is not set: .ci/run must start PostgreSQL")
-        pytest.skip("no PostgreSQL server (set FPSTUNE_TEST_PG_URL; .ci/run does)")
-    name = f"fpstune_test_{uuid.uuid4().hex[:8]}"
-    engine = sa.create_engine(admin, isolation_level="AUTOCOMMIT")
-    with engine.connect() as c:
-        c.execute(sa.text(f"CREATE DATABASE {name}"))
-    url = sa.engine.make_url(admin).set(database=name).render_as_string(hide_password=False)
-    yield url
-    with engine.connect() as c:
-        c.execute(sa.text(f"DROP DATABASE {name} WITH (FORCE)"))
-    engine.dispose()
+    with fresh_pg_database("fpstune_test") as url:
+        yield url

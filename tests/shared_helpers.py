@@ -3,10 +3,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+import textwrap
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
+
+from fpstune.kernels.fingerprint import HardwareFingerprint
 
 
 def fpstune(
@@ -70,3 +78,66 @@ ALIAS_BOMB = (
     )
     + "]"
 )
+
+
+#: A fixed H100 fingerprint for tables and policies built in tests.
+H100 = HardwareFingerprint(
+    gpu="NVIDIA H100 80GB HBM3",
+    sm_count=132,
+    capability=(9, 0),
+    driver="550.54.15",
+    torch="2.11.0",
+    triton="3.6.0",
+    fpstune="0.1.0",
+)
+
+
+@contextlib.contextmanager
+def fresh_pg_database(prefix: str) -> Iterator[str]:
+    """A database of its own on the PostgreSQL server .ci/run starts (FPSTUNE_TEST_PG_URL),
+    dropped afterwards; under CI a missing server fails, elsewhere it skips."""
+    import sqlalchemy as sa  # here, not at the top: the GPU host runs the kernel tests without it
+
+    admin = os.environ.get("FPSTUNE_TEST_PG_URL")
+    if not admin:
+        if os.environ.get("CI"):
+            pytest.fail("FPSTUNE_TEST_PG_URL is not set: .ci/run must start PostgreSQL")
+        pytest.skip("no PostgreSQL server (set FPSTUNE_TEST_PG_URL; .ci/run does)")
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    engine = sa.create_engine(admin, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(sa.text(f"CREATE DATABASE {name}"))
+    try:
+        yield sa.engine.make_url(admin).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with engine.connect() as conn:
+            conn.execute(sa.text(f"DROP DATABASE {name} WITH (FORCE)"))
+        engine.dispose()
+
+
+H100_NEWER_TORCH = H100.model_copy(update={"torch": "2.12.0"})
+A100 = H100.model_copy(
+    update={"gpu": "NVIDIA A100-SXM4-80GB", "sm_count": 108, "capability": (8, 0)}
+)
+
+
+def install_plugin(
+    site: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    group: str,
+    entry_points: dict[str, str],
+    modules: dict[str, str],
+) -> None:
+    """A distribution (``toy-plugin``) on ``sys.path`` whose ``group`` entry points are
+    ``entry_points`` (name -> ``module:attr``) and whose modules hold ``modules`` (name ->
+    source): a third party's package, without editing fpstune."""
+    info = site / "toy_plugin-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-plugin\nVersion: 0.1\n")
+    lines = "".join(f"{name} = {target}\n" for name, target in entry_points.items())
+    (info / "entry_points.txt").write_text(f"[{group}]\n{lines}")
+    for name, source in modules.items():
+        (site / f"{name}.py").write_text(textwrap.dedent(source))
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.syspath_prepend(str(site))

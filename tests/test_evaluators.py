@@ -9,24 +9,18 @@ from typing import Any
 
 import pytest
 import torch
+from shared_helpers import H100
 
 from fpstune.kernels import AttentionSpec, KernelConfig, Mode, attention
-from fpstune.kernels.fingerprint import HardwareFingerprint
 from fpstune.kernels.policy import ModelShape, Policy, PolicyEntry, Provenance
 from fpstune.latency import AttentionShape, LatencyTable, TableLatency, Timing, compose
 from fpstune.quality import AttentionProbe, CalibrationSet, synthetic_calibration
+from fpstune.stages.candidates import KernelCandidate, ScheduleCandidate
 from fpstune.stages.evaluation import CandidateError
-from fpstune.stages.evaluators import KernelEvaluator, ScheduleEvaluator, build_evaluator
+from fpstune.stages.evaluators import KernelEvaluator, ScheduleEvaluator, build_schedule_evaluator
+from fpstune.stages.kernel import KernelStage
+from fpstune.stages.kernel_space import kernel_buckets
 
-H100 = HardwareFingerprint(
-    gpu="NVIDIA H100 80GB HBM3",
-    sm_count=132,
-    capability=(9, 0),
-    driver="550.54.15",
-    torch="2.11.0",
-    triton="3.6.0",
-    fpstune="0.1.0",
-)
 MINI = ModelShape(name="mini", heads=4, head_dim=64, layers=4, grid=(5, 12, 16), steps=10, cfg=2)
 SHAPE = AttentionShape.of_model(MINI)
 TILE = (1, 4, 8)
@@ -88,8 +82,8 @@ def make_policy(default: AttentionSpec, entries: tuple[PolicyEntry, ...] = ()) -
     )
 
 
-def candidate(policy: Policy) -> dict[str, Any]:
-    return {"stage": "schedule", "policy": policy.to_dict()}
+def candidate(policy: Policy) -> ScheduleCandidate:
+    return ScheduleCandidate(policy)
 
 
 def test_quality_orders_bf16_fp8_sparse(evaluator: ScheduleEvaluator) -> None:
@@ -173,12 +167,13 @@ def test_nan_output_is_a_candidate_error_and_the_evaluator_stays_usable(
 
 
 def test_bad_candidates_are_candidate_errors(evaluator: ScheduleEvaluator) -> None:
+    # stored candidates (what export re-evaluates) are checked as they are read
     with pytest.raises(CandidateError, match="schedule candidate"):
-        evaluator.evaluate({"stage": "kernel", "spec": {"mode": "fp8_dense"}})
-    broken = candidate(make_policy(BF16))
+        ScheduleCandidate.from_attr({"stage": "kernel", "spec": {"mode": "fp8_dense"}})
+    broken = candidate(make_policy(BF16)).to_attr()
     broken["policy"]["default"] = {"mode": "fp9"}
     with pytest.raises(CandidateError, match=r"default\.mode"):
-        evaluator.evaluate(broken)
+        ScheduleCandidate.from_attr(broken)
     other = make_policy(BF16).replace(model=MINI.model_copy(update={"steps": 20}))
     with pytest.raises(CandidateError, match=r"model\.steps is 20.* has 10"):
         evaluator.evaluate(candidate(other))
@@ -217,7 +212,7 @@ def test_kernel_stage_refuses_a_cpu() -> None:
 def test_kernel_evaluator_flow_on_the_cpu_test_path() -> None:
     ev = KernelEvaluator(TINY, device="cpu", warmup=1, reps=20, allow_cpu=True)
     spec = {"mode": "fp8_dense", "tile": [1, 4, 8], "kernel": K32.model_dump()}
-    result = ev.evaluate({"stage": "kernel", "spec": spec})
+    result = ev.evaluate(KernelCandidate.from_attr({"stage": "kernel", "spec": spec}))
     attrs = json.loads(json.dumps(result.attrs))
     assert result.values["latency_ms"] == attrs["median_ms"] > 0
     assert attrs["method"] == "cpu-wallclock" and attrs["fingerprint"]["gpu"] == "cpu"
@@ -227,11 +222,13 @@ def test_kernel_evaluator_flow_on_the_cpu_test_path() -> None:
 
     infeasible = {**spec, "kernel": {**K32.model_dump(), "block_m": 48}}
     with pytest.raises(CandidateError, match="infeasible: block_m=48"):
-        ev.evaluate({"stage": "kernel", "spec": infeasible})
+        ev.evaluate(KernelCandidate(AttentionSpec.from_dict(infeasible)))
     with pytest.raises(CandidateError, match="spec: "):
-        ev.evaluate({"stage": "kernel", "spec": {"mode": "fp8_dense", "sparsity": 0.5}})
+        KernelCandidate.from_attr(
+            {"stage": "kernel", "spec": {"mode": "fp8_dense", "sparsity": 0.5}}
+        )
     with pytest.raises(CandidateError, match="kernel candidate"):
-        ev.evaluate({"stage": "schedule", "policy": {}})
+        KernelCandidate.from_attr({"stage": "schedule", "policy": {}})
 
 
 # -- from the study file --------------------------------------------------------------------------
@@ -245,11 +242,36 @@ def test_build_evaluator_from_the_mini_study(table: LatencyTable) -> None:
     # costed at the mini's own shape, where the fixture table has rows (not at latency.target)
     lat = spec.latency.model_copy(update={"target": None})
     spec = spec.model_copy(update={"calibration": cal, "latency": lat})
-    ev = build_evaluator(spec, stage="schedule", device="cpu", latency_table=table)
-    assert isinstance(ev, ScheduleEvaluator)
+    ev = build_schedule_evaluator(spec, device="cpu", latency_table=table)
     out = ev.evaluate(candidate(make_policy(FP8)))
     assert set(out.constraints) == {c.name for c in spec.constraints}
     assert {o.name for o in spec.objectives} <= set(out.values)
     assert out.attrs["latency_fingerprint"]["gpu"] == H100.gpu
+    kernel = KernelStage(spec, kernel_buckets(spec.kernel_space)[0])
     with pytest.raises(ValueError, match="needs a CUDA device"):
-        build_evaluator(spec, stage="kernel", device="cpu")
+        kernel.evaluator(torch.device("cpu"), "sqlite://")
+
+
+def test_stages_and_candidates_cross_ray_and_store_as_before() -> None:
+    """What Ray pickles (a stage, a candidate, a result) round-trips; candidates are stored in
+    the dict form earlier versions wrote (studies they made still read), stage names too."""
+    import pickle
+
+    from fpstune.spec.study import load_study
+    from fpstune.stages.evaluation import CandidateFailure
+    from fpstune.stages.schedule import ScheduleStage
+
+    spec = load_study(REPO / "studies" / "mini.yaml")
+    kernel = KernelStage(spec, kernel_buckets(spec.kernel_space)[1])
+    for stage in (ScheduleStage(spec), kernel):
+        again = pickle.loads(pickle.dumps(stage))
+        assert again.study_name == stage.study_name and again.spec == spec
+    assert ScheduleStage(spec).study_attrs()["fpstune_stage"] == "schedule"
+    assert kernel.study_attrs()["fpstune_bucket"] == kernel.bucket.key
+    policy = make_policy(FP8)
+    stored = ScheduleCandidate(policy).to_attr()
+    assert stored == {"stage": "schedule", "policy": policy.to_dict()}
+    assert ScheduleCandidate.from_attr(stored) == ScheduleCandidate(policy)
+    assert KernelCandidate(FP8).to_attr() == {"stage": "kernel", "spec": FP8.to_dict()}
+    for value in (ScheduleCandidate(policy), KernelCandidate(FP8), CandidateFailure("why")):
+        assert pickle.loads(pickle.dumps(value)) == value

@@ -13,17 +13,10 @@ from fpstune.latency.compose import (
     compose_with,
 )
 from fpstune.latency.measure import Timing, measure, summarize
-from fpstune.latency.table import (
-    AttentionShape,
-    LatencyRow,
-    LatencyTable,
-    NoLatencyRow,
-    gpu_slug,
-    packaged_table,
-    read_json,
-    resolve_spec,
-    shipped_tables,
-)
+from fpstune.latency.rows import LatencyRow, NoLatencyRow, read_json
+from fpstune.latency.shape import AttentionShape, resolve_spec
+from fpstune.latency.shipped import gpu_slug, packaged_table, shipped_tables
+from fpstune.latency.table import LatencyTable
 
 __all__ = [
     "AttentionShape",

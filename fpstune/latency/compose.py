@@ -29,10 +29,13 @@ from typing import Any, Literal, Protocol
 
 import torch
 
+from fpstune import trial_attrs
 from fpstune.kernels import AttentionSpec, Mode, attention
 from fpstune.kernels.fingerprint import HardwareFingerprint, current_fingerprint
 from fpstune.latency.measure import MIN_SAMPLE_MS, measure, warm_gpu
-from fpstune.latency.table import AttentionShape, LatencyTable, NoLatencyRow, Source, resolve_spec
+from fpstune.latency.rows import NoLatencyRow, Source
+from fpstune.latency.shape import AttentionShape, resolve_spec
+from fpstune.latency.table import LatencyTable
 
 _EPS = 1e-6
 
@@ -102,12 +105,12 @@ class ComposedLatency:
     def attrs(self) -> dict[str, Any]:
         """JSON-ready trial attributes (the dashboard's latency breakdown)."""
         return {
-            "latency_source": self.source,
-            "latency_row_source": self.row_source,
-            "latency_fingerprint": self.fingerprint.model_dump(mode="json"),
+            trial_attrs.LATENCY_SOURCE: self.source,
+            trial_attrs.LATENCY_ROW_SOURCE: self.row_source,
+            trial_attrs.LATENCY_FINGERPRINT: self.fingerprint.model_dump(mode="json"),
             "latency_by_mode_ms": dict(self.by_mode),
             "calls_by_mode": dict(self.calls_by_mode),
-            "latency_lookups": [lk.to_dict() for lk in self.lookups],
+            trial_attrs.LATENCY_LOOKUPS: [lk.to_dict() for lk in self.lookups],
             **({"latency_target": self.target.to_dict()} if self.target is not None else {}),
         }
 

@@ -91,6 +91,7 @@ def measure(
     device: torch.device | str | None = None,
     clock: Callable[[], float] = time.perf_counter,
     min_sample_ms: float = MIN_SAMPLE_MS,
+    min_reps: int = MIN_REPS,
 ) -> Timing:
     """Time ``fn``: ``fn()``, or ``fn(*rotate[i % len(rotate)])`` for rep i with ``rotate``.
 
@@ -100,12 +101,14 @@ def measure(
     clock: the CPU path's clock, in seconds (tests pass a fake one); unused on CUDA.
     min_sample_ms: on CUDA, calls shorter than this are timed several back to back per sample
       (0 times every call alone).
+    min_reps: the fewest reps accepted; the tuner keeps the default 20, a benchmark timing a
+      whole forward or generation may take fewer (at least 2).
 
-    Raises ValueError for fewer than 20 reps, negative warm-up or an empty ``rotate``.
+    Raises ValueError for fewer than ``min_reps`` reps, negative warm-up or an empty ``rotate``.
     """
-    if reps < MIN_REPS:
+    if reps < max(2, min_reps):
         raise ValueError(
-            f"reps={reps}: at least {MIN_REPS} repetitions are needed for a median/IQR"
+            f"reps={reps}: at least {max(2, min_reps)} repetitions are needed for a median/IQR"
         )
     if warmup < 0:
         raise ValueError(f"warmup={warmup} must be >= 0")

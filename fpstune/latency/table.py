@@ -1,192 +1,57 @@
-"""The latency table: what one attention call costs, per GPU fingerprint x shape x mode x sparsity x
-pattern x tile x kernel config, in fpstune's own SQL table beside Optuna's.
+"""The latency table in SQL: what one attention call costs, per GPU fingerprint x shape x mode x
+sparsity x pattern x tile x kernel config, in fpstune's own table beside Optuna's.
 
-Contract:
-- One table, ``fpstune_latency``, in its own `MetaData` (never Optuna's), created idempotently by
-  `LatencyTable` on first use; several processes may create it at once (the "already exists" race
-  is tolerated).
+Contract (checked on SQLite and PostgreSQL by tests/storage/test_latency_contract.py):
+- One table, ``fpstune_latency``, in its own `MetaData` (never Optuna's), created or brought to
+  the current schema by `LatencyTable` on first use (`fpstune.latency.migrate`: a recorded schema
+  version and numbered steps; a database of a newer fpstune is refused in one line). Several
+  processes may open a new database at once.
 - Every row carries its full hardware fingerprint and its timing statistics, and a ``source``:
   ``measured`` on a GPU, or ``estimated``. A query names one source; sources are never mixed.
 - Rows are append-only: the same config measured twice is two rows; `LatencyTable.best` answers
   the lowest median among the rows that match.
 - Rows are stored *resolved*: the tile and kernel config that actually ran (the spec's, or the
   runtime's default for the grid); ``bf16_dense`` runs torch SDPA, so its rows hold no tile/config.
-- The JSON form (`export_json` / `load_json` / `packaged_table`) is what ships in the package, in
-  ``fpstune/data/latency/<gpu-slug>.json``.
 
-Errors: a query that matches nothing raises `NoLatencyRow` naming the shape, mode, sparsity and
-fingerprint. Thread safety: a `LatencyTable` holds only an engine; each call opens its own session.
+The row type and its JSON form are in `fpstune.latency.rows`; the tables shipped in the package in
+`fpstune.latency.shipped`. Errors: a query that matches nothing raises `NoLatencyRow` naming the
+shape, mode, sparsity and fingerprint. Thread safety: a `LatencyTable` holds only an engine; each
+call opens its own session.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import importlib.resources
 import json
-import math
 import os
-import re
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import sqlalchemy as sa
 import sqlalchemy.exc
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from fpstune.kernels import AttentionSpec, KernelConfig, Mode, default_config, default_tile
-from fpstune.kernels.atomic import write_text
+from fpstune import trial_attrs
+from fpstune.kernels import AttentionSpec, KernelConfig, Mode
 from fpstune.kernels.fingerprint import GPU_TYPE_FIELDS, HardwareFingerprint
 from fpstune.latency.measure import CPU_METHOD, Timing
+from fpstune.latency.migrate import LATENCY_STEPS, LATENCY_TABLE, Migrations, upgrade
+from fpstune.latency.rows import (
+    LatencyRow,
+    NoLatencyRow,
+    Source,
+    check_source,
+    read_json,
+    utc,
+    write_json,
+)
+from fpstune.latency.shape import AttentionShape, resolve_spec
 
-Source = Literal["measured", "estimated"]
-SOURCES: tuple[str, ...] = ("measured", "estimated")
-JSON_FORMAT = "fpstune-latency"
-JSON_VERSION = 1
-PACKAGE_DATA = "fpstune.data.latency"
 _SPARSITY_EPS = 1e-6
 
 
-class NoLatencyRow(LookupError):
-    """No row of the requested source matches; the message names what was asked for."""
-
-
-@dataclass(frozen=True)
-class AttentionShape:
-    """One attention call: (batch, heads, tokens, head_dim) over a (T, H, W) latent-patch grid."""
-
-    batch: int
-    heads: int
-    head_dim: int
-    grid: tuple[int, int, int]
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "grid", tuple(int(g) for g in self.grid))
-        if min(self.batch, self.heads, self.head_dim, *self.grid) < 1 or len(self.grid) != 3:
-            raise ValueError(f"attention shape needs positive sizes and a 3D grid, got {self}")
-
-    @property
-    def tokens(self) -> int:
-        return math.prod(self.grid)
-
-    @classmethod
-    def of_model(cls, model: Any, *, batch: int = 1) -> AttentionShape:
-        """From anything with ``heads``, ``head_dim`` and ``grid`` (a policy's `ModelShape`)."""
-        return cls(batch=batch, heads=model.heads, head_dim=model.head_dim, grid=tuple(model.grid))
-
-    def describe(self) -> str:
-        t, h, w = self.grid
-        return f"{self.batch}x{self.heads}x{self.tokens}x{self.head_dim} (grid {t}x{h}x{w})"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "batch": self.batch,
-            "heads": self.heads,
-            "head_dim": self.head_dim,
-            "grid": list(self.grid),
-            "tokens": self.tokens,
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> AttentionShape:
-        return cls(
-            batch=d["batch"], heads=d["heads"], head_dim=d["head_dim"], grid=tuple(d["grid"])
-        )
-
-
-def resolve_spec(spec: AttentionSpec, shape: AttentionShape) -> AttentionSpec:
-    """The spec as the runtime runs it on ``shape``: tile and kernel config filled in with the
-    defaults `attention()` would use; ``bf16_dense`` (torch SDPA) without either."""
-    if spec.mode is Mode.BF16_DENSE:
-        return AttentionSpec(mode=Mode.BF16_DENSE)
-    tile = spec.tile or default_tile(shape.grid)
-    kernel = spec.kernel or default_config(tile, shape.head_dim, spec.mode)
-    return AttentionSpec.from_dict(
-        {**spec.to_dict(), "tile": list(tile), "kernel": kernel.model_dump(mode="json")}
-    )
-
-
-@dataclass(frozen=True)
-class LatencyRow:
-    """One stored latency. ``spec`` is resolved (see `resolve_spec`)."""
-
-    fingerprint: HardwareFingerprint
-    shape: AttentionShape
-    spec: AttentionSpec
-    median_ms: float
-    iqr_ms: float
-    reps: int
-    warmup: int
-    method: str
-    source: Source
-    study: str | None = None
-    trial: int | None = None
-    created: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
-    #: the physical card (`device_identity`): rows of one fingerprint may come from several GPUs
-    gpu_uuid: str | None = None
-    gpu_index: int | None = None
-
-    @property
-    def mode(self) -> Mode:
-        return self.spec.mode
-
-    @property
-    def sparsity(self) -> float:
-        return self.spec.sparsity
-
-    @property
-    def pattern(self) -> str | None:
-        return self.spec.pattern.kind if self.spec.pattern else None
-
-    @property
-    def tile(self) -> tuple[int, int, int] | None:
-        return self.spec.tile
-
-    @property
-    def kernel(self) -> KernelConfig | None:
-        return self.spec.kernel
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "fingerprint": self.fingerprint.model_dump(mode="json"),
-            "shape": self.shape.to_dict(),
-            "spec": self.spec.to_dict(),
-            "median_ms": self.median_ms,
-            "iqr_ms": self.iqr_ms,
-            "reps": self.reps,
-            "warmup": self.warmup,
-            "method": self.method,
-            "source": self.source,
-            "study": self.study,
-            "trial": self.trial,
-            "created": _utc(self.created).isoformat(),
-            "gpu_uuid": self.gpu_uuid,
-            "gpu_index": self.gpu_index,
-        }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> LatencyRow:
-        return cls(
-            fingerprint=HardwareFingerprint.model_validate(d["fingerprint"]),
-            shape=AttentionShape.from_dict(d["shape"]),
-            spec=AttentionSpec.from_dict(d["spec"]),
-            median_ms=float(d["median_ms"]),
-            iqr_ms=float(d["iqr_ms"]),
-            reps=int(d["reps"]),
-            warmup=int(d["warmup"]),
-            method=str(d["method"]),
-            source=_check_source(d["source"]),
-            study=d.get("study"),
-            trial=d.get("trial"),
-            created=_utc(dt.datetime.fromisoformat(d["created"])),
-            gpu_uuid=d.get("gpu_uuid"),
-            gpu_index=d.get("gpu_index"),
-        )
-
-
-# -- the SQL table --------------------------------------------------------------------------------
+# -- the SQL table ---------------------------------------------------------------------------------
 
 
 class Base(DeclarativeBase):
@@ -196,7 +61,7 @@ class Base(DeclarativeBase):
 
 
 class LatencyRecord(Base):
-    __tablename__ = "fpstune_latency"
+    __tablename__ = LATENCY_TABLE
     __table_args__ = (
         sa.Index("fpstune_latency_lookup", "gpu", "heads", "tokens", "head_dim", "mode", "source"),
     )
@@ -245,46 +110,36 @@ def create_engine(url: str) -> sa.Engine:
     return sa.create_engine(url, **kwargs)
 
 
+#: the latency table's schema: the mapping above is its latest version
+MIGRATIONS = Migrations(table=LATENCY_TABLE, metadata=Base.metadata, steps=LATENCY_STEPS)
+
+
 def create_tables(engine: sa.Engine, *, attempts: int = 5) -> None:
-    """Create fpstune's tables if missing. Safe when several processes race to create them: a
-    loser's "already exists" error is absorbed once the tables are seen to exist."""
+    """Create fpstune's tables, or bring them to the current schema (`migrate.upgrade`). Safe
+    when several processes open a new database at once: upgrades take turns under the database's
+    write lock, and a loser of a race with an fpstune that takes none tries again. A table that
+    cannot be upgraded but already has every column (a read-only database an fpstune from before
+    recorded versions made) is used as it is."""
     for attempt in range(1, attempts + 1):
         try:
-            Base.metadata.create_all(engine, checkfirst=True)
-            _add_new_columns(engine)
+            upgrade(engine, MIGRATIONS)
             return
-        except (
-            sqlalchemy.exc.OperationalError,
-            sqlalchemy.exc.ProgrammingError,
-            sqlalchemy.exc.IntegrityError,
-        ):
-            # PostgreSQL reports the race as a duplicate pg_type row, SQLite as "already exists".
-            present = set(sa.inspect(engine).get_table_names())
-            if present >= set(Base.metadata.tables):
+        except sqlalchemy.exc.DBAPIError:
+            # PostgreSQL reports a creation race as a duplicate pg_type row, SQLite as "already
+            # exists" or "database is locked"; the next attempt finds the work done.
+            if _has_every_column(engine):
                 return
             if attempt == attempts:
                 raise
             time.sleep(0.05 * attempt)
 
 
-#: columns added after the table's first release, with their SQL types: a database made by an
-#: older fpstune gets them (NULL in old rows) when it is next opened
-_NEW_COLUMNS = {"gpu_uuid": "VARCHAR(64)", "gpu_index": "INTEGER"}
-
-
-def _add_new_columns(engine: sa.Engine) -> None:
-    table = LatencyRecord.__tablename__
-    present = {c["name"] for c in sa.inspect(engine).get_columns(table)}
-    for name, sql_type in _NEW_COLUMNS.items():
-        if name in present:
-            continue
-        try:
-            with engine.begin() as conn:
-                conn.execute(sa.text(f"ALTER TABLE {table} ADD COLUMN {name} {sql_type}"))
-        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.ProgrammingError):
-            # another process added it first
-            if name not in {c["name"] for c in sa.inspect(engine).get_columns(table)}:
-                raise
+def _has_every_column(engine: sa.Engine) -> bool:
+    try:
+        present = {c["name"] for c in sa.inspect(engine).get_columns(LATENCY_TABLE)}
+    except (sqlalchemy.exc.NoSuchTableError, sqlalchemy.exc.DBAPIError):
+        return False
+    return present >= set(LatencyRecord.__table__.columns.keys())
 
 
 class LatencyTable:
@@ -336,7 +191,7 @@ class LatencyTable:
             reps=timing.reps,
             warmup=timing.warmup,
             method=timing.method,
-            source=_check_source(source),
+            source=check_source(source),
             study=study,
             trial=trial,
         )
@@ -350,7 +205,7 @@ class LatencyTable:
         row = LatencyRow.from_dict(
             {
                 **attrs,
-                "source": attrs["latency_source"],
+                "source": attrs[trial_attrs.LATENCY_SOURCE],
                 "study": study,
                 "trial": trial,
                 "created": dt.datetime.now(dt.UTC).isoformat(),
@@ -371,7 +226,7 @@ class LatencyTable:
         """Every row (of one source, when given), oldest first."""
         stmt = sa.select(LatencyRecord).order_by(LatencyRecord.id)
         if source is not None:
-            stmt = stmt.where(LatencyRecord.source == _check_source(source))
+            stmt = stmt.where(LatencyRecord.source == check_source(source))
         with Session(self.engine) as session:
             return [_from_record(r) for r in session.scalars(stmt)]
 
@@ -450,7 +305,7 @@ class LatencyTable:
         R = LatencyRecord
         mode = Mode(mode)
         stmt = sa.select(R).where(
-            R.source == _check_source(source),
+            R.source == check_source(source),
             R.batch == shape.batch,
             R.heads == shape.heads,
             R.head_dim == shape.head_dim,
@@ -487,84 +342,14 @@ class LatencyTable:
 
     def export_json(self, path: str | os.PathLike[str], *, source: Source = "measured") -> int:
         """Write the rows of one source as the shipped JSON form (atomically); returns the count."""
-        rows = self.rows(source=source)
-        doc = {
-            "format": JSON_FORMAT,
-            "version": JSON_VERSION,
-            "source": source,
-            "rows": [r.to_dict() for r in rows],
-        }
-        out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        write_text(out, json.dumps(doc, indent=1, sort_keys=False) + "\n")
-        return len(rows)
+        return write_json(path, self.rows(source=source), source)
 
     def load_json(self, path: str | os.PathLike[str]) -> int:
         """Add the rows of a JSON file written by `export_json`; returns the count."""
         return self.add(read_json(path))
 
 
-def read_json(path: str | os.PathLike[str]) -> list[LatencyRow]:
-    """Rows of a latency JSON file; ValueError naming the file for anything malformed."""
-    p = Path(path)
-    try:
-        doc = json.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"{p}: no such latency table") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{p}: not a latency table JSON: {e}") from None
-    return _rows_of(doc, str(p))
-
-
-def gpu_slug(name: str) -> str:
-    """``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3`` (the shipped file's name)."""
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
-def shipped_tables() -> list[str]:
-    """GPU slugs of the latency tables shipped in the package, sorted."""
-    try:
-        entries = list(importlib.resources.files(PACKAGE_DATA).iterdir())
-    except (ModuleNotFoundError, FileNotFoundError, NotADirectoryError):
-        return []
-    return sorted(p.name.removesuffix(".json") for p in entries if p.name.endswith(".json"))
-
-
-def packaged_table(gpu: HardwareFingerprint | str) -> LatencyTable:
-    """The latency table shipped in the package for a GPU name or slug (or a fingerprint's GPU),
-    loaded into an in-memory SQLite. Raises `NoLatencyRow` when fpstune ships none for it."""
-    name = gpu if isinstance(gpu, str) else gpu.gpu
-    fname = f"{gpu_slug(name)}.json"
-    try:
-        res = importlib.resources.files(PACKAGE_DATA).joinpath(fname)
-        text = res.read_text(encoding="utf-8") if res.is_file() else None
-    except ModuleNotFoundError:
-        text = None
-    if text is None:
-        raise NoLatencyRow(
-            f"fpstune ships no latency table for GPU {name!r} (looked for {PACKAGE_DATA}/{fname}); "
-            "measure one with a kernel-stage study on that GPU"
-        )
-    table = LatencyTable.in_memory()
-    table.add(_rows_of(json.loads(text), f"{PACKAGE_DATA}/{fname}"))
-    return table
-
-
 # -- helpers --------------------------------------------------------------------------------------
-
-
-def _rows_of(doc: Any, where: str) -> list[LatencyRow]:
-    if not isinstance(doc, dict) or doc.get("format") != JSON_FORMAT:
-        raise ValueError(f"{where}: not a latency table (expected format {JSON_FORMAT!r})")
-    if doc.get("version") != JSON_VERSION:
-        raise ValueError(f"{where}: latency table version {doc.get('version')!r} is not supported")
-    rows = []
-    for i, d in enumerate(doc.get("rows", [])):
-        try:
-            rows.append(LatencyRow.from_dict(d))
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{where}: rows[{i}]: {' '.join(str(e).splitlines())}") from None
-    return rows
 
 
 def _to_record(r: LatencyRow) -> LatencyRecord:
@@ -597,7 +382,7 @@ def _to_record(r: LatencyRow) -> LatencyRecord:
         source=r.source,
         study=r.study,
         trial=r.trial,
-        created=_utc(r.created),
+        created=utc(r.created),
         gpu_uuid=r.gpu_uuid,
         gpu_index=r.gpu_index,
     )
@@ -626,10 +411,10 @@ def _from_record(rec: LatencyRecord) -> LatencyRow:
         reps=rec.reps,
         warmup=rec.warmup,
         method=rec.method,
-        source=_check_source(rec.source),
+        source=check_source(rec.source),
         study=rec.study,
         trial=rec.trial,
-        created=_utc(rec.created),
+        created=utc(rec.created),
         gpu_uuid=rec.gpu_uuid,
         gpu_index=rec.gpu_index,
     )
@@ -680,17 +465,6 @@ def _tile_key(tile: tuple[int, int, int]) -> str:
 
 def _kernel_key(kernel: KernelConfig) -> str:
     return json.dumps(kernel.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-
-
-def _check_source(source: Any) -> Source:
-    if source not in SOURCES:
-        raise ValueError(f"latency source must be one of {', '.join(SOURCES)}, got {source!r}")
-    return source  # type: ignore[no-any-return,unused-ignore]
-
-
-def _utc(t: dt.datetime) -> dt.datetime:
-    # SQLite drops the zone; every time fpstune writes is UTC.
-    return t.replace(tzinfo=dt.UTC) if t.tzinfo is None else t.astimezone(dt.UTC)
 
 
 def stored_latency_table(url: str) -> LatencyTable | None:

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from fpstune.kernels import AttentionSpec
 from fpstune.kernels.fingerprint import HardwareFingerprint
 from fpstune.latency.compose import CallCost, TableLatency
-from fpstune.latency.table import AttentionShape
+from fpstune.latency.shape import AttentionShape
 
 
 class TargetShapeLatency:

@@ -24,16 +24,14 @@ from __future__ import annotations
 import os
 import re
 import threading
-import warnings
 from collections.abc import Callable, Mapping, Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol, runtime_checkable
 
 import torch
 
-from fpstune.errors import one_line
 from fpstune.kernels.policy import ModelShape
+from fpstune.plugins import load_entry_points
 
 if TYPE_CHECKING:
     from fpstune.models.capture import Capture, ReplayRecord
@@ -211,28 +209,17 @@ def unwrap(obj: Any) -> Any:
 def _load_plugins() -> None:
     global _plugins_loaded
     with _lock:  # re-entrant: a plug-in module may look adapters up while it loads
-        if _plugins_loaded:
-            return
-        _plugins_loaded = True
-        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
-            _load_plugin(ep)
+        if not _plugins_loaded:
+            _plugins_loaded = True
+            load_entry_points(ENTRY_POINT_GROUP, "adapter", _add_plugin, _broken)
 
 
-def _load_plugin(ep: metadata.EntryPoint) -> None:
-    try:
-        obj = ep.load()
-        # a class or a factory is called; an adapter instance is taken as it is
-        adapter = obj() if isinstance(obj, type) or not isinstance(obj, ModelAdapter) else obj
-        if getattr(adapter, "name", None) in _registry:
-            raise ValueError(f"adapter {adapter.name!r} is already registered")
-        register(adapter)
-    except Exception as e:  # a broken plug-in must not break every study
-        _broken[ep.name] = f"{ep.value}: {one_line(e)}"
-        warnings.warn(
-            f"fpstune adapter entry point {ep.name!r} ({ep.value}) skipped: {one_line(e)}",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+def _add_plugin(obj: Any) -> None:
+    # a class or a factory is called; an adapter instance is taken as it is
+    adapter = obj() if isinstance(obj, type) or not isinstance(obj, ModelAdapter) else obj
+    if getattr(adapter, "name", None) in _registry:
+        raise ValueError(f"adapter {adapter.name!r} is already registered")
+    register(adapter)
 
 
 _MEMBERS = (
@@ -275,11 +262,10 @@ class _WanFamily:
         processors give way to diffusers' own."""
         from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
-        from fpstune.models.apply import applied, remove
+        from fpstune.models.applied import undo
         from fpstune.models.processor import WanSelfAttention
 
-        if applied(transformer) is not None:
-            remove(transformer)
+        undo(unwrap(transformer))
         for block in transformer.blocks:
             if isinstance(block.attn1.processor, WanSelfAttention):
                 block.attn1.set_processor(WanAttnProcessor())

@@ -22,7 +22,6 @@ on and a compiled transformer does not recompile per step.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,23 +30,13 @@ from diffusers.hooks.hooks import BaseState, StateManager
 
 from fpstune.kernels.policy import Policy
 from fpstune.models import adapters
+from fpstune.models.applied import HOOK_NAME, Applied, installed, undo
 from fpstune.models.processor import install, patch_grid
 from fpstune.models.router import AttentionRouter
-
-HOOK_NAME = "fpstune"
 
 
 class PolicyMismatch(ValueError):
     """The pipeline is not what the policy was tuned for; ``str(e)`` names both values."""
-
-
-@dataclass
-class Applied:
-    """What `apply` installed on one transformer (``transformer._fpstune``)."""
-
-    policy: Policy
-    router: AttentionRouter
-    processors: dict[str, Any]  # the processors it replaced, by module name
 
 
 def apply(
@@ -83,20 +72,13 @@ def apply(
 def remove(target: Any) -> Any:
     """Undo `apply`: the original self-attention processors, no fpstune hook. Returns ``target``;
     a target `apply` never touched is returned as it is."""
-    transformer = _transformer(target)
-    applied: Applied | None = getattr(transformer, "_fpstune", None)
-    if applied is None:
-        return target
-    for name, processor in applied.processors.items():
-        transformer.get_submodule(name).set_processor(processor)
-    transformer._diffusers_hook.remove_hook(HOOK_NAME, recurse=False)
-    del transformer._fpstune
+    undo(_transformer(target))
     return target
 
 
 def applied(target: Any) -> Applied | None:
     """What `apply` installed on ``target``'s transformer, or None."""
-    return getattr(_transformer(target), "_fpstune", None)
+    return installed(_transformer(target))
 
 
 class _PolicyHook(ModelHook):

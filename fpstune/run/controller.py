@@ -41,9 +41,10 @@ from fpstune.run.trial_writes import (
     tell_values,
     user_attrs_of,
 )
-from fpstune.spec.study import StudySpec
-from fpstune.stages.candidates import CandidateSource
+from fpstune.stages.base import Candidate, Stage
+from fpstune.stages.evaluation import CandidateFailure, TrialResult
 from fpstune.storage import open_storage, requeue_interrupted, retry_db
+from fpstune.trial_attrs import CANDIDATE, FAIL_REASON, QUEUED_AS
 
 log = logging.getLogger(__name__)
 HEARTBEAT_S = 5
@@ -160,14 +161,13 @@ class _Stopwatch:
 class _Pending:
     trial: optuna.Trial
     actor: Any
-    candidate: dict[str, Any]
+    candidate: Candidate
 
 
 class Controller:
     def __init__(
         self,
-        spec: StudySpec,
-        source: CandidateSource,
+        stage: Stage[Any],
         *,
         storage_url: str,
         workers: int = 1,
@@ -179,9 +179,9 @@ class Controller:
     ) -> None:
         """``pool``: workers shared with other controllers of the run (left running at the
         end); without one the controller starts its own and stops them when it ends."""
-        self.spec = spec
+        self.spec = stage.spec
         self.pool = pool
-        self.source = source
+        self.stage = stage
         self.budget = budget
         self.workers = workers
         self.ray_address = ray_address
@@ -198,28 +198,24 @@ class Controller:
         self._open: dict[int, optuna.Trial] = {}
         # A trial's parameters, and its attributes, each in one transaction, not one per item.
         self.writer = TrialWriter(self.storage)
-        self.latency_table = (
-            LatencyTable.from_url(storage_url) if source.stage == "kernel" else None
-        )
+        self.latency_table = LatencyTable.from_url(storage_url) if stage.records_latency else None
 
     def _open_study(self) -> optuna.Study:
         study = retry_db(
             lambda: optuna.create_study(
-                study_name=self.source.study_name,
+                study_name=self.stage.study_name,
                 storage=self.storage,
-                directions=self.source.directions,
+                directions=self.stage.directions,
                 sampler=self.spec.sampler.build(),
                 load_if_exists=True,
             )
         )
-        study.set_metric_names(self.source.metric_names)
-        for key, value in self.source.study_attrs().items():
+        study.set_metric_names(self.stage.metric_names)
+        for key, value in self.stage.study_attrs().items():
             study.set_user_attr(key, value)
-        first = getattr(self.source, "first_trials", None)
-        if first is not None:
-            for params, label in first():
-                # skip_if_exists: a resumed study does not queue them twice
-                _enqueue_once(study, params, {"queued_as": label})
+        for params, label in self.stage.first_trials():
+            # skip_if_exists: a resumed study does not queue them twice
+            _enqueue_once(study, params, {QUEUED_AS: label})
         return study
 
     # ------------------------------------------------------------------ public
@@ -327,7 +323,7 @@ class Controller:
     # ----------------------------------------------------------------- helpers
     def _start_workers(self) -> WorkerPool:
         ensure_ray(self.ray_address, self.workers)
-        return WorkerPool(self.spec, self.source.stage, self.storage_url, self.workers)
+        return WorkerPool(self.stage, self.storage_url, self.workers)
 
     def _submit(self, actor: Any) -> tuple[ray.ObjectRef, _Pending] | None:
         """Ask a trial and send it to ``actor``; None if the study's budget is taken."""
@@ -343,7 +339,7 @@ class Controller:
         # A first beat at once: a trial with no heartbeat at all is never found stale.
         self._heartbeat(trial)
         with self.writer.hold_params(trial) as params:
-            candidate = self.source.suggest(trial)
+            candidate = self.stage.suggest(trial)
         retry_db(lambda: self.writer.write_params(trial._trial_id, params))
         # The candidate is stored with the result (``_finish``, ``_fail``), in the same write.
         ref = actor.evaluate.remote(candidate)
@@ -364,24 +360,19 @@ class Controller:
         """Record one finished evaluation; returns the actor to use next (a new one if it died)
         and whether the trial completed."""
         try:
-            result = ray.get(ref)
+            result: TrialResult = ray.get(ref)
         except ray.exceptions.RayActorError as e:
             self._fail(p, f"worker died: {_first_line(e)}", retry=True)
             return self._workers.replace(p.actor), False
         except ray.exceptions.RayTaskError as e:
             self._fail(p, f"worker error: {_first_line(e)}", retry=True)
             return p.actor, False
-        if "error" in result:
-            self._fail(p, result["error"], retry=False)
+        if isinstance(result, CandidateFailure):
+            self._fail(p, result.reason, retry=False)
             return p.actor, False
         trial = p.trial
-        attrs = result["attrs"]
-        user: dict[str, Any] = {"candidate": p.candidate, **user_attrs_of(attrs)}
-        metrics = {**_numbers(result["attrs"]), **result["values"]}
-        # Constraints bound quality, which only the schedule stage measures.
-        cons: dict[str, float] = {}
-        if self.source.stage == "schedule":
-            cons = result["constraints"] or self.spec.constraint_values(metrics)
+        user: dict[str, Any] = {CANDIDATE: p.candidate.to_attr(), **user_attrs_of(result.attrs)}
+        cons = self.stage.constraints(result)
         system: dict[str, Any] = {}
         if cons:
             # Three forms: per name as Trial.set_constraint writes them (Optuna's samplers), the
@@ -394,10 +385,10 @@ class Controller:
             table = self.latency_table
             retry_db(
                 lambda: table.record_evaluation(
-                    result["attrs"], study=self.study.study_name, trial=trial.number
+                    result.attrs, study=self.study.study_name, trial=trial.number
                 )
             )
-        values = [result["values"][name] for name in self.source.metric_names]
+        values = [result.values[name] for name in self.stage.metric_names]
         retry_db(lambda: tell_values(self.study, trial, values))
         self._open.pop(trial._trial_id, None)
         self._streak = 0
@@ -423,7 +414,7 @@ class Controller:
         log.info("trial %d failed: %s", trial.number, reason)
         self._streak += 1
         self._last_reason = reason
-        user = {"fail_reason": reason, "candidate": p.candidate}
+        user = {FAIL_REASON: reason, CANDIDATE: p.candidate.to_attr()}
         retry_db(lambda: self.writer.attrs(trial._trial_id, user=user))
         frozen = retry_db(lambda: self.study.tell(trial, state=TrialState.FAIL))
         self._open.pop(trial._trial_id, None)
@@ -469,10 +460,6 @@ class Controller:
 
 def _enqueue_once(study: optuna.Study, params: dict[str, Any], attrs: dict[str, Any]) -> None:
     retry_db(lambda: study.enqueue_trial(params, user_attrs=attrs, skip_if_exists=True))
-
-
-def _numbers(attrs: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in attrs.items() if isinstance(v, int | float)}
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

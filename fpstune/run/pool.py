@@ -12,7 +12,7 @@ from typing import Any
 import ray
 
 from fpstune.run.worker import Worker
-from fpstune.spec.study import StudySpec
+from fpstune.stages.base import Stage
 
 log = logging.getLogger(__name__)
 
@@ -23,15 +23,16 @@ class WorkerStartError(RuntimeError):
 
 class WorkerPool:
     """``workers`` actors with one GPU each when the Ray cluster has GPUs, else one CPU each.
-    A dead actor is replaced by ``replace``; ``close`` kills them all."""
+    Each builds ``stage``'s evaluator, which serves every stage object of the same kind (a
+    kernel stage's buckets). A dead actor is replaced by ``replace``; ``close`` kills them all."""
 
-    def __init__(self, spec: StudySpec, stage: str, storage_url: str, workers: int) -> None:
+    def __init__(self, stage: Stage[Any], storage_url: str, workers: int) -> None:
         gpus = int(ray.cluster_resources().get("GPU", 0))
         opts: dict[str, Any] = {"num_gpus": 1} if gpus else {"num_cpus": 1}
         if gpus and workers > gpus:
             log.warning("%d workers asked for but the cluster has %d GPUs", workers, gpus)
         self._cls = ray.remote(Worker).options(**opts, max_restarts=0)
-        self._args = (spec.model_dump(mode="json"), stage, storage_url)
+        self._args = (stage, storage_url)
         self.actors: list[Any] = [self._cls.remote(*self._args) for _ in range(workers)]
         # A worker that cannot set up (no GPU, no latency table) stops the run before any trial.
         errors = {e for e in ray.get([a.ready.remote() for a in self.actors]) if e}

@@ -21,16 +21,10 @@ import torch
 from fpstune.errors import BadInput, one_line
 from fpstune.kernels import AttentionSpec, Mode
 from fpstune.kernels.fingerprint import current_fingerprint
-from fpstune.latency.table import (
-    AttentionShape,
-    LatencyRecord,
-    LatencyRow,
-    LatencyTable,
-    NoLatencyRow,
-    create_engine,
-    packaged_table,
-    shipped_tables,
-)
+from fpstune.latency.rows import LatencyRow, NoLatencyRow
+from fpstune.latency.shape import AttentionShape
+from fpstune.latency.shipped import packaged_table, shipped_tables
+from fpstune.latency.table import LatencyRecord, LatencyTable, create_engine
 from fpstune.spec.study import StudySpec
 from fpstune.stages.evaluators import schedule_latency
 from fpstune.stages.kernel_space import kernel_buckets

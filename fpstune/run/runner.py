@@ -6,6 +6,7 @@ import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import ray
 
@@ -17,8 +18,10 @@ from fpstune.run.pool import WorkerPool
 from fpstune.run.preflight import check_schedule_latency
 from fpstune.safetensors_check import check_safetensors
 from fpstune.spec.study import SYNTHETIC, StudySpec, load_study
-from fpstune.stages.candidates import CandidateSource, KernelSource, ScheduleSource
+from fpstune.stages.base import Stage
+from fpstune.stages.kernel import KernelStage
 from fpstune.stages.kernel_space import kernel_buckets
+from fpstune.stages.schedule import ScheduleStage
 from fpstune.storage import (
     check_reachable,
     check_url,
@@ -26,8 +29,6 @@ from fpstune.storage import (
     remove_sqlite_file,
     sqlite_path,
 )
-
-STAGES = ("kernel", "schedule")
 
 
 def run_study(
@@ -50,8 +51,9 @@ def run_study(
     ``timeout_s``: no trial is started after this many seconds (from the call); trials still
     running then are stopped and re-queued for the next run."""
     deadline = time.monotonic() + (float("inf") if timeout_s is None else timeout_s)
-    if stage not in STAGES:
-        raise BadInput(f"--stage: {stage!r} is not one of {', '.join(STAGES)}")
+    kinds = (KernelStage.name, ScheduleStage.name)
+    if stage not in kinds:
+        raise BadInput(f"--stage: {stage!r} is not one of {', '.join(kinds)}")
     if max_retries < 0:
         raise BadInput(f"--max-retries: must be >= 0, got {max_retries}")
     try:
@@ -59,39 +61,37 @@ def run_study(
     except ValueError as e:
         raise BadInput(str(e)) from None
     spec = load_study(study_file)
-    if stage == "schedule":
+    # The one place the CLI's stage name becomes stage objects (a kernel stage: one per bucket).
+    stages: list[Stage[Any]]
+    if stage == ScheduleStage.name:
         check_calibration(spec, study_file)
         check_weights(spec, study_file)
-    sources: list[CandidateSource]
-    if stage == "schedule":
-        sources = [ScheduleSource(spec)]
+        stages = [ScheduleStage(spec)]
         budget = trials or spec.trials.schedule
     else:
-        sources = [
-            KernelSource(spec, b) for b in kernel_buckets(spec.kernel_space, spec.model.head_dim)
-        ]
+        buckets = kernel_buckets(spec.kernel_space, spec.model.head_dim)
+        stages = [KernelStage(spec, b) for b in buckets]
         budget = trials or spec.trials.kernel
     check_reachable(storage_url)  # before Ray starts: a wrong password costs no Ray start
-    if stage == "schedule":
+    if isinstance(stages[0], ScheduleStage):
         check_schedule_latency(spec, study_file, storage_url)  # reads the storage, writes nothing
     with controller_lock(storage_url), _new_database_removed_unless_used(storage_url) as used:
         ensure_ray(ray_address, workers)
-        if stage == "kernel" and not ray.cluster_resources().get("GPU"):
+        if isinstance(stages[0], KernelStage) and not ray.cluster_resources().get("GPU"):
             raise BadInput(
                 f"{study_file}: --stage kernel measures kernel latency and needs a GPU; "
                 "the Ray cluster has none"
             )
         # One pool of workers for all the stage's controllers (a kernel stage has one per
         # bucket): each worker sets up, and warms its GPU, once per run.
-        pool = WorkerPool(spec, stage, storage_url, workers)
+        pool = WorkerPool(stages[0], storage_url, workers)
         try:
             summaries = []
-            for source in sources:
+            for one in stages:
                 if time.monotonic() >= deadline:
                     break  # --timeout: the remaining controllers do not start
                 controller = Controller(
-                    spec,
-                    source,
+                    one,
                     storage_url=storage_url,
                     workers=workers,
                     budget=budget,

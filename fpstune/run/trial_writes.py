@@ -19,7 +19,8 @@ holds them and writes each group in one transaction:
 These use Optuna internals (``optuna.storages._rdb``, ``optuna.study._tell``). Where they are
 missing (another storage class, a database without upserts, a future Optuna that moved them)
 every write goes through the public API one by one, as before: slower, never different
-(``tests/service/test_trial_writes.py`` checks both store the same).
+(``tests/storage/test_trial_writes_contract.py`` checks both store the same, on SQLite and
+PostgreSQL).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from optuna.distributions import (
     distribution_to_json,
 )
 from optuna.trial import TrialState
+
+from fpstune import trial_attrs
 
 _Upsert = Callable[[Any, list[dict[str, Any]]], Any]
 _Param = tuple[str, float, BaseDistribution]
@@ -69,7 +72,7 @@ def user_attrs_of(attrs: Mapping[str, Any]) -> dict[str, Any]:
     user = {k: v for k, v in attrs.items() if not isinstance(v, dict | list)}
     details = {k: v for k, v in attrs.items() if isinstance(v, dict | list)}
     if details:
-        user["details"] = details
+        user[trial_attrs.DETAILS] = details
     return user
 
 

@@ -225,8 +225,6 @@ class KernelSpace(_SourcedFrozen):
     block_n: tuple[PosInt, ...]
     num_warps: tuple[Literal[1, 2, 4, 8, 16], ...]
     num_stages: tuple[Annotated[int, Strict(), Field(ge=1, le=8)], ...]
-    #: fp8 softmax exponentials: fp32, or packed fp16 pairs (see `KernelConfig.exp2`)
-    exp2: tuple[Literal["f32", "f16x2"], ...] = ("f32",)
     #: fp8 kernel implementation: the Triton kernel, or a Gluon one (see `KernelConfig.impl`)
     impl: tuple[Literal["triton", "gluon", "gluon_ws"], ...] = ("triton",)
 
@@ -238,8 +236,7 @@ class KernelSpace(_SourcedFrozen):
         return v
 
     @field_validator(
-        "modes", "tiles", "block_m", "block_n", "num_warps", "num_stages", "exp2", "impl",
-        "patterns",
+        "modes", "tiles", "block_m", "block_n", "num_warps", "num_stages", "impl", "patterns",
     )  # fmt: skip
     @classmethod
     def _non_empty_unique(cls, v: tuple[Any, ...]) -> tuple[Any, ...]:

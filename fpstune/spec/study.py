@@ -24,10 +24,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import Field, PrivateAttr, Strict, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    Field,
+    PrivateAttr,
+    Strict,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from fpstune.errors import one_line
 from fpstune.kernels.policy import ModelShape
+from fpstune.quality import registry
+from fpstune.quality.registry import Direction
 from fpstune.spec.loading import BadInput, load_model, read_mapping, show, validate
 from fpstune.spec.space import (
     Float,
@@ -43,19 +53,15 @@ from fpstune.spec.space import (
 if TYPE_CHECKING:
     import optuna
 
-#: What fpstune measures (a study measures the subset its probes produce: `StudySpec` checks).
-Metric = Literal["latency_ms", "rel_l2", "cosine", "psnr", "frame_psnr", "ssim"]
-Direction = Literal["minimize", "maximize"]
 
-#: Which way each known metric gets better; an objective against it is refused as a typo.
-NATURAL_DIRECTION: dict[str, Direction] = {
-    "latency_ms": "minimize",
-    "rel_l2": "minimize",
-    "cosine": "maximize",
-    "psnr": "maximize",
-    "frame_psnr": "maximize",
-    "ssim": "maximize",
-}
+def _metric(name: str) -> str:
+    registry.direction(name)  # UnknownMetric (a ValueError): one line naming the probes
+    return name
+
+
+#: A metric some registered probe produces (`fpstune.quality.registry`; a study measures the
+#: subset its probes produce: `StudySpec` checks).
+Metric = Annotated[str, Strict(), AfterValidator(_metric)]
 
 Stage = Literal["kernel", "schedule"]
 SYNTHETIC = "synthetic"
@@ -121,9 +127,9 @@ class Objective(Frozen):
     @classmethod
     def _natural(cls, data: Any) -> Any:
         name = data.get("name") if isinstance(data, dict) else None
-        if not isinstance(name, str) or name not in NATURAL_DIRECTION:
+        natural = registry.directions().get(name) if isinstance(name, str) else None
+        if natural is None:
             return data  # the name's own error comes from the field
-        natural = NATURAL_DIRECTION[data["name"]]
         direction = data.get("direction")
         if direction is None:
             return {**data, "direction": natural}
@@ -149,8 +155,8 @@ class Constraint(Frozen):
         return self
 
     def violation(self, value: float) -> float:
-        """Optuna's convention: feasible when <= 0."""
-        return value - self.max if self.max is not None else self.min - value  # type: ignore[operator]
+        """Optuna's convention: feasible when <= 0 (`registry.violation`)."""
+        return registry.violation(value, max=self.max, min=self.min)
 
 
 # -- sampler ----------------------------------------------------------------------------------
@@ -512,7 +518,7 @@ class StudySpec(Frozen):
             _check_record_e2e(self)
         elif (w := self.end_to_end and self.end_to_end.weights) and Path(w).is_dir():
             raise at("end_to_end.weights", "expected a .safetensors file, got a directory")
-        produced = {"latency_ms", "rel_l2", "cosine"} | _end_to_end_metrics(self, from_record)
+        produced = registry.measured(self)
         named: tuple[tuple[str, Sequence[Objective | Constraint]], ...] = (
             ("objectives", self.objectives),
             ("constraints", self.constraints),
@@ -520,18 +526,7 @@ class StudySpec(Frozen):
         for kind, items in named:
             for i, item in enumerate(items):
                 if item.name not in produced:
-                    raise at(
-                        f"{kind}.{i}.name",
-                        f"{item.name} is not measured by this study "
-                        f"(it measures {', '.join(sorted(produced))}"
-                        + (
-                            "; add an end_to_end section for psnr/ssim)"
-                            if item.name in ("psnr", "ssim") and self.end_to_end is None
-                            else "; frame_psnr and ssim need a checkpoint with a vae/ folder)"
-                            if item.name in ("frame_psnr", "ssim")
-                            else ")"
-                        ),
-                    )
+                    raise at(f"{kind}.{i}.name", registry.not_measured(self, item.name))
         kfile, kprefix = _where(self.kernel_space, file, "kernel_space")
         sfile, sprefix = _where(self.schedule_space, file, "schedule_space")
         _check_kernel_space(self.kernel_space, model, file=kfile, prefix=kprefix)
@@ -547,21 +542,6 @@ class StudySpec(Frozen):
             check_tiles=self.latency.target is None,
         )
         return self
-
-
-def _end_to_end_metrics(spec: StudySpec, from_record: bool) -> set[str]:
-    """What the end-to-end probe measures: pixels' psnr and ssim (the mini); a replayed
-    checkpoint's latent psnr, plus its decoded frames' frame_psnr and ssim when it has a VAE."""
-    e2e = spec.end_to_end
-    if e2e is None:
-        return set()
-    if not from_record:
-        return {"psnr", "ssim"}
-    from fpstune.models.wan import has_vae
-
-    return {"psnr"} | (
-        {"frame_psnr", "ssim"} if e2e.weights and has_vae(Path(e2e.weights)) else set()
-    )
 
 
 def _check_record_e2e(spec: StudySpec) -> None:

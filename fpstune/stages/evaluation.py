@@ -1,9 +1,12 @@
-"""The evaluator contract: a candidate in, objective values, constraints and attributes out."""
+"""What crosses Ray back from a worker: an `Evaluation`, or a `CandidateFailure` saying why the
+candidate could not be evaluated."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
+
+C = TypeVar("C", contravariant=True)
 
 
 @dataclass(frozen=True)
@@ -22,13 +25,25 @@ class Evaluation:
     attrs: dict[str, Any] = field(default_factory=dict)
 
 
-class Evaluator(Protocol):
+@dataclass(frozen=True)
+class CandidateFailure:
+    """The candidate itself is at fault (infeasible, OOM, a non-finite value): the trial fails
+    with ``reason`` and is not retried."""
+
+    reason: str
+
+
+#: One trial's outcome, as a worker returns it.
+TrialResult = Evaluation | CandidateFailure
+
+
+class Evaluator(Protocol[C]):
     """Evaluates candidates on one device. Built once per worker and reused across trials, so
     expensive set-up (CUDA context, compiled kernels, calibration data, references) happens once.
     Raises `CandidateError` for a candidate that cannot run (the trial fails with that reason;
     the evaluator stays usable)."""
 
-    def evaluate(self, candidate: dict[str, Any]) -> Evaluation: ...
+    def evaluate(self, candidate: C) -> Evaluation: ...
 
 
 class CandidateError(RuntimeError):

@@ -1,13 +1,13 @@
 """The evaluators a worker runs: one per stage, built once per worker and reused across trials.
 
 - `KernelEvaluator` (kernel stage): times one attention call of the study's shape with the
-  candidate's spec on this GPU. ``{"stage": "kernel", "spec": <AttentionSpec dict>}`` ->
-  ``latency_ms`` (median), timing statistics and the fingerprint in attrs; the attrs hold all a
-  latency-table row needs (`LatencyTable.record_evaluation`).
-- `ScheduleEvaluator` (schedule stage): ``{"stage": "schedule", "policy": <Policy dict>}`` ->
-  ``latency_ms`` composed from one latency source (a table of one fingerprint, or measured on
-  this GPU: never mixed) and quality values from its probes (attention-output rel-L2 / cosine on
-  a calibration set; end-to-end probes plug in beside it), constraints as value - max.
+  candidate's spec on this GPU. `KernelCandidate` -> ``latency_ms`` (median), timing statistics
+  and the fingerprint in attrs; the attrs hold all a latency-table row needs
+  (`LatencyTable.record_evaluation`).
+- `ScheduleEvaluator` (schedule stage): `ScheduleCandidate` -> ``latency_ms`` composed from
+  one latency source (a table of one fingerprint, or measured on this GPU: never mixed) and
+  quality values from its probes (attention-output rel-L2 / cosine on a calibration set;
+  end-to-end probes plug in beside it), constraints as value - max.
 
 Both raise `CandidateError` for a candidate at fault and stay usable; set-up mistakes (no GPU
 for the kernel stage, an unknown constraint, a table without the model's shape) are ValueErrors
@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from fpstune import trial_attrs
 from fpstune.errors import one_line
 from fpstune.kernels import (
     AttentionSpec,
@@ -41,16 +42,12 @@ from fpstune.latency.compose import (
     latency_provenance,
 )
 from fpstune.latency.measure import CPU_METHOD, GPU_WARMUP_S, measure, warm_gpu
-from fpstune.latency.table import (
-    AttentionShape,
-    LatencyTable,
-    NoLatencyRow,
-    gpu_slug,
-    packaged_table,
-    resolve_spec,
-    shipped_tables,
-)
+from fpstune.latency.rows import NoLatencyRow
+from fpstune.latency.shape import AttentionShape, resolve_spec
+from fpstune.latency.shipped import gpu_slug, packaged_table, shipped_tables
+from fpstune.latency.table import LatencyTable
 from fpstune.latency.target import TargetShapeLatency
+from fpstune.quality import registry
 from fpstune.quality.calibration import (
     CalibrationSet,
     check_fits,
@@ -61,7 +58,9 @@ from fpstune.quality.probe import AttentionProbe, QualityProbe
 from fpstune.stages.evaluation import CandidateError, Evaluation
 
 if TYPE_CHECKING:
+    from fpstune.kernels.policy import Policy
     from fpstune.spec.study import StudySpec
+    from fpstune.stages.candidates import KernelCandidate, ScheduleCandidate
 
 LATENCY = "latency_ms"
 _MODEL_FIELDS = ("heads", "head_dim", "layers", "grid", "steps", "cfg")
@@ -104,9 +103,8 @@ class KernelEvaluator:
         self.limits = _device_limits(self.device)
         self._sets: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
-    def evaluate(self, candidate: dict[str, Any]) -> Evaluation:
-        spec = _kernel_spec(candidate)
-        run = resolve_spec(spec, self.shape)
+    def evaluate(self, candidate: KernelCandidate) -> Evaluation:
+        run = resolve_spec(candidate.spec, self.shape)
         if run.kernel is not None and run.tile is not None:
             reasons = infeasibility(
                 run.kernel,
@@ -141,7 +139,7 @@ class KernelEvaluator:
         return Evaluation(
             values={LATENCY: timing.median_ms},
             attrs={
-                "latency_source": "measured",
+                trial_attrs.LATENCY_SOURCE: "measured",
                 "median_ms": timing.median_ms,
                 "iqr_ms": timing.iqr_ms,
                 "relative_iqr": timing.relative_iqr,
@@ -232,15 +230,15 @@ class ScheduleEvaluator:
                 except NoLatencyRow as e:
                     raise ValueError(f"latency table cannot serve this model: {e}") from None
 
-    def evaluate(self, candidate: dict[str, Any]) -> Evaluation:
-        policy = self._policy(candidate)
+    def evaluate(self, candidate: ScheduleCandidate) -> Evaluation:
+        policy = self._check_model(candidate.policy)
         try:
             composed = compose_with(policy, self.latency, batch=self.batch)
         except NoLatencyRow as e:
             raise CandidateError(str(e)) from None
         values: dict[str, float] = {LATENCY: composed.total_ms}
         attrs: dict[str, Any] = composed.attrs()
-        attrs["latency_provenance"] = latency_provenance(composed, here=self.machine)
+        attrs[trial_attrs.LATENCY_PROVENANCE] = latency_provenance(composed, here=self.machine)
         for probe in self.probes:
             result = probe.measure(policy)
             values.update(result.values)
@@ -249,18 +247,7 @@ class ScheduleEvaluator:
         attrs["metrics"] = dict(values)
         return Evaluation(values=values, constraints=constraints, attrs=attrs)
 
-    def _policy(self, candidate: dict[str, Any]) -> Any:
-        from fpstune.kernels.policy import Policy
-
-        if candidate.get("stage") != "schedule" or "policy" not in candidate:
-            raise CandidateError(
-                f"expected a schedule candidate {{'stage': 'schedule', 'policy': ...}}, got keys "
-                f"{sorted(candidate)} with stage {candidate.get('stage')!r}"
-            )
-        try:
-            policy = Policy.from_dict(candidate["policy"])
-        except SpecError as e:
-            raise CandidateError(f"policy: {e}") from None
+    def _check_model(self, policy: Policy) -> Policy:
         for name in _MODEL_FIELDS:
             ours, theirs = _plain(getattr(self.model, name)), _plain(getattr(policy.model, name))
             if ours != theirs:
@@ -270,15 +257,14 @@ class ScheduleEvaluator:
         return policy
 
 
-def build_evaluator(
+def build_schedule_evaluator(
     spec: StudySpec,
     *,
-    stage: str,
     device: torch.device | str,
     latency_table: LatencyTable | None = None,
     latency: Literal["auto", "table", "measure"] = "auto",
-) -> KernelEvaluator | ScheduleEvaluator:
-    """The evaluator a worker for ``stage`` runs, from the study file.
+) -> ScheduleEvaluator:
+    """The evaluator a schedule-stage worker runs, from the study file.
 
     Schedule-stage latency: ``auto`` composes from ``latency_table`` when given (rows of this
     GPU's exact fingerprint; on a CPU, of the table's only fingerprint), else measures on a GPU,
@@ -288,24 +274,11 @@ def build_evaluator(
     """
     device = torch.device(device)
     model = spec.model
-    if stage == "kernel":
-        return KernelEvaluator(
-            AttentionShape.of_model(model, batch=model.batch),
-            device=device,
-            warmup=spec.latency.warmup,
-            reps=spec.latency.reps,
-            rotate_inputs=spec.latency.rotate_inputs,
-        )
-    if stage != "schedule":
-        raise ValueError(f"stage must be kernel or schedule, got {stage!r}")
     source = schedule_latency(spec, device=device, latency_table=latency_table, latency=latency)
-    # The end-to-end probe runs in every trial only when an objective or constraint needs it;
-    # otherwise the section serves `fpstune export --verify-e2e` alone.
-    e2e = spec.end_to_end
-    named = {o.name for o in spec.objectives} | {c.name for c in spec.constraints}
-    probes = []
-    if e2e is not None and named & END_TO_END_METRICS:
-        probes = [end_to_end_probe(spec, seeds=e2e.seeds, device=device)]
+    # A registered probe runs in every trial only when an objective or constraint names one of
+    # its metrics (an end_to_end section otherwise serves `fpstune export --verify-e2e` alone);
+    # the attention probe is built from the calibration set.
+    probes = registry.probes_for(spec, device)
     return ScheduleEvaluator(
         model.shape(),
         _calibration(spec),
@@ -319,33 +292,8 @@ def build_evaluator(
     )
 
 
-#: What an end-to-end probe measures (`fpstune.quality.e2e`).
-END_TO_END_METRICS = frozenset({"psnr", "psnr_min", "frame_psnr", "ssim"})
-
-
-def end_to_end_probe(
-    spec: StudySpec, *, seeds: Sequence[int], device: torch.device | str
-) -> QualityProbe:
-    """The study's end-to-end quality probe over ``seeds``; an adapter that replays a capture
-    (``end_to_end_from_record``) gets the replay record beside ``calibration.source``."""
-    from fpstune.models import adapters
-    from fpstune.models.capture import record_path
-
-    e2e, model = spec.end_to_end, spec.model
-    if e2e is None:
-        raise ValueError(f"study {spec.name} has no end_to_end section")
-    adapter = adapters.get(model.adapter)
-    extra: dict[str, Any] = {}
-    if getattr(adapter, "end_to_end_from_record", False):
-        extra["record"] = str(record_path(spec.calibration.source))
-    return adapter.end_to_end_probe(
-        seeds=tuple(seeds),
-        steps=model.steps,
-        guidance=e2e.guidance,
-        device=device,
-        weights=e2e.weights,
-        **extra,
-    )
+#: The study's end-to-end quality probe (`fpstune export --verify-e2e` builds one too).
+end_to_end_probe = registry.end_to_end_probe
 
 
 def schedule_latency(
@@ -355,7 +303,7 @@ def schedule_latency(
     latency_table: LatencyTable | None = None,
     latency: Literal["auto", "table", "measure"] = "auto",
 ) -> CallLatency | Literal["measure"]:
-    """Where a schedule study's per-call latencies come from (see `build_evaluator`); with
+    """Where a schedule study's per-call latencies come from (see `build_schedule_evaluator`); with
     ``latency.target``, always a table at the target shape (`TargetShapeLatency`)."""
     model, target = spec.model, spec.latency.target
     if target is not None:
@@ -435,18 +383,6 @@ def _calibration(spec: StudySpec) -> CalibrationSet:
     return loaded.select(layers=layers, steps=steps)
 
 
-def _kernel_spec(candidate: dict[str, Any]) -> AttentionSpec:
-    if candidate.get("stage") != "kernel" or "spec" not in candidate:
-        raise CandidateError(
-            f"expected a kernel candidate {{'stage': 'kernel', 'spec': ...}}, got keys "
-            f"{sorted(candidate)} with stage {candidate.get('stage')!r}"
-        )
-    try:
-        return AttentionSpec.from_dict(candidate["spec"])
-    except SpecError as e:
-        raise CandidateError(f"spec: {e}") from None
-
-
 def _run_checked(fn: Any, *, what: str) -> Any:
     """Run a kernel; the candidate's own failures become `CandidateError`."""
     try:
@@ -479,11 +415,8 @@ def _constraint(c: Any, names: Sequence[str]) -> tuple[str, Callable[[float], fl
         raise ValueError(f"constraint on {name!r}: this evaluator reports {', '.join(names)}")
     if (hi is None) == (lo is None):
         raise ValueError(f"constraint on {name!r}: give exactly one of max or min")
-    if hi is not None:
-        bound = float(hi)
-        return str(name), lambda v: v - bound
-    floor = float(lo)
-    return str(name), lambda v: floor - v
+    hi, lo = (None if b is None else float(b) for b in (hi, lo))
+    return str(name), lambda v: registry.violation(v, max=hi, min=lo)
 
 
 def _plain(value: Any) -> Any:
@@ -494,6 +427,6 @@ __all__ = [
     "CPU_METHOD",
     "KernelEvaluator",
     "ScheduleEvaluator",
-    "build_evaluator",
+    "build_schedule_evaluator",
     "schedule_latency",
 ]

@@ -9,7 +9,9 @@ Parameters of a bucket study (stable names, categorical over stable string keys)
 - ``tile``: a tile key (``2x8x8``) among the tiles with at least one feasible config;
 - ``config``: a config key (``m128_n64_w8_s3``) when every tile has the same feasible configs,
   else ``config.<tile key>`` for the chosen tile only (Optuna needs one fixed choice set per
-  parameter name).
+  parameter name). A config is the space's launch parameters times the choices of every knob
+  registered with `fpstune.kernels.knobs.register_knob` (its key names the knobs set off their
+  default, ``m64_n128_w4_s5_<knob>-<value>``), so a new knob needs no edit here.
 
 A parameter with a single choice is fixed and not suggested. ``bf16_dense`` runs torch SDPA on
 the GPU: its bucket has one point (no tile, no config) and no parameters; it is measured as the
@@ -18,12 +20,15 @@ baseline.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from fpstune.kernels import AttentionSpec, DeviceLimits, KernelConfig, Mode, Pattern, infeasibility
+from fpstune.kernels.knobs import Knob
+from fpstune.kernels.knobs import registered as registered_knobs
 from fpstune.spec.loading import BadInput
 from fpstune.spec.space import KernelSpace, tile_key
 
@@ -251,22 +256,36 @@ def _checked_plan(
     return _plan(space, head_dim, bucket.mode, limits, space.source, "")
 
 
-@lru_cache(maxsize=64)
 def _plan(
     space: KernelSpace, head_dim: int, mode: Mode, limits: DeviceLimits, file: str, prefix: str
 ) -> _Plan:
+    return _knob_plan(space, head_dim, mode, limits, file, prefix, registered_knobs())
+
+
+@lru_cache(maxsize=64)
+def _knob_plan(
+    space: KernelSpace,
+    head_dim: int,
+    mode: Mode,
+    limits: DeviceLimits,
+    file: str,
+    prefix: str,
+    knobs: tuple[Knob, ...],
+) -> _Plan:
+    """`_plan` for the knobs registered now (`fpstune.kernels.knobs`): each one's choices are
+    searched like a launch parameter of the space."""
     reasons: dict[str, None] = {}  # ordered set
     tiles: dict[str, Tile] = {}
     configs: dict[str, dict[str, KernelConfig]] = {}
     candidates = [
-        KernelConfig(block_m=m, block_n=n, num_warps=w, num_stages=s, exp2=e, impl=i)
+        KernelConfig(block_m=m, block_n=n, num_warps=w, num_stages=s, impl=i, knobs=dict(kv))
         for m in space.block_m
         for n in space.block_n
         for w in space.num_warps
         for s in space.num_stages
-        # the exponential's precision and the kernel are fp8 knobs: bf16 keeps the defaults
-        for e in (space.exp2 if mode.fp8 else ["f32"])
+        # the kernel is an fp8 knob: bf16 keeps the default
         for i in (space.impl if mode.fp8 else ["triton"])
+        for kv in itertools.product(*([(k.name, c) for c in k.choices] for k in knobs))
     ]
     for tile in space.tiles:
         ok: dict[str, KernelConfig] = {}

@@ -17,9 +17,10 @@ from optuna.trial import TrialState
 
 from fpstune.kernels import Policy
 from fpstune.latency.compose import compose
-from fpstune.latency.table import packaged_table, shipped_tables
+from fpstune.latency.shipped import packaged_table, shipped_tables
 from fpstune.spec.study import StudySpec, load_study
-from fpstune.stages.candidates import ScheduleSource
+from fpstune.stages.candidates import ScheduleCandidate
+from fpstune.stages.schedule import ScheduleStage
 
 ROOT = Path(__file__).resolve().parents[2]
 MINI = ROOT / "studies" / "mini.yaml"
@@ -68,7 +69,7 @@ def mini_study(url: str, *, trials: int = 14, seed: int = 0) -> optuna.Study:
     """A ``mini:schedule`` study as the controller leaves it, plus the two `BASELINES` and one
     FAIL trial. Some trials are infeasible (rel_l2 above the study's 0.1 bound)."""
     spec = load_study(MINI)
-    source = ScheduleSource(spec)
+    source = ScheduleStage(spec)
     table = packaged_table(shipped_tables()[0])
     fingerprint = table.fingerprints()[0]
     study = optuna.create_study(
@@ -82,7 +83,7 @@ def mini_study(url: str, *, trials: int = 14, seed: int = 0) -> optuna.Study:
         study.set_user_attr(key, value)
     for _ in range(trials):
         trial = study.ask()
-        policy = Policy.from_dict(source.suggest(trial)["policy"])
+        policy = source.suggest(trial).policy
         _record(study, trial, spec, policy, table, fingerprint)
     for name, policy in _baseline_policies(spec).items():
         values, attrs, cons = _evaluate(spec, policy, table, fingerprint)
@@ -133,7 +134,7 @@ def _evaluate(
         "latency_row_source": la.pop("latency_row_source"),
         "quality_source": "test stand-in",
         "details": la,
-        "candidate": {"stage": "schedule", "policy": policy.to_dict()},
+        "candidate": ScheduleCandidate(policy).to_attr(),
     }
     cons = spec.constraint_values({"rel_l2": rel})
     return [latency.total_ms, rel], attrs, cons

@@ -14,17 +14,13 @@ from dashboard_helpers import MINI, hand_made, mini_study
 
 from fpstune.dashboard.info import front_info, hypervolume_info, knee_points
 from fpstune.dashboard.tables import _row_label, latency_table_info, table_rows
-from fpstune.dashboard.trials import (
-    latency_breakdown,
-    schedule_info,
-    study_spec,
-    trial_policy,
-)
+from fpstune.dashboard.trials import latency_breakdown, schedule_info, trial_policy
 from fpstune.export import pick_trial
 from fpstune.kernels import AttentionSpec, HardwareFingerprint
-from fpstune.latency.table import AttentionShape
+from fpstune.latency.shape import AttentionShape
 from fpstune.pinning import pin_kernels
 from fpstune.spec.study import load_study
+from fpstune.trial_attrs import study_spec
 
 # (latency_ms, rel_l2): 0 A, 1 B, 2 C, 3 D (dominated by B), 4 E (dominates all, infeasible),
 # 5 F (baseline, on the front), then one FAIL trial.

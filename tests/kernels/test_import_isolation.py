@@ -43,3 +43,20 @@ def test_kernels_import_pulls_in_no_tuner_dependency() -> None:
     loaded = json.loads(out.stdout.strip().splitlines()[-1])
     leaked = sorted(m for m in loaded if m.split(".")[0] in FORBIDDEN)
     assert not leaked, f"importing fpstune.kernels loaded {leaked}"
+
+
+def test_the_attention_kernels_import_the_shared_preparation_not_each_other() -> None:
+    """`dispatch` chooses between the kernels; each kernel file reads only `prepare`'s shared
+    pre-pass and helpers (lazy imports count: they hide a cycle without removing it)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "kernels"
+    for name in ("triton_attention", "gluon_attention"):
+        tree = ast.parse((root / f"{name}.py").read_text())
+        local = {
+            (node.module or "").split(".")[-1]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.level
+        }
+        assert local == {"prepare"}, (name, local)

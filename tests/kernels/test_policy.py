@@ -18,7 +18,7 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from shared_helpers import ALIAS_BOMB
+from shared_helpers import ALIAS_BOMB, H100
 
 from fpstune.kernels import (
     AttentionSpec,
@@ -38,15 +38,6 @@ from fpstune.kernels import policy as policy_module
 from fpstune.kernels.fingerprint import describe_differences, differences
 from fpstune.kernels.spec import Mode
 
-H100 = HardwareFingerprint(
-    gpu="NVIDIA H100 80GB HBM3",
-    sm_count=132,
-    capability=(9, 0),
-    driver="550.54.15",
-    torch="2.11.0",
-    triton="3.6.0",
-    fpstune="0.1.0",
-)
 A100 = H100.model_copy(
     update={"gpu": "NVIDIA A100-SXM4-80GB", "sm_count": 108, "capability": (8, 0)}
 )
@@ -269,6 +260,24 @@ REFUSALS: list[tuple[str, Callable[[dict[str, Any]], None], str, str]] = [
         "fp8 needs compute capability >= 8.9",
     ),
     (
+        "removed knob exp2",
+        _set("entries.1.spec.kernel.exp2", "f16x2"),
+        "entries[1].spec.kernel.exp2",
+        "packed fp16 exponentials (f16x2) saved nothing on sm_90 and were removed",
+    ),
+    (
+        "removed knob exp2 at its old default",
+        _set("default.kernel", {**KERNEL, "exp2": "f32"}),
+        "default.kernel.exp2",
+        "delete the key",
+    ),
+    (
+        "unregistered knob",
+        _set("entries.1.spec.kernel.knobs", {"toy": 1}),
+        "entries[1].spec.kernel.knobs.toy",
+        "unknown knob 'toy' (registered: none)",
+    ),
+    (
         "naive timestamp",
         _set("provenance.created", "2026-11-23T10:00:00"),
         "provenance.created",
@@ -314,6 +323,21 @@ def test_hand_edit_without_checksum_loads(tmp_path: Path) -> None:
     path.write_text("\n".join(lines).replace("sparsity: 0.75", "sparsity: 0.8") + "\n")
     loaded = Policy.load(path, hardware=H100)
     assert loaded.spec(layer=29, step=49).sparsity == 0.8
+
+
+def test_policy_file_naming_the_removed_exp2_knob_is_refused_in_one_line(tmp_path: Path) -> None:
+    """Policies written while ``exp2`` existed name it only when it was ``f16x2`` (the default
+    was left out of the stored form): such a file is refused in one line naming the field."""
+    path = tmp_path / "policy.yaml"
+    make_policy().dump(path)
+    lines = [ln for ln in path.read_text().splitlines() if not ln.startswith("checksum:")]
+    at = next(i for i, ln in enumerate(lines) if ln.strip() == "num_stages: 3")
+    indent = lines[at][: len(lines[at]) - len(lines[at].lstrip())]
+    lines.insert(at + 1, f"{indent}exp2: f16x2")
+    path.write_text("\n".join(lines) + "\n")
+    e = raises_policy_error(lambda: Policy.load(path, hardware=H100))
+    assert e.field.endswith("kernel.exp2") and "removed" in e.message, str(e)
+    assert str(e).startswith(f"{path}: ")
 
 
 # -- refusals of the file -------------------------------------------------------------------------

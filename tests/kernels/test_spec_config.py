@@ -298,7 +298,6 @@ GLUON_WS_PAIRS = {**GLUON_WS, "block_n": 256}  # two 128-key blocks per softmax 
         (GLUON, {"num_warps": 8}, "impl=gluon needs block_m=64, block_n=128, num_warps=4"),
         (GLUON, {"head_dim": 64}, "impl=gluon needs head_dim=128, got 64"),
         (GLUON, {"num_stages": 2}, "impl=gluon needs num_stages >= 3, got 2"),
-        (GLUON, {"exp2": "f16x2"}, "impl=gluon has no exp2=f16x2 variant"),
         (GLUON, {"limits": DeviceLimits(capability=(8, 9))}, "impl=gluon needs an sm_90 GPU"),
         (GLUON, {"limits": DeviceLimits(capability=(10, 0))}, "impl=gluon needs an sm_90 GPU"),
         (GLUON_WS, {"mode": Mode.BF16_DENSE}, "impl=gluon_ws runs the fp8 modes only"),
@@ -352,7 +351,9 @@ def test_gluon_kernel_refuses_a_cpu_tensor_with_one_line():
     """Off the GPU (no Gluon interpreter) the runtime says so instead of failing in a compiler."""
     import torch
 
-    from fpstune.kernels.triton_attention import KvList, Prepared, attend
+    from fpstune.kernels.dispatch import attend
+    from fpstune.kernels.patterns import KvList
+    from fpstune.kernels.prepare import Prepared
 
     layout = TileLayout((1, 8, 16), (1, 8, 16))
     spec = AttentionSpec.from_dict({"mode": "fp8_dense", "tile": (1, 8, 16)})

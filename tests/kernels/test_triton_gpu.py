@@ -67,8 +67,9 @@ def _check(
 ) -> None:
     """``rope``: the pre-pass rotates q and k (random Wan-style tables); the truth and the
     reference take them rotated in fp32 and rounded to the input dtype."""
+    from fpstune.kernels.dispatch import attend
+    from fpstune.kernels.prepare import prepare
     from fpstune.kernels.rope import rotary
-    from fpstune.kernels.triton_attention import attend, prepare
 
     tile = tile or default_tile(grid)
     spec = AttentionSpec.from_dict({**spec_d, "tile": tile})
@@ -122,7 +123,6 @@ def test_other_configs(mode: str, tile: tuple[int, int, int], config: KernelConf
     _check(MODES[mode], (7, 15, 26), 128, "structured", tile=tile, config=config)
 
 
-@pytest.mark.parametrize("exp2", ["f32", "f16x2"])
 @pytest.mark.parametrize(
     ("tile", "config"),
     [
@@ -133,12 +133,30 @@ def test_other_configs(mode: str, tile: tuple[int, int, int], config: KernelConf
 )
 @pytest.mark.parametrize("mode", ["fp8_dense", "fp8_window"])
 @pytest.mark.parametrize("kind", ["random", "structured"])
-def test_fp8_exp2(
-    kind: str, mode: str, tile: tuple[int, int, int], config: KernelConfig, exp2: str
+def test_fp8_configs(
+    kind: str, mode: str, tile: tuple[int, int, int], config: KernelConfig
 ) -> None:
-    """The fp8 softmax's exponentials in fp32 or as packed fp16 pairs (`KernelConfig.exp2`)."""
-    config = KernelConfig.model_validate({**config.model_dump(), "exp2": exp2})
+    """The fp8 default config and a 128-row one, on random and structured inputs."""
     _check(MODES[mode], (7, 15, 26), 128, kind, tile=tile, config=config)
+
+
+@pytest.mark.parametrize("impl", ["triton", "gluon"])
+def test_a_registered_knob_reaches_the_launch(impl: str) -> None:
+    """A knob registered with ``launch="maxnreg"`` (`fpstune.kernels.knobs`) travels from the
+    config to the kernel launch as a Triton launch option: the kernel compiles under the cap
+    and keeps FlashAttention's rule."""
+    from fpstune.kernels import knobs
+
+    if impl != "triton" and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernels are written for sm_90")
+    base = {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 3, "impl": impl}
+    knobs.register_knob("toy_maxnreg", (255, 192), 255, launch="maxnreg")
+    try:
+        config = KernelConfig.model_validate({**base, "knobs": {"toy_maxnreg": 192}})
+        assert knobs.launch_options(config.knobs) == {"maxnreg": 192}
+        _check(MODES["fp8_window"], (7, 15, 26), 128, "random", tile=(1, 8, 16), config=config)
+    finally:
+        knobs.unregister_knob("toy_maxnreg")
 
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
@@ -234,7 +252,8 @@ def test_gluon_non_finite_inputs_give_nan_rows(mode: str, bad: str, block_n: int
 
 
 def _check_nan_rows(mode: str, bad: str, *, head_dim: int, config: KernelConfig | None) -> None:
-    from fpstune.kernels.triton_attention import prepare, triton_attention
+    from fpstune.kernels.dispatch import fused_attention
+    from fpstune.kernels.prepare import prepare
 
     spec_d = dict(MODES[mode])
     if spec_d.get("sparsity"):
@@ -249,7 +268,7 @@ def _check_nan_rows(mode: str, bad: str, *, head_dim: int, config: KernelConfig 
     target = {"q": q, "k": k, "v": v}[bad[0]]
     target[1, 0, 1234, 7] = float("nan") if bad.endswith("nan") else float("inf")
     config = config or default_config(tile, head_dim, spec.mode)
-    out = triton_attention(q, k, v, layout=layout, spec=spec, config=config, scale=0.125)
+    out = fused_attention(q, k, v, layout=layout, spec=spec, config=config, scale=0.125)
     blocks = prepare(q, k, v, layout=layout, spec=spec, impl=config.impl).blocks
     expected = expected_nan_rows(q, k, v, layout, blocks, fp8=spec.mode.fp8)
     if bad == "v_nan" and spec.mode.fp8:
@@ -263,7 +282,7 @@ def _check_nan_rows(mode: str, bad: str, *, head_dim: int, config: KernelConfig 
 def test_no_host_sync(mode: str) -> None:
     """After the first call (compiles, caches static indices), the op makes no synchronising
     call that torch's sync debug mode sees: inside a model the host must stay ahead of the
-    device. (The mode does not see every wait; docs/benchmarks.md, "Open".)"""
+    device. (The mode does not see every wait; docs/kernel-design.md, "Open".)"""
     grid = (7, 15, 26)
     spec = AttentionSpec.from_dict(MODES[mode])
     q, k, v = make_qkv((1, 2, 2730, 128), grid, "random", torch.bfloat16, _gen("sync"), "cuda")

@@ -1,11 +1,10 @@
-"""Latency: measure() statistics, the latency table on SQLite, and policy composition."""
+"""Latency: measure() statistics, the shipped JSON form, and policy composition. The latency table's
+storage contract (SQLite and PostgreSQL) is tests/storage/test_latency_contract.py."""
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import json
-import multiprocessing
 import random
 import statistics
 import time
@@ -14,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-import sqlalchemy as sa
+from shared_helpers import A100, H100, H100_NEWER_TORCH
 
 from fpstune.kernels import AttentionSpec, KernelConfig, Mode
 from fpstune.kernels.fingerprint import HardwareFingerprint
@@ -33,21 +32,7 @@ from fpstune.latency import (
     read_json,
     summarize,
 )
-from fpstune.latency.table import create_tables
 
-H100 = HardwareFingerprint(
-    gpu="NVIDIA H100 80GB HBM3",
-    sm_count=132,
-    capability=(9, 0),
-    driver="550.54.15",
-    torch="2.11.0",
-    triton="3.6.0",
-    fpstune="0.1.0",
-)
-H100_NEWER_TORCH = H100.model_copy(update={"torch": "2.12.0"})
-A100 = H100.model_copy(
-    update={"gpu": "NVIDIA A100-SXM4-80GB", "sm_count": 108, "capability": (8, 0)}
-)
 MINI = ModelShape(name="mini", heads=4, head_dim=64, layers=4, grid=(5, 12, 16), steps=10, cfg=2)
 SHAPE = AttentionShape.of_model(MINI)
 K32 = KernelConfig(block_m=32, block_n=32, num_warps=4, num_stages=2)
@@ -162,121 +147,7 @@ def test_summarize_matches_numpy() -> None:
     assert t.median_ms == statistics.median(xs) and t.iqr_ms == pytest.approx(q3 - q1)
 
 
-# -- the latency table ------------------------------------------------------------------------
-
-
-@pytest.fixture
-def db_url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'study.db'}"
-
-
-def test_table_round_trip_and_best(db_url: str) -> None:
-    table = LatencyTable.from_url(db_url)
-    table.record(fingerprint=H100, shape=SHAPE, spec=BF16, timing=gpu_timing(2.0))
-    table.record(fingerprint=H100, shape=SHAPE, spec=fp8((1, 4, 8), K32), timing=gpu_timing(1.5))
-    table.record(fingerprint=H100, shape=SHAPE, spec=fp8((1, 4, 8), K16), timing=gpu_timing(1.2))
-    table.record(
-        fingerprint=H100,
-        shape=SHAPE,
-        spec=fp8((1, 4, 16), K32),
-        timing=gpu_timing(1.3),
-        study="mini:kernel:fp8_dense",
-        trial=7,
-    )
-
-    # a second engine on the same file sees the rows (and create_all is idempotent)
-    again = LatencyTable.from_url(db_url)
-    rows = again.rows()
-    assert len(rows) == 4
-    assert rows[3].study == "mini:kernel:fp8_dense" and rows[3].trial == 7
-    assert rows[0].spec == BF16 and rows[0].tile is None and rows[0].kernel is None
-    assert rows[0].created.tzinfo is not None
-
-    best = again.best(SHAPE, "fp8_dense", gpu=H100)
-    assert best.median_ms == 1.2 and best.kernel == K16 and best.tile == (1, 4, 8)
-    assert again.best(SHAPE, Mode.FP8_DENSE, gpu=H100, tile=(1, 4, 16)).median_ms == 1.3
-    assert again.best(SHAPE, Mode.FP8_DENSE, gpu=H100, kernel=K32).median_ms == 1.3
-    assert again.best(SHAPE, Mode.FP8_DENSE, gpu="NVIDIA H100 80GB HBM3").median_ms == 1.2
-    assert again.best(SHAPE, Mode.BF16_DENSE, gpu=H100, tile=(9, 9, 9)).median_ms == 2.0
-
-
-def test_table_stores_resolved_specs(db_url: str) -> None:
-    table = LatencyTable.from_url(db_url)
-    row = table.record(fingerprint=H100, shape=SHAPE, spec=fp8(), timing=gpu_timing(1.0))
-    assert row.tile is not None and row.kernel is not None  # the runtime's defaults, as run
-    stored = table.rows()[0]
-    assert stored.spec == row.spec
-
-
-def test_table_never_mixes_sources(db_url: str) -> None:
-    table = LatencyTable.from_url(db_url)
-    table.record(fingerprint=H100, shape=SHAPE, spec=BF16, timing=gpu_timing(2.0))
-    table.record(
-        fingerprint=H100, shape=SHAPE, spec=BF16, timing=gpu_timing(0.5), source="estimated"
-    )
-    assert table.best(SHAPE, "bf16_dense", gpu=H100).median_ms == 2.0
-    est = table.best(SHAPE, "bf16_dense", gpu=H100, source="estimated")
-    assert est.median_ms == 0.5 and est.source == "estimated"
-    assert [r.source for r in table.rows(source="measured")] == ["measured"]
-    with pytest.raises(ValueError, match="source"):
-        table.best(SHAPE, "bf16_dense", gpu=H100, source="guessed")  # type: ignore[arg-type]
-
-
-def test_table_fingerprints_are_matched(db_url: str) -> None:
-    table = LatencyTable.from_url(db_url)
-    table.record(fingerprint=A100, shape=SHAPE, spec=BF16, timing=gpu_timing(0.1))
-    table.record(fingerprint=H100_NEWER_TORCH, shape=SHAPE, spec=BF16, timing=gpu_timing(1.9))
-    table.record(fingerprint=H100, shape=SHAPE, spec=BF16, timing=gpu_timing(2.0))
-    assert table.best(SHAPE, "bf16_dense", gpu=H100).median_ms == 1.9  # same GPU type
-    assert table.best(SHAPE, "bf16_dense", gpu=H100, exact=True).median_ms == 2.0
-    assert table.best(SHAPE, "bf16_dense", gpu=A100).fingerprint == A100
-    assert table.fingerprints() == [A100, H100_NEWER_TORCH, H100]
-
-
-def test_table_error_names_the_query(db_url: str) -> None:
-    table = LatencyTable.from_url(db_url)
-    table.record(fingerprint=H100, shape=SHAPE, spec=sparse(0.5), timing=gpu_timing(1.0))
-    with pytest.raises(NoLatencyRow) as e:
-        table.best(SHAPE, "fp8_sparse", 0.75, gpu=H100, pattern="window")
-    msg = str(e.value)
-    assert "\n" not in msg
-    for part in ("1x4x960x64", "5x12x16", "fp8_sparse", "sparsity 0.75", "NVIDIA H100", "measured"):
-        assert part in msg, (part, msg)
-    assert table.best(SHAPE, "fp8_sparse", 0.5, gpu=H100, pattern="window").median_ms == 1.0
-    with pytest.raises(NoLatencyRow):
-        table.best(SHAPE, "fp8_sparse", 0.5, gpu=H100, pattern="topk")
-
-
-def test_table_refuses_cpu_timings_under_a_gpu_fingerprint(db_url: str) -> None:
-    table = LatencyTable.from_url(db_url)
-    cpu_timing = Timing(median_ms=1.0, iqr_ms=0.0, reps=20, warmup=0, method="cpu-wallclock")
-    with pytest.raises(ValueError, match="does not fit"):
-        table.record(fingerprint=H100, shape=SHAPE, spec=BF16, timing=cpu_timing)
-
-
-def test_json_export_import_equal(db_url: str, tmp_path: Path) -> None:
-    table = LatencyTable.from_url(db_url)
-    table.record(fingerprint=H100, shape=SHAPE, spec=BF16, timing=gpu_timing(2.0))
-    table.record(
-        fingerprint=H100,
-        shape=SHAPE,
-        spec=sparse(0.75, kind="topk"),
-        timing=gpu_timing(0.7),
-        study="s",
-        trial=3,
-    )
-    table.record(
-        fingerprint=H100, shape=SHAPE, spec=BF16, timing=gpu_timing(9.0), source="estimated"
-    )
-    path = tmp_path / "data" / f"{gpu_slug(H100.gpu)}.json"
-    assert table.export_json(path) == 2  # measured rows only
-    doc = json.loads(path.read_text())
-    assert doc["format"] == "fpstune-latency" and doc["source"] == "measured"
-
-    other = LatencyTable.in_memory()
-    assert other.load_json(path) == 2
-    assert other.rows() == table.rows(source="measured")
-    assert read_json(path) == table.rows(source="measured")
+# -- the JSON form and the shipped tables ------------------------------------------------------
 
 
 def test_json_errors_name_the_file(tmp_path: Path) -> None:
@@ -292,30 +163,6 @@ def test_packaged_table_missing_is_a_clear_error() -> None:
     assert gpu_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
     with pytest.raises(NoLatencyRow, match="ships no latency table for GPU 'Imaginary GPU'"):
         packaged_table("Imaginary GPU")
-
-
-def _create_and_record(url: str, barrier: Any, n: int) -> None:
-    barrier.wait()
-    engine = sa.create_engine(url, connect_args={"timeout": 60})
-    create_tables(engine)
-    LatencyTable(engine).record(
-        fingerprint=H100, shape=SHAPE, spec=BF16, timing=gpu_timing(1.0 + n)
-    )
-
-
-def test_concurrent_create_all_from_two_processes(tmp_path: Path) -> None:
-    ctx = multiprocessing.get_context("fork")
-    for attempt in range(5):  # the race hits about one attempt in three
-        url = f"sqlite:///{tmp_path / f'race{attempt}.db'}"
-        barrier = ctx.Barrier(2)
-        procs = [ctx.Process(target=_create_and_record, args=(url, barrier, i)) for i in range(2)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(60)
-        assert [p.exitcode for p in procs] == [0, 0]
-        rows = LatencyTable.from_url(url).rows()
-        assert sorted(r.median_ms for r in rows) == [1.0, 2.0]
 
 
 # -- composition -------------------------------------------------------------------------------
@@ -445,34 +292,3 @@ def test_compose_with_measured_latency_on_the_cpu_test_path() -> None:
     by_spec = {lk.requested: lk.cost.median_ms for lk in got.lookups}
     assert got.total_ms == pytest.approx(2 * by_spec[BF16] + 4 * by_spec[fp8((1, 4, 8))])
     assert compose_with(policy, per_call).total_ms == got.total_ms  # cached, not re-measured
-
-
-def test_a_table_made_before_the_gpu_columns_gets_them(tmp_path) -> None:
-    """A database whose latency table predates ``gpu_uuid``/``gpu_index`` keeps its rows (the
-    new fields NULL) and stores new rows with them."""
-    from fpstune.latency.table import LatencyRecord, LatencyTable, _to_record, create_engine
-
-    url = f"sqlite:///{tmp_path / 'old.db'}"
-    engine = create_engine(url)
-    old = sa.Table(
-        LatencyRecord.__tablename__,
-        sa.MetaData(),
-        *(
-            sa.Column(c.name, c.type, primary_key=c.primary_key)
-            for c in LatencyRecord.__table__.columns
-            if c.name not in ("gpu_uuid", "gpu_index")
-        ),
-    )
-    old.create(engine)
-    row = LatencyTable.in_memory().record(
-        fingerprint=H100, shape=SHAPE, spec=BF16, timing=gpu_timing(2.0)
-    )
-    record = _to_record(row)
-    with engine.begin() as conn:
-        conn.execute(old.insert().values({c.name: getattr(record, c.name) for c in old.columns}))
-    table = LatencyTable.from_url(url)
-    [kept] = table.rows()
-    assert "gpu_uuid" in {c["name"] for c in sa.inspect(engine).get_columns(old.name)}
-    assert kept.gpu_uuid is None and kept.gpu_index is None and kept.median_ms == row.median_ms
-    table.add([dataclasses.replace(row, gpu_uuid="GPU-1234", gpu_index=3)])
-    assert [(r.gpu_uuid, r.gpu_index) for r in table.rows()] == [(None, None), ("GPU-1234", 3)]

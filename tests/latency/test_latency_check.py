@@ -18,14 +18,15 @@ from fpstune.export import export_policy
 from fpstune.kernels import AttentionSpec, Mode
 from fpstune.kernels.fingerprint import HardwareFingerprint
 from fpstune.kernels.policy import Policy
-from fpstune.latency.table import AttentionShape, packaged_table, shipped_tables
+from fpstune.latency.shape import AttentionShape
+from fpstune.latency.shipped import packaged_table, shipped_tables
 from fpstune.run import preflight as latency_check
 from fpstune.run.preflight import check_schedule_latency, kernel_trial_seconds
 from fpstune.run.trial_writes import user_attrs_of
 from fpstune.spec.study import load_study
 from fpstune.stages import evaluators
-from fpstune.stages.candidates import ScheduleSource
-from fpstune.stages.evaluators import build_evaluator, schedule_latency
+from fpstune.stages.evaluators import build_schedule_evaluator, schedule_latency
+from fpstune.stages.schedule import ScheduleStage
 from fpstune.trial_attrs import metric_names
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -129,7 +130,7 @@ def test_latencies_from_another_gpu_say_so_in_status_report_and_policy(tmp_path:
     spec = load_study(STUDIES / "mini.yaml")
     cal = spec.calibration.model_copy(update={"layers": (0,), "steps": (0,), "max_tokens": 64})
     spec = spec.model_copy(update={"calibration": cal})
-    source, url = ScheduleSource(spec), f"sqlite:///{tmp_path}/s.db"
+    source, url = ScheduleStage(spec), f"sqlite:///{tmp_path}/s.db"
     study = optuna.create_study(
         study_name=source.study_name,
         storage=url,
@@ -139,12 +140,12 @@ def test_latencies_from_another_gpu_say_so_in_status_report_and_policy(tmp_path:
     study.set_metric_names(source.metric_names)
     for key, value in source.study_attrs().items():
         study.set_user_attr(key, value)
-    evaluator = build_evaluator(spec, stage="schedule", device="cpu")
+    evaluator = build_schedule_evaluator(spec, device="cpu")
     for _ in range(3):
         trial = study.ask()
         candidate = source.suggest(trial)
         ev = evaluator.evaluate(candidate)
-        for key, value in {"candidate": candidate, **user_attrs_of(ev.attrs)}.items():
+        for key, value in {"candidate": candidate.to_attr(), **user_attrs_of(ev.attrs)}.items():
             trial.set_user_attr(key, value)
         study.tell(trial, [ev.values[n] for n in metric_names(study)])
     said = f"from table measured on {H100} (not this machine: cpu)"

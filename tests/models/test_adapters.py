@@ -4,8 +4,6 @@ built-in adapters give what the functions they delegate to give."""
 from __future__ import annotations
 
 import importlib
-import sys
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from shared_helpers import install_plugin
 from wan_helpers import CONFIG, FRAMES, GRID, HEIGHT, WIDTH
 
 import fpstune
@@ -93,19 +92,16 @@ PLUGIN = """
 def plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, registry: None) -> Any:
     """A distribution on sys.path (``toy-fpstune``) whose entry points name a toy adapter and a
     broken one; nothing in fpstune is edited."""
-    site = tmp_path / "site"
-    (site / "toy_fpstune-0.1.dist-info").mkdir(parents=True)
-    (site / "toy_fpstune-0.1.dist-info" / "METADATA").write_text(
-        "Metadata-Version: 2.1\nName: toy-fpstune\nVersion: 0.1\n"
+    install_plugin(
+        tmp_path / "site",
+        monkeypatch,
+        group=adapters.ENTRY_POINT_GROUP,
+        entry_points={
+            "toy-video": "toy_fpstune_adapter:ToyAdapter",
+            "broken": "toy_fpstune_adapter:missing",
+        },
+        modules={"toy_fpstune_adapter": PLUGIN},
     )
-    (site / "toy_fpstune-0.1.dist-info" / "entry_points.txt").write_text(
-        f"[{adapters.ENTRY_POINT_GROUP}]\n"
-        "toy-video = toy_fpstune_adapter:ToyAdapter\n"
-        "broken = toy_fpstune_adapter:missing\n"
-    )
-    (site / "toy_fpstune_adapter.py").write_text(textwrap.dedent(PLUGIN))
-    monkeypatch.syspath_prepend(str(site))
-    monkeypatch.delitem(sys.modules, "toy_fpstune_adapter", raising=False)
     return importlib.import_module("toy_fpstune_adapter")
 
 

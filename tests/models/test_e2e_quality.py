@@ -23,12 +23,13 @@ from fpstune.baselines import (
 from fpstune.kernels import AttentionSpec, Mode, default_tile
 from fpstune.kernels.fingerprint import current_fingerprint
 from fpstune.kernels.policy import Policy, Provenance
-from fpstune.latency.table import AttentionShape
+from fpstune.latency.shape import AttentionShape
 from fpstune.models import mini
 from fpstune.quality.e2e import PSNR_CAP, EndToEndProbe, video_metrics
 from fpstune.spec import load_study
 from fpstune.spec.space import FloatParam
-from fpstune.stages.evaluators import build_evaluator
+from fpstune.stages.candidates import ScheduleCandidate
+from fpstune.stages.evaluators import build_schedule_evaluator
 from fpstune.stages.schedule_space import schedule_from_params
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -108,7 +109,7 @@ def test_reference_cells_and_greedy_plan(probe: EndToEndProbe) -> None:
 
 def test_target_shape_latency_costs_the_720p_generation(tmp_path: Path) -> None:
     spec = load_study(_tiny_study(tmp_path))
-    ev = build_evaluator(spec, stage="schedule", device="cpu")
+    ev = build_schedule_evaluator(spec, device="cpu")
     fp8_all = fixed_baselines(spec.model.shape(), current_fingerprint())["fp8_dense_all"]
     composed = ev.latency.cost(
         AttentionSpec(mode=Mode.BF16_DENSE), AttentionShape.of_model(spec.model)
@@ -122,7 +123,7 @@ def test_target_shape_latency_costs_the_720p_generation(tmp_path: Path) -> None:
     )
     assert composed.median_ms == pytest.approx(inner.median_ms * scale)
     assert inner.median_ms > 20.0  # a 720p SDPA call on the H100, not a 960-token one
-    result = ev.evaluate({"stage": "schedule", "policy": fp8_all.to_dict()})
+    result = ev.evaluate(ScheduleCandidate(fp8_all))
     assert {"psnr", "psnr_min", "ssim", "rel_l2", "latency_ms"} <= set(result.values)
 
 

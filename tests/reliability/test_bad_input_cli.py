@@ -28,7 +28,7 @@ from shared_helpers import ALIAS_BOMB
 
 from fpstune.quality.calibration import META_KEY, save_calibration, synthetic_calibration
 from fpstune.spec.study import load_study
-from fpstune.stages.candidates import ScheduleSource
+from fpstune.stages.schedule import ScheduleStage
 
 SERVICE = ROOT / "tests" / "service" / "data"
 
@@ -268,7 +268,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     study["schedule_space"] = str(SERVICE / "schedule-tiny.yaml")
     spec = load_study(CHEAP)
     trial = optuna.create_study(directions=["minimize", "minimize"]).ask()
-    policy = ScheduleSource(spec).suggest(trial)["policy"]
+    policy = ScheduleStage(spec).suggest(trial).policy.to_dict()
     cal = synthetic_calibration(spec.model, seed=0)
     save_calibration(cal, d / "good.safetensors")
     raw = (d / "good.safetensors").read_bytes()

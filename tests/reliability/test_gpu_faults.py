@@ -5,17 +5,20 @@ the next candidate. Run on a CUDA machine: ``python3 -m pytest -q -m gpu tests/r
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 import yaml
 from reliability_helpers import CHEAP
 
+from fpstune.kernels import AttentionSpec
 from fpstune.run.worker import Worker
 from fpstune.spec.study import load_study
+from fpstune.stages.candidates import KernelCandidate
+from fpstune.stages.evaluation import CandidateFailure, Evaluation
+from fpstune.stages.kernel import KernelStage
+from fpstune.stages.kernel_space import kernel_buckets
 
 pytestmark = [
     pytest.mark.gpu,
@@ -23,7 +26,7 @@ pytestmark = [
 ]
 
 
-def _kernel_worker(tmp_path: Path) -> tuple[Worker, dict[str, Any]]:
+def _kernel_worker(tmp_path: Path) -> tuple[Worker, KernelCandidate]:
     """A kernel-stage worker (on this GPU) for the cheap model made Wan-like (head_dim 128, a
     2x16x32 grid), and a feasible FP8 candidate for it (tile 1x16x32, 64x64 blocks)."""
     raw = yaml.safe_load(CHEAP.read_text())
@@ -32,24 +35,22 @@ def _kernel_worker(tmp_path: Path) -> tuple[Worker, dict[str, Any]]:
     raw["model"].update(head_dim=128, grid=[2, 16, 32])
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(raw))
     spec = load_study(tmp_path / "study.yaml")
-    worker = Worker(spec.model_dump(mode="json"), "kernel", f"sqlite:///{tmp_path / 's.db'}")
+    stage = KernelStage(spec, kernel_buckets(spec.kernel_space)[0])
+    worker = Worker(stage, f"sqlite:///{tmp_path / 's.db'}")
     assert worker.ready() is None, worker.ready()
     good = {
-        "stage": "kernel",
-        "spec": {
-            "mode": "fp8_dense",
-            "tile": [1, 16, 32],
-            "kernel": {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2},
-        },
+        "mode": "fp8_dense",
+        "tile": [1, 16, 32],
+        "kernel": {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 2},
     }
-    return worker, good
+    return worker, KernelCandidate(AttentionSpec.from_dict(good))
 
 
 def test_cuda_oom_fails_the_candidate_and_the_worker_recovers(tmp_path: Path) -> None:
     """A real CUDA OOM: another tenant (here: this test) takes all free GPU memory between two
     trials. The trial fails with the reason; once the memory is back, the same worker runs."""
     worker, good = _kernel_worker(tmp_path)
-    assert "values" in worker.evaluate(good)
+    assert isinstance(worker.evaluate(good), Evaluation)
     torch.cuda.synchronize()
     torch.cuda.empty_cache()  # what the worker cached goes back to the driver: the hog takes it
     hog: list[torch.Tensor] = []
@@ -60,12 +61,13 @@ def test_cuda_oom_fails_the_candidate_and_the_worker_recovers(tmp_path: Path) ->
         except torch.cuda.OutOfMemoryError:
             chunk //= 2
     result = worker.evaluate(good)
-    print("OOM:", result.get("error", result)[:300])
+    print("OOM:", str(result)[:300])
     del hog
     torch.cuda.empty_cache()
-    assert result.get("error", "").startswith("CUDA out of memory"), result
+    assert isinstance(result, CandidateFailure), result
+    assert result.reason.startswith("CUDA out of memory"), result
     again = worker.evaluate(good)
-    assert "values" in again, again
+    assert isinstance(again, Evaluation), again
 
 
 def test_triton_compile_error_fails_the_candidate_and_the_worker_survives(
@@ -81,9 +83,9 @@ def test_triton_compile_error_fails_the_candidate_and_the_worker_survives(
     worker, good = _kernel_worker(tmp_path)
     monkeypatch.setattr(fpstune.stages.evaluators, "infeasibility", lambda *a, **k: [])
     monkeypatch.setattr(fpstune.kernels.api, "check_feasible", lambda *a, **k: None)
-    bad = copy.deepcopy(good)
-    bad["spec"]["kernel"] = {"block_m": 64, "block_n": 16, "num_warps": 4, "num_stages": 2}
-    result = worker.evaluate(bad)
-    print("compile failure:", result.get("error", result)[:300])
-    assert "kernel failed" in result.get("error", ""), result
-    assert "values" in worker.evaluate(good)
+    spec = good.spec.to_dict()
+    spec["kernel"] = {"block_m": 64, "block_n": 16, "num_warps": 4, "num_stages": 2}
+    result = worker.evaluate(KernelCandidate(AttentionSpec.from_dict(spec)))
+    print("compile failure:", str(result)[:300])
+    assert isinstance(result, CandidateFailure) and "kernel failed" in result.reason, result
+    assert isinstance(worker.evaluate(good), Evaluation)

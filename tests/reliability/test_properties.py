@@ -28,7 +28,7 @@ from fpstune.kernels.policy import ModelShape, Policy, PolicyError, PolicyWarnin
 from fpstune.kernels.tiling import TileLayout
 from fpstune.spec import BadInput
 from fpstune.spec.study import load_space, load_study
-from fpstune.stages.candidates import ScheduleSource
+from fpstune.stages.schedule import ScheduleStage
 
 PROPERTY = settings(
     max_examples=60,
@@ -189,7 +189,7 @@ def test_known_parser_bugs(
 def _policy() -> Policy:
     spec = load_study(CHEAP)
     trial = optuna.create_study(directions=["minimize", "minimize"]).ask()
-    return Policy.from_dict(ScheduleSource(spec).suggest(trial)["policy"])
+    return ScheduleStage(spec).suggest(trial).policy
 
 
 POLICY = _policy()

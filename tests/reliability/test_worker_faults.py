@@ -1,6 +1,7 @@
 """Faults on the worker side: a worker killed again and again (retries are bounded and
-configurable), candidates that fail (illegal config, NaN output) fail their own trial with the
-reason and leave the worker usable. CUDA OOM and Triton compile errors: test_gpu_faults.py.
+configurable), candidates that fail (a policy for another model, NaN output) fail their own
+trial with the reason and leave the worker usable; a stored candidate with an illegal config is
+refused in one line. CUDA OOM and Triton compile errors: test_gpu_faults.py.
 
 Worker death and controller death themselves (kill -9 mid-trial, kill -9 of the controller and
 re-run) are tested in tests/service/test_faults.py.
@@ -33,16 +34,19 @@ from reliability_helpers import (
 
 from fpstune.quality.calibration import save_calibration, synthetic_calibration, tensor_name
 from fpstune.run.controller import Controller
+from fpstune.run.pool import WorkerPool
 from fpstune.run.worker import Worker
 from fpstune.spec.study import StudySpec, load_study
-from fpstune.stages.candidates import ScheduleSource
-from fpstune.stages.evaluation import Evaluation
+from fpstune.stages.candidates import ScheduleCandidate
+from fpstune.stages.evaluation import CandidateError, CandidateFailure, Evaluation
+from fpstune.stages.schedule import ScheduleStage
 
 ILLEGAL = {  # block_m must be a power of two: the runtime refuses this before any launch
     "mode": "fp8_dense",
     "tile": [1, 4, 8],
     "kernel": {"block_m": 48, "block_n": 32, "num_warps": 4, "num_stages": 2},
 }
+ALIEN = {"mode": "bf16_dense", "layers": 3}  # a policy for a model of 3 layers (tiny has 2)
 
 
 # -- bounded, configurable retries ---------------------------------------------------------------
@@ -118,33 +122,32 @@ def overflow_study(tmp_path: Path) -> tuple[StudySpec, str]:
     return spec, url
 
 
-def _policy(candidate: dict[str, Any], default: dict[str, Any]) -> dict[str, Any]:
-    """The candidate's policy running ``default`` everywhere (a hand-made variant: unsigned)."""
-    policy = copy.deepcopy(candidate["policy"])
+def _policy(candidate: ScheduleCandidate, default: dict[str, Any]) -> dict[str, Any]:
+    """The candidate's stored form running ``default`` everywhere (a hand-made variant:
+    unsigned); a ``layers`` key in ``default`` sets the policy's model's."""
+    stored = copy.deepcopy(candidate.to_attr())
+    policy, default = stored["policy"], dict(default)
     policy.pop("checksum", None)
+    policy["model"]["layers"] = default.pop("layers", policy["model"]["layers"])
     policy["default"], policy["entries"] = default, []
-    return {"stage": "schedule", "policy": policy}
+    return stored
 
 
-class FaultySource:
+class FaultyStage(ScheduleStage):
     """The study's own candidates, every one rewritten by ``plan`` (cycled by trial number):
-    ``good`` runs BF16 everywhere, ``illegal`` an FP8 kernel config the runtime refuses, ``nan``
+    ``good`` runs BF16 everywhere, ``alien`` is a policy for a model of another shape, ``nan``
     FP8 everywhere (NaN on the overflow calibration set). The faults are real: the worker's
     evaluator meets them as it would meet a bad suggestion."""
 
-    def __init__(self, inner: ScheduleSource, plan: list[str]) -> None:
-        self.inner, self.plan = inner, plan
-        self.stage, self.study_name = inner.stage, inner.study_name
-        self.metric_names, self.directions = inner.metric_names, inner.directions
+    def __init__(self, spec: StudySpec, plan: list[str]) -> None:
+        super().__init__(spec)
+        self.plan = plan
 
-    def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
+    def suggest(self, trial: optuna.Trial) -> ScheduleCandidate:
         kind = self.plan[trial.number % len(self.plan)]
         trial.set_user_attr("planned", kind)
-        default = {"good": {"mode": "bf16_dense"}, "illegal": ILLEGAL, "nan": {"mode": "fp8_dense"}}
-        return _policy(self.inner.suggest(trial), default[kind])
-
-    def study_attrs(self) -> dict[str, Any]:
-        return self.inner.study_attrs()
+        default = {"good": {"mode": "bf16_dense"}, "alien": ALIEN, "nan": {"mode": "fp8_dense"}}
+        return ScheduleCandidate.from_attr(_policy(super().suggest(trial), default[kind]))
 
 
 @pytest.mark.usefixtures("local_ray")
@@ -152,16 +155,22 @@ def test_failing_candidates_fail_their_trial_with_the_reason(
     overflow_study: tuple[StudySpec, str],
 ) -> None:
     spec, url = overflow_study
-    source = FaultySource(ScheduleSource(spec), ["good", "illegal", "nan"])
-    controller = Controller(spec, source, storage_url=url, workers=2, budget=4, progress=False)
-    summary = controller.run()
+    stage = FaultyStage(spec, ["good", "alien", "nan"])
+    pool = WorkerPool(ScheduleStage(spec), url, 2)  # the workers need not import this module
+    try:
+        controller = Controller(
+            stage, storage_url=url, workers=2, budget=4, progress=False, pool=pool
+        )
+        summary = controller.run()
+    finally:
+        pool.close()
     assert summary.complete == 4
 
-    b = books(url, source.study_name)
+    b = books(url, stage.study_name)
     check_nothing_lost(b, budget=4)
     reasons = {t.user_attrs["planned"]: t.user_attrs["fail_reason"] for t in b.failed}
-    assert {t.user_attrs["planned"] for t in b.failed} == {"illegal", "nan"}
-    assert "default.kernel: block_m=48 is not a power of two" in reasons["illegal"]
+    assert {t.user_attrs["planned"] for t in b.failed} == {"alien", "nan"}
+    assert "policy model.layers is 3, this evaluator's model has 2" in reasons["alien"]
     assert "layer 0, step 0 (fp8_dense): attention output holds NaN" in reasons["nan"]
     assert all(t.user_attrs["planned"] == "good" for t in b.complete)
     # A candidate at fault is not re-run, and no worker died (none was replaced).
@@ -174,21 +183,25 @@ def test_worker_survives_illegal_config_and_nan_output(
     overflow_study: tuple[StudySpec, str],
 ) -> None:
     spec, url = overflow_study
-    actor = (
-        ray.remote(Worker).options(num_cpus=1).remote(spec.model_dump(mode="json"), "schedule", url)
-    )
+    actor = ray.remote(Worker).options(num_cpus=1).remote(ScheduleStage(spec), url)
     try:
         assert ray.get(actor.ready.remote()) is None
         pid = ray.get(actor.pid.remote())
         trial = optuna.create_study(directions=["minimize", "minimize"]).ask()
-        candidate = ScheduleSource(spec).suggest(trial)
+        candidate = ScheduleStage(spec).suggest(trial)
+        with pytest.raises(CandidateError, match="block_m=48 is not a power of two"):
+            ScheduleCandidate.from_attr(_policy(candidate, ILLEGAL))  # a stored candidate
         results = [
-            ray.get(actor.evaluate.remote(_policy(candidate, default)))
-            for default in (ILLEGAL, {"mode": "fp8_dense"}, {"mode": "bf16_dense"})
+            ray.get(actor.evaluate.remote(ScheduleCandidate.from_attr(_policy(candidate, d))))
+            for d in (ALIEN, {"mode": "fp8_dense"}, {"mode": "bf16_dense"})
         ]
-        assert "block_m=48 is not a power of two" in results[0]["error"]
-        assert "attention output holds NaN" in results[1]["error"]
-        assert results[2]["values"]["rel_l2"] == 0.0  # BF16 against the BF16 reference
+        assert results[0] == CandidateFailure(
+            "policy model.layers is 3, this evaluator's model has 2"
+        )
+        assert isinstance(results[1], CandidateFailure)
+        assert "attention output holds NaN" in results[1].reason
+        assert isinstance(results[2], Evaluation)
+        assert results[2].values["rel_l2"] == 0.0  # BF16 against the BF16 reference
         assert ray.get(actor.pid.remote()) == pid  # the same process throughout
     finally:
         ray.kill(actor, no_restart=True)
@@ -201,11 +214,11 @@ def test_a_non_finite_objective_is_a_failed_candidate_not_a_silent_fail(
     the worker names the value instead. The probe here stands for any quality probe (end-to-end
     PSNR/SSIM) that returns a NaN; the worker's own code path is what is tested."""
     spec, url = overflow_study
-    worker = Worker(spec.model_dump(mode="json"), "schedule", url)
+    worker = Worker(ScheduleStage(spec), url)
 
     class NaNProbe:
-        def evaluate(self, candidate: dict[str, Any]) -> Evaluation:
+        def evaluate(self, candidate: Any) -> Evaluation:
             return Evaluation(values={"latency_ms": 1.0, "rel_l2": float("nan")})
 
     worker._evaluator = NaNProbe()
-    assert worker.evaluate({}) == {"error": "objective rel_l2 is nan (not finite)"}
+    assert worker.evaluate(None) == CandidateFailure("objective rel_l2 is nan (not finite)")

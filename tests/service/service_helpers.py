@@ -6,7 +6,8 @@ from pathlib import Path
 
 from fpstune.kernels.fingerprint import HardwareFingerprint
 from fpstune.latency.measure import Timing
-from fpstune.latency.table import AttentionShape, LatencyTable
+from fpstune.latency.shape import AttentionShape
+from fpstune.latency.table import LatencyTable
 from fpstune.spec.study import StudySpec
 from fpstune.stages.kernel_space import bucket_points, kernel_buckets
 

@@ -9,7 +9,7 @@ from service_helpers import fill_latency_table
 
 import fpstune.run.controller
 from fpstune.run.controller import Controller
-from fpstune.stages.candidates import ScheduleSource
+from fpstune.stages.schedule import ScheduleStage
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -28,7 +28,7 @@ def test_a_trial_costs_a_bounded_number_of_transactions(
     fill_latency_table(sqlite_url, tiny)
     budget = 8
     controller = Controller(
-        tiny, ScheduleSource(tiny), storage_url=sqlite_url, workers=2, budget=budget, progress=False
+        ScheduleStage(tiny), storage_url=sqlite_url, workers=2, budget=budget, progress=False
     )
     commits = [0]
     sa.event.listen(

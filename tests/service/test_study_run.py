@@ -16,7 +16,7 @@ from fpstune.export import export_policy
 from fpstune.kernels.policy import Policy
 from fpstune.run.controller import Controller
 from fpstune.run.runner import run_study
-from fpstune.stages.candidates import ScheduleSource
+from fpstune.stages.schedule import ScheduleStage
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -70,7 +70,7 @@ def test_rerun_resumes_toward_the_total_budget(sqlite_url: str, tiny) -> None:
 def test_stopped_controller_requeues_and_the_next_run_finishes(sqlite_url: str, tiny) -> None:
     fill_latency_table(sqlite_url, tiny)
     controller = Controller(
-        tiny, ScheduleSource(tiny), storage_url=sqlite_url, workers=2, budget=4, progress=False
+        ScheduleStage(tiny), storage_url=sqlite_url, workers=2, budget=4, progress=False
     )
     controller.run(should_stop=lambda: True)  # stops with trials in flight (--timeout)
     trials = _trials(sqlite_url)
@@ -121,13 +121,12 @@ def test_controllers_of_one_run_share_the_pool(sqlite_url: str, tiny) -> None:
     from fpstune.run.pool import WorkerPool
 
     fill_latency_table(sqlite_url, tiny)
-    pool = WorkerPool(tiny, "schedule", sqlite_url, 2)
+    pool = WorkerPool(ScheduleStage(tiny), sqlite_url, 2)
     try:
         pids = sorted(ray.get([a.pid.remote() for a in pool.actors]))
         for budget in (2, 4):  # a second controller of the same run resumes to 4
             Controller(
-                tiny,
-                ScheduleSource(tiny),
+                ScheduleStage(tiny),
                 storage_url=sqlite_url,
                 workers=2,
                 budget=budget,

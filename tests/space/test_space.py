@@ -12,12 +12,13 @@ import optuna
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from fpstune.kernels import AttentionSpec, KernelConfig, Mode, Pattern, infeasibility
 from fpstune.kernels.fingerprint import HardwareFingerprint
 from fpstune.kernels.policy import ModelShape, Policy, Provenance
 from fpstune.spec import FloatParam, IntParam, ScheduleSpace, StudySpec, load_study
-from fpstune.spec.space import aspect_key, tile_key
+from fpstune.spec.space import KernelSpace, aspect_key, tile_key
 from fpstune.stages.kernel_space import (
     KernelBucket,
     feasible_kernel_points,
@@ -61,12 +62,12 @@ def test_feasible_points_are_exactly_the_feasible_grid(study: StudySpec) -> None
     points = feasible_kernel_points(space, head_dim)
 
     def configs(mode: Mode) -> list[KernelConfig]:
-        # exp2 and the kernel implementation are fp8 knobs; bf16 keeps their defaults
-        knobs = (space.exp2, space.impl) if mode.fp8 else (("f32",), ("triton",))
+        # the kernel implementation is an fp8 knob; bf16 keeps the default
+        impls = space.impl if mode.fp8 else ("triton",)
         return [
-            KernelConfig(block_m=m, block_n=n, num_warps=w, num_stages=s, exp2=e, impl=i)
-            for m, n, w, s, e, i in itertools.product(
-                space.block_m, space.block_n, space.num_warps, space.num_stages, *knobs
+            KernelConfig(block_m=m, block_n=n, num_warps=w, num_stages=s, impl=i)
+            for m, n, w, s, i in itertools.product(
+                space.block_m, space.block_n, space.num_warps, space.num_stages, impls
             )
         ]
 
@@ -603,12 +604,12 @@ def test_kernel_buckets_with_head_dim_checks_feasibility() -> None:
 
 def test_kernel_stage_measures_the_runtime_default_first() -> None:
     from fpstune.kernels.config import default_config, default_tile
-    from fpstune.stages.candidates import KernelSource
+    from fpstune.stages.kernel import KernelStage
     from fpstune.stages.kernel_space import kernel_buckets, kernel_from_params
 
     model = WAN.model
     for bucket in kernel_buckets(WAN.kernel_space, model.head_dim):
-        first = KernelSource(WAN, bucket).first_trials()
+        first = KernelStage(WAN, bucket).first_trials()
         if bucket.mode is Mode.BF16_DENSE:
             assert first == []  # SDPA: nothing to choose
             continue
@@ -620,30 +621,15 @@ def test_kernel_stage_measures_the_runtime_default_first() -> None:
         assert spec.kernel == default_config(tile, model.head_dim, bucket.mode)
     # a space without the default has nothing to measure first
     fp8 = next(b for b in kernel_buckets(MINI.kernel_space, 64) if b.mode is Mode.FP8_DENSE)
-    assert KernelSource(MINI, fp8).first_trials() == []
+    assert KernelStage(MINI, fp8).first_trials() == []
 
 
-def test_exp2_knob_doubles_the_fp8_configs_only() -> None:
-    """``exp2: [f32, f16x2]`` in a kernel space: every fp8 config twice (keys ``..._e16``), bf16
-    configs once; the chosen config survives the spec's round trip through a policy dict."""
-    base = WAN.kernel_space.model_copy(update={"impl": ("triton",)})  # Gluon: f32 only
-    both = base.model_copy(update={"exp2": ("f32", "f16x2")})
-    for mode in (Mode.FP8_DENSE, Mode.FP8_SPARSE):
-        one = [p for p in feasible_kernel_points(base, 128) if p.bucket.mode is mode]
-        two = [p for p in feasible_kernel_points(both, 128) if p.bucket.mode is mode]
-        assert len(two) == 2 * len(one)
-        assert {p.config.exp2 for p in two if p.config} == {"f32", "f16x2"}
-    opt = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
-    seen = set()
-    for _ in range(40):
-        trial = opt.ask()
-        spec = suggest_kernel(trial, both, 128, KernelBucket(Mode.FP8_DENSE))
-        assert spec.kernel is not None
-        seen.add(spec.kernel.exp2)
-        assert spec.kernel.key.endswith("_e16") == (spec.kernel.exp2 == "f16x2")
-        assert AttentionSpec.from_dict(spec.to_dict()) == spec
-        opt.tell(trial, 1.0)
-    assert seen == {"f32", "f16x2"}
+def test_removed_exp2_knob_is_refused_in_a_kernel_space() -> None:
+    """``exp2`` (packed fp16 exponentials) left the kernels: a kernel space naming it is refused
+    at the key, like any unknown key."""
+    d = WAN.kernel_space.model_dump(mode="json")
+    with pytest.raises(ValidationError, match="exp2"):
+        KernelSpace.model_validate({**d, "exp2": ["f32", "f16x2"]})
 
 
 @pytest.mark.parametrize(
@@ -683,10 +669,8 @@ def test_impl_knob_adds_the_gluon_kernels_feasible_fp8_configs(
         assert AttentionSpec.from_dict(spec.to_dict()) == spec
 
 
-def test_default_exp2_is_left_out_of_stored_configs() -> None:
-    """Configs stored before the knob (latency-table keys, policy YAML) keep their form."""
+def test_default_knobs_are_left_out_of_stored_configs() -> None:
+    """Configs stored before the knobs (latency-table keys, policy YAML) keep their form."""
     k = KernelConfig(block_m=64, block_n=128, num_warps=4, num_stages=5)
     assert k.model_dump() == {"block_m": 64, "block_n": 128, "num_warps": 4, "num_stages": 5}
-    e16 = KernelConfig(block_m=64, block_n=128, num_warps=4, num_stages=5, exp2="f16x2")
-    assert e16.model_dump()["exp2"] == "f16x2"
-    assert KernelConfig.model_validate(e16.model_dump()) == e16 != k
+    assert KernelConfig.model_validate({**k.model_dump(), "knobs": {}}) == k

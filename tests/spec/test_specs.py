@@ -357,7 +357,7 @@ CORPUS: list[Case] = [
         _set("objectives.0.name", "speed"),
         "study",
         "objectives.0.name",
-        "'latency_ms'",
+        "no probe produces 'speed' (the latency source produces latency_ms; probes: attention:",
     ),
     Case(
         "wrong-direction",
