@@ -5,7 +5,8 @@ both values in the error. Schema version 1, in YAML::
 
     schema_version: 1
     checksum: sha256:…         # over the content; Policy.dump writes it, delete it after hand edits
-    model: {name, heads, head_dim, layers, grid: [T, H, W], steps, cfg}
+    model: {name, heads, head_dim, layers, grid: [T, H, W], steps, cfg, task}
+                               # task: t2v (the default, omitted) or i2v
     hardware: {gpu, sm_count, capability: [major, minor], driver, torch, triton, fpstune}
     provenance: {study, trial, storage, objectives: {name: value}, remeasured: {name: value},
                  latency_source, created, fpstune_version, notes}   # optional
@@ -62,6 +63,8 @@ MAX_LAYERS = 1000
 _Positive = Annotated[int, Field(strict=True, ge=1)]
 _Index = Annotated[int, Field(strict=True, ge=0)]
 _Finite = Annotated[float, Field(allow_inf_nan=False)]
+#: what the pipeline generates: text to video, or image to video
+Task = Literal["t2v", "i2v"]
 
 _UNITS = {"capability": ("compute capability ", ""), "sm_count": ("", " SMs")}
 
@@ -107,6 +110,9 @@ class ModelShape(_Frozen):
     grid: tuple[_Positive, _Positive, _Positive]
     steps: Annotated[int, Field(strict=True, ge=1, le=MAX_STEPS)]
     cfg: Annotated[int, Field(strict=True, ge=1, le=8)]  # attention passes per layer and step
+    #: text to video or image to video; files without it are t2v, and t2v is not written (so
+    #: their checksums stay what they were)
+    task: Task = "t2v"
 
 
 class Provenance(_Frozen):
@@ -246,7 +252,7 @@ class Policy(_Frozen):
             self._check_hardware(here, allow_other_gpu, where)
 
     def _check_model(self, model: ModelShape, where: str) -> None:
-        for name in ("heads", "head_dim", "layers", "grid", "steps", "cfg"):
+        for name in ("heads", "head_dim", "layers", "grid", "steps", "cfg", "task"):
             ours, theirs = getattr(self.model, name), getattr(model, name)
             if ours != theirs:
                 raise PolicyError(
@@ -319,6 +325,8 @@ class Policy(_Frozen):
 
     def _body(self) -> dict[str, Any]:
         d = self.model_dump(mode="json")
+        if d["model"]["task"] == "t2v":  # the default, as files written before the field say it
+            del d["model"]["task"]
         if self.provenance is None:
             del d["provenance"]
         else:

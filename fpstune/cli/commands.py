@@ -37,6 +37,7 @@ except ModuleNotFoundError as e:
 from fpstune.cli.baselines import baselines_cmd
 from fpstune.cli.capture import capture_cmd
 from fpstune.cli.model import model_app
+from fpstune.cli.study_init import study_init_cmd, study_validate_cmd
 
 
 def _help_without_command(ctx: typer.Context) -> None:
@@ -63,7 +64,7 @@ app = typer.Typer(
 study_app = typer.Typer(
     **GROUP,
     callback=_help_without_command,
-    help="Run tuning studies; list, inspect and delete them.",
+    help="Write, check, run, list, inspect and delete tuning studies.",
 )
 policy_app = typer.Typer(
     **GROUP, callback=_help_without_command, help="Check and show policy YAML files."
@@ -89,6 +90,12 @@ app.command("baselines", short_help="Evaluate the baseline schedules and store t
 )
 app.command("capture", short_help="Record a Wan checkpoint's Q/K/V as a calibration set.")(
     capture_cmd
+)
+study_app.command("init", short_help="Write a study YAML from a checkpoint's config.")(
+    study_init_cmd
+)
+study_app.command("validate", short_help="Check a study YAML and the search spaces it names.")(
+    study_validate_cmd
 )
 
 StorageOpt = Annotated[

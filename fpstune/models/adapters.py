@@ -335,7 +335,8 @@ class _WanFamily:
 
 
 class WanDiffusersAdapter(_WanFamily):
-    """A diffusers-format Wan 2.1 checkpoint directory (`fpstune.models.wan`). Its end-to-end
+    """A diffusers-format Wan checkpoint directory (`fpstune.models.wan`): 2.1, 2.2's TI2V-5B;
+    `fpstune.apply` also serves the two-expert A14B and the I2V pipelines. Its end-to-end
     quality replays a capture's record (`fpstune.quality.e2e.replay_probe`): ``weights`` is the
     checkpoint directory, ``record`` the replay record; steps and guidance are the record's."""
 
@@ -363,11 +364,13 @@ class WanDiffusersAdapter(_WanFamily):
         return replay_probe(checkpoint=weights, record=record, seeds=tuple(seeds), device=device)
 
     def config(self, path: str | os.PathLike[str] | None) -> Mapping[str, Any]:
-        from fpstune.models.wan import transformer_config
+        """The transformer config, plus the VAE's compression when the checkpoint has a VAE
+        (`fpstune.models.wan.checkpoint_config`: TI2V-5B's VAE is 16 x, not 8 x, spatially)."""
+        from fpstune.models.wan import checkpoint_config
 
         if path is None:
             raise NoModel(f"adapter {self.name} needs a checkpoint directory")
-        return transformer_config(Path(path))
+        return checkpoint_config(Path(path))
 
     def shape(
         self,

@@ -17,11 +17,34 @@ the layer, the step or the grid. Self-attention therefore keeps fpstune's proces
 `torch.compile`: the hook and the routed attention run outside the compiled graph
 (``torch.compiler.disable``), so the step counter and the per-call bookkeeping are never guarded
 on and a compiled transformer does not recompile per step.
+
+The Wan family:
+
+- **Wan 2.2 A14B** (``transformer`` + ``transformer_2``, ``boundary_ratio``): the pipeline runs
+  the high-noise expert (``transformer``) on the steps whose timestep is at or above the
+  boundary, the low-noise expert (``transformer_2``) on the others. One policy covers the whole
+  generation: its per-step cells are indexed by the pipeline's step, whichever expert runs it,
+  so the policy's steps say which expert runs them (with 40 steps and the boundary at step 12,
+  steps 0-11 are the high-noise expert's layers, 12-39 the low-noise expert's). Both experts get
+  fpstune's self-attention and the hook and share one router; both must have the policy's heads,
+  head_dim and layers (else refused, naming the expert and both values); `remove` undoes both.
+- **TI2V-5B** (``expand_timesteps``, Wan 2.2's 16 x VAE): the grid is read from the hidden states
+  and the transformer's patch size, whatever the VAE; a per-token timestep changes nothing here.
+- **I2V** (`WanImageToVideoPipeline`): the conditioning reaches self-attention as extra input
+  channels (the patch embedding absorbs them) and, in 2.1, as CLIP image tokens in
+  cross-attention only; self-attention keeps its video tokens, so the same processor serves it.
+  The policy's ``model.task`` (``t2v``, the default, or ``i2v``) must be the pipeline's
+  (`fpstune.models.wan.task_of`: by the pipeline's class; a bare transformer only where its
+  config says image-to-video). diffusers' I2V pipeline opens ``cache_context`` without a step
+  index: when `apply` was handed the pipeline, the hook then takes the step as the index of the
+  call's timestep in the pipeline's ``scheduler.timesteps`` (Wan's schedulers never repeat one)
+  and the step count as their number.
 """
 
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Any
 
 import torch
@@ -33,6 +56,10 @@ from fpstune.models import adapters
 from fpstune.models.applied import HOOK_NAME, Applied, installed, undo
 from fpstune.models.processor import install, patch_grid
 from fpstune.models.router import AttentionRouter
+from fpstune.models.wan import task_of
+
+#: the pipeline attributes that hold a transformer (Wan 2.2 A14B: the two experts)
+EXPERTS = ("transformer", "transformer_2")
 
 
 class PolicyMismatch(ValueError):
@@ -46,50 +73,59 @@ def apply(
     fuse_rope: bool = True,
     allow_other_gpu: bool = False,
 ) -> Any:
-    """Route every self-attention of ``target`` (a diffusers Wan pipeline, or its
-    ``WanTransformer3DModel``) through ``policy`` (a `Policy` or a policy file, loaded with the
-    hardware check; ``allow_other_gpu`` runs a policy tuned on another GPU). Returns ``target``.
-    Refused in one line (`PolicyMismatch`): a transformer whose heads, head_dim or layers differ
-    from the policy's (here), a video grid or a step count that differs (at the first
-    transformer call, before any denoising work)."""
+    """Route every self-attention of ``target`` (a diffusers Wan pipeline, both experts of a
+    two-expert one, or a bare ``WanTransformer3DModel``) through ``policy`` (a `Policy` or a
+    policy file, loaded with the hardware check; ``allow_other_gpu`` runs a policy tuned on
+    another GPU). Returns ``target``. Refused in one line (`PolicyMismatch`): a transformer whose
+    heads, head_dim or layers differ from the policy's, a pipeline of another task (here), a
+    video grid or a step count that differs (at the first transformer call, before any
+    denoising work)."""
     if not isinstance(policy, Policy):
         policy = Policy.load(policy, allow_other_gpu=allow_other_gpu)
-    transformer = _transformer(target)
-    _check_model(transformer, policy)
+    experts = _experts(target)
+    for name, transformer in experts.items():
+        _check_model(transformer, policy, name if len(experts) > 1 else "the transformer")
+    _check_task(target, policy)
     remove(target)  # idempotent: a second apply replaces the first
     router = AttentionRouter(policy=policy)
-    processors = {
-        f"blocks.{i}.attn1": block.attn1.processor for i, block in enumerate(transformer.blocks)
-    }
-    install(transformer, router, fuse_rope=fuse_rope)
-    applied = Applied(policy=policy, router=router, processors=processors)
-    registry = HookRegistry.check_if_exists_or_initialize(transformer)
-    registry.register_hook(_PolicyHook(applied), HOOK_NAME)
-    transformer._fpstune = applied
+    pipeline = None if _is_transformer(target) else _weak(target)
+    for transformer in experts.values():
+        processors = {
+            f"blocks.{i}.attn1": block.attn1.processor for i, block in enumerate(transformer.blocks)
+        }
+        install(transformer, router, fuse_rope=fuse_rope)
+        applied = Applied(policy=policy, router=router, processors=processors)
+        registry = HookRegistry.check_if_exists_or_initialize(transformer)
+        registry.register_hook(_PolicyHook(applied, pipeline), HOOK_NAME)
+        transformer._fpstune = applied
     return target
 
 
 def remove(target: Any) -> Any:
-    """Undo `apply`: the original self-attention processors, no fpstune hook. Returns ``target``;
-    a target `apply` never touched is returned as it is."""
-    undo(_transformer(target))
+    """Undo `apply` (on every expert): the original self-attention processors, no fpstune hook.
+    Returns ``target``; a target `apply` never touched is returned as it is."""
+    for transformer in _experts(target, check=False).values():
+        undo(transformer)
     return target
 
 
 def applied(target: Any) -> Applied | None:
-    """What `apply` installed on ``target``'s transformer, or None."""
-    return installed(_transformer(target))
+    """What `apply` installed on ``target``'s (first) transformer, or None."""
+    experts = _experts(target, check=False)
+    return next((a for t in experts.values() if (a := installed(t)) is not None), None)
 
 
 class _PolicyHook(ModelHook):
     """A stateful diffusers hook: it receives the pipeline's `CacheContext` and steers the
-    router before each forward."""
+    router before each forward. ``pipeline``: the pipeline `apply` was handed (weakly), whose
+    scheduler gives the step when the context has no step index."""
 
     _is_stateful = True
 
-    def __init__(self, applied: Applied) -> None:
+    def __init__(self, applied: Applied, pipeline: weakref.ref[Any] | None = None) -> None:
         super().__init__()
         self.applied = applied
+        self.pipeline = pipeline
         # diffusers sets the CacheContext on it (typed as an instance, it takes the class)
         self.context = StateManager(BaseState)  # type: ignore[arg-type]
 
@@ -105,15 +141,25 @@ class _PolicyHook(ModelHook):
             ctx = self.context.context
         except ValueError:  # no cache_context around the call
             ctx = None
-        if ctx is None or ctx.step_index is None:
+        step, steps = (None, None) if ctx is None else (ctx.step_index, ctx.num_inference_steps)
+        if ctx is not None and step is None:
+            timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
+            step, steps = self._scheduler_step(timestep)
+            if step is None and self.pipeline is not None:
+                raise RuntimeError(
+                    "fpstune.apply: the pipeline's cache_context gives no step index and the "
+                    "call's timestep is not exactly one of pipe.scheduler.timesteps; pass "
+                    "step_index=i to cache_context in the denoising loop"
+                )
+        if ctx is None or step is None:
             raise RuntimeError(
                 "fpstune.apply: the transformer was called without a step index; call it inside "
                 "`transformer.cache_context(name, step_index=i, num_inference_steps=n)` as "
                 "diffusers' pipelines do"
             )
-        if ctx.num_inference_steps is not None and ctx.num_inference_steps != model.steps:
+        if steps is not None and steps != model.steps:
             raise PolicyMismatch(
-                f"steps: the pipeline runs {ctx.num_inference_steps} denoising steps, "
+                f"steps: the pipeline runs {steps} denoising steps, "
                 f"the policy was tuned for {model.steps}"
             )
         grid = patch_grid(module, hidden)
@@ -124,26 +170,58 @@ class _PolicyHook(ModelHook):
                 "or frame count)"
             )
         router = self.applied.router
-        router.grid, router.step, router.pass_name = grid, ctx.step_index, ctx.name
+        router.grid, router.step, router.pass_name = grid, step, ctx.name
         return args, kwargs
 
+    def _scheduler_step(self, timestep: Any) -> tuple[int | None, int | None]:
+        """(index of ``timestep`` in the pipeline's ``scheduler.timesteps``, their number), or
+        (None, None) without a pipeline or a single match. A per-token timestep (TI2V's
+        ``expand_timesteps``: 0 on conditioning frames) is the step's at its largest."""
+        pipe = None if self.pipeline is None else self.pipeline()
+        timesteps = getattr(getattr(pipe, "scheduler", None), "timesteps", None)
+        if not isinstance(timesteps, torch.Tensor) or not isinstance(timestep, torch.Tensor):
+            return None, None
+        t = timestep.detach().max().double().cpu()
+        hits = torch.nonzero(torch.isclose(timesteps.double().cpu(), t, rtol=0.0, atol=1e-3))
+        if len(hits) != 1:
+            return None, None
+        return int(hits[0, 0]), len(timesteps)
 
-def _transformer(target: Any) -> Any:
-    transformer = adapters.unwrap(target)  # a pipeline's, without torch.compile's wrapper
-    if getattr(target, "transformer_2", None) is not None:
-        raise PolicyMismatch(
-            "transformer_2: two-expert pipelines (Wan 2.2 A14B) need a policy per expert; "
-            "apply one to each transformer"
-        )
-    if adapters.for_transformer(transformer) is None:
-        raise PolicyMismatch(
-            f"{type(transformer).__name__}: no fpstune adapter serves this model class "
-            f"(registered adapters: {', '.join(adapters.names())})"
-        )
-    return transformer
+
+def _weak(target: Any) -> weakref.ref[Any] | None:
+    try:
+        return weakref.ref(target)
+    except TypeError:  # not a pipeline object (a stand-in); steps come from the context only
+        return None
 
 
-def _check_model(transformer: Any, policy: Policy) -> None:
+def _is_transformer(target: Any) -> bool:
+    return all(getattr(target, name, None) is None for name in EXPERTS)
+
+
+def _experts(target: Any, *, check: bool = True) -> dict[str, Any]:
+    """The transformers of ``target`` by attribute name (``transformer``, ``transformer_2``), each
+    without a pipeline's or torch.compile's wrapper; a bare transformer is ``transformer``.
+    ``check``: refuse one no adapter serves."""
+    if _is_transformer(target):
+        found = {"transformer": adapters.unwrap(target)}
+    else:
+        found = {
+            name: getattr(module, "_orig_mod", module)
+            for name in EXPERTS
+            if (module := getattr(target, name, None)) is not None
+        }
+    if check:
+        for transformer in found.values():
+            if adapters.for_transformer(transformer) is None:
+                raise PolicyMismatch(
+                    f"{type(transformer).__name__}: no fpstune adapter serves this model class "
+                    f"(registered adapters: {', '.join(adapters.names())})"
+                )
+    return found
+
+
+def _check_model(transformer: Any, policy: Policy, which: str) -> None:
     config, model = transformer.config, policy.model
     for name, have, want in (
         ("heads", config.num_attention_heads, model.heads),
@@ -152,9 +230,21 @@ def _check_model(transformer: Any, policy: Policy) -> None:
     ):
         if int(have) != want:
             raise PolicyMismatch(
-                f"model.{name}: the transformer has {have}, the policy "
-                f"({model.name}) was tuned for {want}"
+                f"model.{name}: {which} has {have}, the policy ({model.name}) was tuned for {want}"
             )
+
+
+def _check_task(target: Any, policy: Policy) -> None:
+    task, model = task_of(target), policy.model
+    if task is not None and task != model.task:
+        what = type(target).__name__
+        raise PolicyMismatch(
+            f"model.task: {what} generates {_TASKS[task]} ({task}), the policy ({model.name}) "
+            f"was tuned for {_TASKS[model.task]} ({model.task})"
+        )
+
+
+_TASKS = {"t2v": "text to video", "i2v": "image to video"}
 
 
 __all__ = ["Applied", "PolicyMismatch", "applied", "apply", "remove"]

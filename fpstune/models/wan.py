@@ -9,7 +9,14 @@ scheduler class diffusers does not have) is a `BadInput` naming the path: one li
 `model_shape` gives the attention shape (`ModelShape`, what studies and policies name) of the
 checkpoint at a video size: Wan's VAE turns (frames, height, width) pixels into
 ((frames - 1) / 4 + 1, height / 8, width / 8) latents, the transformer's patches (1, 2, 2) into
-the latent-patch grid, e.g. 480 x 832 x 81 -> 21 x 30 x 52.
+the latent-patch grid, e.g. 480 x 832 x 81 -> 21 x 30 x 52. Wan 2.2's VAE (TI2V-5B: z_dim 48,
+its own 2 x 2 patchify) compresses 16 x spatially: `checkpoint_config` carries the checkpoint's VAE
+scale into the config (``vae_scale_factor_temporal`` / ``_spatial``, the names `WanPipeline`
+gives them) so that `model_shape` of that config gives the pipeline's grid.
+
+`task_of` says what a pipeline generates: ``t2v`` (text to video) or ``i2v`` (image to video:
+2.1's CLIP image tokens in cross-attention, 2.2's conditioning latents); a policy's
+``model.task`` records it.
 """
 
 from __future__ import annotations
@@ -25,13 +32,15 @@ from typing import Any
 import torch
 
 from fpstune.errors import BadInput, one_line
-from fpstune.kernels.policy import ModelShape
+from fpstune.kernels.policy import ModelShape, Task
 
 TRANSFORMER = "transformer"
 SCHEDULER = "scheduler"
 SCHEDULER_CONFIG = "scheduler_config.json"
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+#: the keys `checkpoint_config` adds for the VAE's compression (as `WanPipeline` names them)
+VAE_SCALE_KEYS = ("vae_scale_factor_temporal", "vae_scale_factor_spatial")
 
 
 @dataclass(frozen=True)
@@ -82,6 +91,48 @@ def transformer_config(root: Path) -> dict[str, Any]:
         if key not in config:
             raise BadInput(f"{tdir / 'config.json'}: {key}: missing (not a Wan transformer?)")
     return config
+
+
+def checkpoint_config(root: Path) -> dict[str, Any]:
+    """`transformer_config` plus the VAE's compression (`VAE_SCALE_KEYS`) when ``root`` has a
+    ``vae/``: the config `model_shape` turns into the pipeline's own latent grid."""
+    config = transformer_config(root)
+    if has_vae(root):
+        scale = vae_scale(root)
+        config |= dict(zip(VAE_SCALE_KEYS, (scale.temporal, scale.spatial), strict=True))
+    return config
+
+
+def config_scale(config: Mapping[str, Any]) -> VaeScale:
+    """The VAE scale `checkpoint_config` put in ``config``; Wan 2.1's (4, 8) without it."""
+    temporal, spatial = (config.get(k) for k in VAE_SCALE_KEYS)
+    return VaeScale(int(temporal or 4), int(spatial or 8))
+
+
+def task_of(pipe: Any) -> Task | None:
+    """``"i2v"`` or ``"t2v"``: what ``pipe`` (a diffusers pipeline or a bare Wan transformer)
+    generates, or None when a bare transformer does not say (Wan 2.1 T2V and TI2V-5B, which does
+    both, have the same shape). A pipeline says by its class; a transformer is image-to-video when
+    it takes CLIP image tokens (``image_dim``, 2.1) or conditioning channels (``in_channels`` >
+    ``out_channels``, 2.1 / 2.2 I2V)."""
+    from diffusers import WanImageToVideoPipeline, WanPipeline
+
+    if isinstance(pipe, WanImageToVideoPipeline):
+        return "i2v"
+    if isinstance(pipe, WanPipeline):
+        return "t2v"
+    for name in ("transformer", "transformer_2", None):
+        module = pipe if name is None else getattr(pipe, name, None)
+        module = getattr(module, "_orig_mod", module)
+        config = getattr(module, "config", None)
+        if config is None or not hasattr(config, "get"):
+            continue
+        if config.get("image_dim") is not None:
+            return "i2v"
+        have, out = config.get("in_channels"), config.get("out_channels")
+        if have is not None and out is not None and int(have) != int(out):
+            return "i2v"
+    return None
 
 
 def load_transformer(
@@ -168,7 +219,9 @@ def vae_scale(root: Path) -> VaeScale:
     cfg = _read_json(file, what="VAE config")
     down = cfg.get("temperal_downsample")  # sic: diffusers' spelling
     temporal = cfg.get("scale_factor_temporal") or (2 ** sum(map(bool, down)) if down else 4)
-    spatial = cfg.get("scale_factor_spatial") or (2 ** len(down) if down else 8)
+    # Wan 2.2's VAE patchifies 2 x 2 before its downsampling stages (16 x in all)
+    patch = int(cfg.get("patch_size") or 1)
+    spatial = cfg.get("scale_factor_spatial") or (2 ** len(down) * patch if down else 8 * patch)
     return VaeScale(int(temporal), int(spatial))
 
 
@@ -205,10 +258,14 @@ def model_shape(
     frames: int,
     steps: int,
     cfg: int,
-    scale: VaeScale = VaeScale(),
+    scale: VaeScale | None = None,
+    task: Task = "t2v",
 ) -> ModelShape:
     """The attention shape of a transformer ``config`` generating ``frames`` x ``height`` x
-    ``width`` videos in ``steps`` steps with ``cfg`` attention passes per step."""
+    ``width`` videos in ``steps`` steps with ``cfg`` attention passes per step. ``scale``: the
+    VAE's compression, by default the one `checkpoint_config` recorded (else Wan 2.1's)."""
+    if scale is None:
+        scale = config_scale(config)
     _, f, h, w = latent_shape(config, height=height, width=width, frames=frames, scale=scale)
     p_t, p_h, p_w = config["patch_size"]
     return ModelShape(
@@ -219,6 +276,7 @@ def model_shape(
         grid=(f // p_t, h // p_h, w // p_w),
         steps=steps,
         cfg=cfg,
+        task=task,
     )
 
 
@@ -290,8 +348,11 @@ def _read_json(file: Path, *, what: str) -> dict[str, Any]:
 
 
 __all__ = [
+    "VAE_SCALE_KEYS",
     "VaeScale",
     "check_checkpoint",
+    "checkpoint_config",
+    "config_scale",
     "decode",
     "has_vae",
     "latent_shape",
@@ -300,6 +361,7 @@ __all__ = [
     "load_vae",
     "load_wan",
     "model_shape",
+    "task_of",
     "transformer_config",
     "vae_scale",
 ]

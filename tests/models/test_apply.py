@@ -10,11 +10,10 @@ from typing import Any
 
 import pytest
 import torch
-from wan_helpers import CONFIG, FRAMES, HEIGHT, STEPS, WIDTH
+from wan_helpers import CONFIG, FRAMES, HEIGHT, STEPS, WIDTH, cell_policy
 
 import fpstune
-from fpstune.kernels import AttentionSpec, Mode, Policy, PolicyEntry
-from fpstune.kernels.fingerprint import current_fingerprint
+from fpstune.kernels import AttentionSpec, Mode, Policy
 from fpstune.models import router as router_module
 from fpstune.models import wan
 from fpstune.models.apply import PolicyMismatch, applied
@@ -40,16 +39,7 @@ def _policy(cells: dict[tuple[int, int], AttentionSpec], *, steps: int = STEPS) 
     model = wan.model_shape(
         CONFIG, name="tiny-wan", height=HEIGHT, width=WIDTH, frames=FRAMES, steps=steps, cfg=2
     )
-    entries = [
-        PolicyEntry(steps=(step, step + 1), layers=(layer, layer + 1), spec=spec)
-        for (step, layer), spec in cells.items()
-    ]
-    return Policy(
-        model=model,
-        hardware=current_fingerprint(torch.device("cpu")),
-        default=BF16,
-        entries=entries,
-    )
+    return cell_policy(model, cells)
 
 
 @pytest.fixture(scope="module")
