@@ -14,6 +14,7 @@ attribute, or, without one, when its `serves` accepts a bare instance of that di
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -29,8 +30,16 @@ if TYPE_CHECKING:
     from fpstune.kernels.policy import ModelShape
     from fpstune.models.adapters import ModelAdapter
 
-#: The shipped search spaces (a source checkout's ``search_spaces/``).
-SPACES = Path(__file__).resolve().parents[2] / "search_spaces"
+
+def _shipped_spaces() -> Path:
+    found = importlib.util.find_spec("fpstune.search_spaces")
+    locations = found.submodule_search_locations if found is not None else None
+    return Path(next(iter(locations))) if locations else Path("search_spaces")
+
+
+#: The shipped search spaces: the repository's ``search_spaces/``, installed as the package data
+#: ``fpstune.search_spaces`` (pyproject.toml), so an installed fpstune has them too.
+SPACES = _shipped_spaces()
 KERNEL_SPACE = "kernel-default.yaml"
 SCHEDULE_SPACE = "schedule-default.yaml"
 TRANSFORMER_CONFIG = Path("transformer") / "config.json"
@@ -148,15 +157,7 @@ def study_init_cmd(
                    frames=frames, steps=steps, cfg=2 if cfg else 1)  # fmt: skip
     for option, space in (("--kernel-space", kernel_space), ("--schedule-space", schedule_space)):
         if not space.is_file():
-            shipped = space.absolute().parent == SPACES
-            raise BadInput(
-                f"{option}: {space}: no such file"
-                + (
-                    " (the shipped spaces come with a source checkout of fpstune)"
-                    if shipped
-                    else ""
-                )
-            )
+            raise BadInput(f"{option}: {space}: no such file")
     base = out.absolute().parent
     cal = _calibration(calibration, shape, base)
     text = render(

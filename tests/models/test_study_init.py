@@ -247,3 +247,17 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(
     lines = run.stderr.strip().splitlines()
     assert run.returncode == 2 and len(lines) == 1 and lines[0].startswith(says[0]), run.stderr
     assert not list(work.iterdir())
+
+
+def test_the_shipped_spaces_are_package_data() -> None:
+    """`study init`'s default spaces come from the installed package ``fpstune.search_spaces``
+    (this checkout's folder under an editable install; site-packages under a wheel)."""
+    import tomllib
+
+    from fpstune.cli.study_init import SPACES
+
+    root = Path(__file__).resolve().parents[2]
+    assert root / "search_spaces" == SPACES
+    setuptools = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert setuptools["package-dir"]["fpstune.search_spaces"] == "search_spaces"
+    assert setuptools["package-data"]["fpstune.search_spaces"] == ["*.yaml"]
