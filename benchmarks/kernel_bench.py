@@ -1,5 +1,8 @@
 """Kernel vs peers: fpstune's attention op against the other attention kernels on one GPU, at
-the Wan2.1 self-attention shapes (`fpstune.latency.bench.SHAPES`), all in one process.
+the video models' self-attention shapes (`fpstune.latency.bench.SHAPES`), all in one process.
+HunyuanVideo's and CogVideoX's calls hold the prompt's text tokens too (`bench.TEXT`): every
+row attends over the same joint sequence, fpstune's with ``attention(..., text=)`` (video
+queries keep every text key and their video tiles; text queries attend densely).
 
 Per shape, in this order:
 - ``sdpa_cudnn``: torch SDPA's cuDNN backend, BF16 (the baseline), measured first and again last:
@@ -42,6 +45,7 @@ import torch.nn.functional as F
 from fpstune.latency.bench import (
     KERNELS,
     SHAPES,
+    TEXT,
     TIME_CALLS_METHOD,
     environment,
     flops,
@@ -171,7 +175,12 @@ def cudnn_fp8_peer(
 
 
 def kernel_alone(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int, int], spec: Any
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grid: tuple[int, int, int],
+    spec: Any,
+    text: tuple[int, bool] = (0, False),
 ) -> Callable[[], object]:
     """The attention kernel on one pre-pass of ``q, k, v`` (the op's pre-pass and block index
     left out), with the config the op would run."""
@@ -182,7 +191,8 @@ def kernel_alone(
 
     tile = spec.tile or default_tile(grid)
     config = spec.kernel or default_config(tile, q.shape[-1], spec.mode)
-    prep = prepare(q, k, v, layout=TileLayout(grid, tile), spec=spec, impl=config.impl)
+    layout = TileLayout(grid, tile, *text)
+    prep = prepare(q, k, v, layout=layout, spec=spec, impl=config.impl)
     out = torch.empty_like(q)
     launch = {f: getattr(config, f) for f in ("block_m", "block_n", "num_warps", "num_stages")}
     return partial(
@@ -197,7 +207,8 @@ def bench_shape(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     from fpstune.kernels import attention
 
     b, h, grid, d = SHAPES[name]
-    n = math.prod(grid)
+    text = TEXT.get(name, (0, False))
+    n = math.prod(grid) + text[0]
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (
         torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -230,11 +241,11 @@ def bench_shape(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     if "cudnn_fp8" not in args.skip:
         amax = cudnn(q, k, v).abs().amax().item()
         add("cudnn_fp8", lambda: cudnn_fp8_peer(q, k, v, amax))
+    call = partial(attention, q, k, v, grid=grid, text=text[0], text_first=text[1])
     for label, spec in modes(grid, args.kernel, args.quick):
-        add(label, lambda s=spec: partial(attention, q, k, v, grid=grid, spec=s),
-            spec=spec.to_dict())  # fmt: skip
+        add(label, lambda s=spec: partial(call, spec=s), spec=spec.to_dict())
         if args.kernel_alone and spec.mode.value != "bf16_dense":
-            add(f"{label} [kernel]", lambda s=spec: kernel_alone(q, k, v, grid, s),
+            add(f"{label} [kernel]", lambda s=spec: kernel_alone(q, k, v, grid, s, text),
                 spec=spec.to_dict())  # fmt: skip
     add("sdpa_cudnn (again)", lambda: partial(cudnn, q, k, v))
     ref = statistics.mean(
@@ -266,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--shapes", nargs="+", default=["480p", "720p", "720p-14b"],
+                    choices=list(SHAPES), help="default: the Wan2.1 shapes")  # fmt: skip
     ap.add_argument("--kernel", nargs="+", choices=list(KERNELS), default=["default"],
                     help="fp8 kernel configs: one set of fp8 rows each")  # fmt: skip
     ap.add_argument("--kernel-alone", action="store_true",

@@ -130,17 +130,44 @@ def fused_attention(
     blocks: BlockIndex | None = None,
     out: torch.Tensor | None = None,
     rope: Rope | None = None,
+    text_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The whole op for every non-``bf16_dense`` mode: pre-pass, block index, attention.
     ``rope``: q and k are rotated in the pre-pass (`prepare.prepare`).
 
     q, k, v: (B, H, N, D) in model order, bf16/fp16, any strides; returns (B, H, N, D) in q's
     dtype. ``config`` must have passed `config.check_feasible`. ``blocks`` (tests) replaces
-    the pattern's block index; ``out`` (tests poison it) receives the result.
+    the pattern's block index; ``out`` (tests poison it) receives the result. ``text_mask``
+    (B, layout.text) bool: the prompt mask of a joint layout; batch elements whose masks differ
+    run one launch each (the padding bias the kernels read has no batch dimension).
     """
     from .prepare import prepare
 
     if spec.mode.fp8 and not hasattr(torch, "float8_e4m3fn"):
         raise RuntimeError("fp8 modes need torch.float8_e4m3fn")
-    prep = prepare(q, k, v, layout=layout, spec=spec, blocks=blocks, impl=config.impl, rope=rope)
+    if text_mask is not None and q.shape[0] > 1 and not bool((text_mask == text_mask[:1]).all()):
+        if out is None:
+            out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        for b in range(q.shape[0]):
+            one = slice(b, b + 1)
+            fused_attention(
+                q[one], k[one], v[one], layout=layout, spec=spec, config=config, scale=scale,
+                blocks=None if blocks is None else _batch(blocks, b), out=out[one], rope=rope,
+                text_mask=text_mask[one],
+            )  # fmt: skip
+        return out
+    mask = None if text_mask is None else text_mask[0]
+    prep = prepare(
+        q, k, v, layout=layout, spec=spec, blocks=blocks, impl=config.impl, rope=rope,
+        text_mask=mask,
+    )  # fmt: skip
     return attend(prep, **config.model_dump(), scale=scale, out_dtype=q.dtype, out=out)
+
+
+def _batch(blocks: BlockIndex, b: int) -> BlockIndex:
+    """Batch element ``b`` of a block index whose batch dimension may broadcast."""
+    from .patterns import BlockIndex
+
+    i = slice(b, b + 1) if blocks.kv_index.shape[0] > 1 else slice(0, 1)
+    j = slice(b, b + 1) if blocks.kv_count.shape[0] > 1 else slice(0, 1)
+    return BlockIndex(blocks.kv_index[i], blocks.kv_count[j])

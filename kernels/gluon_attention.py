@@ -506,7 +506,7 @@ def launch(
     k_desc, v_desc = descriptors(prep.k, prep.v, block_n=tma_block)
     _gl_attn_kernel[grid](
         prep.q, k_desc, v_desc, prep.q_scale, prep.k_scale, prep.v_amax, *rest,
-        SPARSE=prep.spec.mode.sparse, HEAD_DIM=prep.shape[3], BLOCK_M=block_m, BLOCK_N=tma_block,
+        SPARSE=prep.q_tile_major, HEAD_DIM=prep.shape[3], BLOCK_M=block_m, BLOCK_N=tma_block,
         TILE_TOKENS=prep.layout.tile_tokens, STAGES=num_stages, WARP_SPECIALIZE=warp_specialize,
         PAIRS=pairs, CONSUMER_REGS=CONSUMER_REGS, num_warps=4,
         **{**(WS_LAUNCH if warp_specialize else {}), **(options or {})},

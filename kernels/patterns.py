@@ -6,6 +6,10 @@ tiles skipped. With n tiles, a q tile keeps ``n_keep = max(1, n - floor(sparsity
 
 Patterns return `BlockIndex`: per (batch, head, q tile) the kept kv tiles in ascending order
 (the order the kernel visits them) and their count.
+
+Joint text + video layouts (`TileLayout.text`): the pattern and the sparsity apply to the video
+tiles alone; every video q tile then keeps every text tile as well, and text q tiles attend to
+every tile (`with_text`).
 """
 
 from __future__ import annotations
@@ -57,6 +61,16 @@ def block_index(
 ) -> BlockIndex:
     """The kv tiles each q tile keeps. ``q_pooled``/``k_pooled``: (B, H, n_tiles, D) tile means
     (see `tile_means`), needed by the data-dependent kinds."""
+    if layout.text:
+        vt = layout.video_tiles
+        video = block_index(
+            layout.video,
+            pattern,
+            sparsity,
+            q_pooled=None if q_pooled is None else q_pooled[..., :vt, :],
+            k_pooled=None if k_pooled is None else k_pooled[..., :vt, :],
+        )
+        return with_text(video, layout.text_tiles)
     n_keep = keep_count(layout.n_tiles, sparsity)
     if pattern.kind == "window":
         device = q_pooled.device if q_pooled is not None else torch.device("cpu")
@@ -68,6 +82,30 @@ def block_index(
     if pattern.kind == "topk":
         return _topk_index(scores, n_keep)
     return _cdf_index(scores, n_keep, pattern.mass)
+
+
+def with_text(video: BlockIndex, text_tiles: int) -> BlockIndex:
+    """A video-only index extended to a joint layout: each video q tile also keeps the
+    ``text_tiles`` text tiles (ids after the video tiles, so the lists stay ascending), and each
+    text q tile keeps every tile."""
+    if not text_tiles:
+        return video
+    idx, count = video.kv_index, video.kv_count
+    b, h, vt, width = idx.shape
+    n = vt + text_tiles
+    dev = idx.device
+    text = torch.arange(vt, n, dtype=idx.dtype, device=dev)
+    # Video rows: their kept tiles, the text tiles right after them, zeros beyond.
+    rows = torch.zeros(b, h, vt, n, dtype=idx.dtype, device=dev)
+    rows[..., :width] = idx
+    at = count.long().unsqueeze(-1) + torch.arange(text_tiles, device=dev)
+    rows.scatter_(-1, at, text.expand(b, h, vt, text_tiles).contiguous())
+    every = torch.arange(n, dtype=idx.dtype, device=dev).expand(b, h, text_tiles, n)
+    full = torch.full((b, h, text_tiles), n, dtype=count.dtype, device=dev)
+    return BlockIndex(
+        torch.cat((rows, every), dim=-2).contiguous(),
+        torch.cat((count + text_tiles, full), dim=-1).contiguous(),
+    )
 
 
 def tile_means(xt: torch.Tensor, layout: TileLayout) -> torch.Tensor:

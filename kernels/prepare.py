@@ -9,12 +9,14 @@ the other, and `dispatch` picks which one runs.
    model order, takes the tile's amax, writes e4m3 codes (bf16 for ``bf16_sparse``), the per-tile
    Q/K scale and, for data-dependent patterns, the tile sums whose means rank the kv tiles.
    K and V are written in padded tile-major order; V transposed (channel-major) for fp8, because
-   Hopper's fp8 wgmma needs its B operand K-major. Q is tile-major for sparse modes (a program's
-   rows must share one q tile) and stays in model order for dense ones (no padded query rows).
+   Hopper's fp8 wgmma needs its B operand K-major. Q is tile-major for sparse modes and joint
+   text + video layouts (a program's rows must share one q tile, whose kv list and FP8 scale
+   they use) and stays in model order for dense video-only ones (no padded query rows).
 3. The block index (`patterns`): static patterns (dense, window) are built once per layout and
    cached on the device; topk/cdf come from the pooled tile means. Either way the kv tiles of each
    q tile are reordered full-tiles-first, so that only the few tiles with padded slots pay for
-   the mask.
+   the mask. A prompt mask (``text_mask``) adds its masked text slots to the padding: the
+   tiles that hold them pay the mask too.
 
 The ``@triton.jit`` helpers here (`scale_from_bits`, `tile_of_rows`, `to_e4m3`) are also
 called by the attention kernels (Gluon calls them with its own layouts).
@@ -29,8 +31,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .patterns import BlockIndex, KvList, ascending, block_index, full_first, ranked_blocks
-from .rope import Rope, tables
+from .patterns import (
+    BlockIndex,
+    KvList,
+    ascending,
+    block_index,
+    full_first,
+    ranked_blocks,
+    with_text,
+)
+from .rope import Rope, tables, with_identity
 from .spec import AttentionSpec, Pattern
 from .tiling import TileLayout
 
@@ -374,7 +384,18 @@ class Prepared:
     layout: TileLayout
     spec: AttentionSpec
     shape: tuple[int, int, int, int]  # (B, H, N, D)
+    kv_bias: torch.Tensor  # (N_PAD,) fp32: 0 for keys a query may see, -inf for the rest
     impl: str = "triton"  # the kernel whose V key order this is (`wgmma_key_order` for Gluon)
+
+    @property
+    def q_tile_major(self) -> bool:
+        """Whether Q was written tile-major, each q tile with its own kv list (the kernels'
+        ``SPARSE`` path): sparse modes and joint text + video layouts."""
+        return q_tile_major(self.spec, self.layout)
+
+
+def q_tile_major(spec: AttentionSpec, layout: TileLayout) -> bool:
+    return spec.mode.sparse or layout.text > 0
 
 
 @dataclass(frozen=True)
@@ -383,6 +404,7 @@ class _Static:
     kv_bias: torch.Tensor  # (N_PAD,) fp32, 0 for real slots, -inf for padding
     partial: torch.Tensor  # (n_tiles,) bool: tile has padded slots
     valid_counts: torch.Tensor  # (n_tiles,) fp32
+    every: BlockIndex  # each q tile keeps every kv tile
     dense: KvList
 
 
@@ -397,7 +419,7 @@ def _static(layout: TileLayout, device: torch.device) -> _Static:
     every = torch.arange(layout.n_tiles, dtype=torch.int32, device=device).view(1, 1, 1, -1)
     n = torch.full((1, 1, 1), layout.n_tiles, dtype=torch.int32, device=device)
     dense = full_first(BlockIndex(every, n), partial)
-    return _Static(src, bias, partial, counts.float(), dense)
+    return _Static(src, bias, partial, counts.float(), BlockIndex(every, n), dense)
 
 
 @lru_cache(maxsize=64)
@@ -427,21 +449,31 @@ def prepare(
     blocks: BlockIndex | None = None,
     impl: str = "triton",
     rope: Rope | None = None,
+    text_mask: torch.Tensor | None = None,
 ) -> Prepared:
     """Run the pre-pass and build the kv lists. ``blocks`` overrides the pattern's choice;
     ``impl`` is the kernel that will read it (the Gluon kernels take V's keys reordered);
-    ``rope`` (cos, sin): q and k are rotated as Wan does (`rope.rotary`) inside the pre-pass,
-    in fp32, before their tiles are scaled."""
+    ``rope`` (cos, sin) over the video tokens: q and k are rotated as Wan does (`rope.rotary`)
+    inside the pre-pass, in fp32, before their tiles are scaled (text tokens are not rotated).
+    ``text_mask`` (layout.text,) bool: one prompt mask for every batch element (the kernels'
+    padding bias has no batch dimension; `dispatch.fused_attention` calls once per element when
+    the masks differ)."""
     B, H, N, D = q.shape
     dev = q.device
-    cos, sin = (None, None) if rope is None else tables(rope, N, D, dev)
+    cos, sin = (None, None) if rope is None else tables(rope, layout.video_tokens, D, dev)
+    if cos is not None and sin is not None and layout.text:
+        cos, sin = with_identity(cos, sin, layout.text, first=layout.text_first)
     fp8, sparse = spec.mode.fp8, spec.mode.sparse
+    tile_major = q_tile_major(spec, layout)
     st = _static(layout, dev)
     n_tiles, n_pad, tt = layout.n_tiles, layout.padded_tokens, layout.tile_tokens
     code_dtype = torch.float8_e4m3fn if fp8 else q.dtype
     pool = sparse and blocks is None and spec.pattern is not None and spec.pattern.kind != "window"
+    kv_bias, partial = st.kv_bias, st.partial
+    if text_mask is not None and not bool(text_mask.all()):
+        kv_bias, partial = _masked(layout, st, text_mask.to(dev).reshape(-1))
 
-    qc = torch.empty((B * H, n_pad if sparse else N, D), dtype=code_dtype, device=dev)
+    qc = torch.empty((B * H, n_pad if tile_major else N, D), dtype=code_dtype, device=dev)
     kc = torch.empty((B * H, n_pad, D), dtype=code_dtype, device=dev)
     vc = torch.empty((B * H, D, n_pad) if fp8 else (B * H, n_pad, D), dtype=code_dtype, device=dev)
     qs = torch.empty((B * H, n_tiles), dtype=torch.float32, device=dev) if fp8 else None
@@ -464,25 +496,44 @@ def prepare(
         dummy if qsum is None else qsum, dummy if ksum is None else ksum,
         st.slot_source, dummy if cos is None else cos, dummy if sin is None else sin,
         H, N, n_pad, n_tiles, *q.stride(), *k.stride(), *v.stride(),
-        FP8=fp8, POOL=pool, Q_TILE_MAJOR=sparse, HEAD_DIM=D, TILE_TOKENS=tt,
+        FP8=fp8, POOL=pool, Q_TILE_MAJOR=tile_major, HEAD_DIM=D, TILE_TOKENS=tt,
         CHUNK=_chunk_rows(tt, D), EXACT=not q.is_cuda, WGMMA_KEYS=fp8 and wgmma_keys(impl),
         ROPE=rope is not None, num_warps=8,
     )  # fmt: skip
 
     if not sparse:
-        kv = st.dense
+        kv = st.dense if partial is st.partial else full_first(st.every, partial)
     elif blocks is not None:
-        kv = full_first(blocks, st.partial)
+        kv = full_first(blocks, partial)
     elif pool:
         assert spec.pattern is not None and qsum is not None and ksum is not None
-        counts = st.valid_counts.view(1, 1, -1, 1)
-        ranked = ranked_blocks(spec.pattern, spec.sparsity, qsum / counts, ksum / counts)
-        kv = full_first(ranked, st.partial)
+        vt = layout.video_tiles
+        counts = st.valid_counts[:vt].view(1, 1, -1, 1)
+        q_mean, k_mean = qsum[..., :vt, :] / counts, ksum[..., :vt, :] / counts
+        ranked = with_text(
+            ranked_blocks(spec.pattern, spec.sparsity, q_mean, k_mean), layout.text_tiles
+        )
+        kv = full_first(ranked, partial)
         blocks = ascending(ranked)
     else:
         assert spec.pattern is not None
         blocks, kv = _window_list(layout, spec.pattern, spec.sparsity, dev)
-    return Prepared(qc, kc, vc, qs, ks, vamax, blocks, kv, layout, spec, (B, H, N, D), impl)
+        kv = kv if partial is st.partial else full_first(blocks, partial)
+    shape = (B, H, N, D)
+    return Prepared(qc, kc, vc, qs, ks, vamax, blocks, kv, layout, spec, shape, kv_bias, impl)
+
+
+def _masked(
+    layout: TileLayout, st: _Static, text_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The padding bias and the partial-tile flags with the masked text slots added."""
+    if text_mask.shape != (layout.text,):
+        raise ValueError(f"text_mask must hold {layout.text} values, got {tuple(text_mask.shape)}")
+    bias = st.kv_bias.clone()
+    start = layout.video_tiles * layout.tile_tokens
+    bias[start : start + layout.text].masked_fill_(~text_mask.bool(), float("-inf"))
+    partial = (bias != 0).view(layout.n_tiles, layout.tile_tokens).any(-1)
+    return bias, partial
 
 
 def _list_strides(t: torch.Tensor) -> tuple[int, int, int]:
@@ -498,10 +549,10 @@ def launch_args(
     B, H, N, _ = prep.shape
     layout, kv = prep.layout, prep.kv
     st = _static(layout, prep.q.device)
-    n_rows = layout.padded_tokens if prep.spec.mode.sparse else N
+    n_rows = layout.padded_tokens if prep.q_tile_major else N
     grid = (triton.cdiv(n_rows, block_m), B * H)
     rest = (
-        st.kv_bias, kv.index, kv.count, kv.full, st.slot_source, out,
+        prep.kv_bias, kv.index, kv.count, kv.full, st.slot_source, out,
         scale * LOG2E, H, N, layout.padded_tokens, layout.n_tiles,
         layout.grid[1], layout.grid[2], layout.tiles_per_axis[1], layout.tiles_per_axis[2],
         *layout.tile, *_list_strides(kv.index), *_list_strides(kv.count), *out.stride()[:3],

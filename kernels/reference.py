@@ -10,6 +10,11 @@ Semantics, given q, k, v of shape (B, H, N, D) in model order and a 3D tile:
   uses P unquantised (fp32). All products accumulate in fp32.
 - ``*_sparse``: a q tile attends only to the kv tiles its `BlockIndex` keeps (see patterns.py);
   tile-pooled scores for data-dependent patterns come from the unquantised q and k.
+- joint text + video (``text`` tokens after the video, or before with ``text_first``): text
+  tokens form tiles of their own (`TileLayout`), so they get their own FP8 scales; a video q tile
+  keeps its pattern's video tiles plus every text tile, a text q tile keeps every tile.
+  ``text_mask`` (B, text) bool, the model's prompt mask: a False text token is a key no query
+  sees (its q row is still computed, attending to the rest); V's channel scales still span it.
 
 Non-finite inputs are not checked here; `attention()` documents what it does with them.
 """
@@ -70,16 +75,27 @@ def reference_attention(
     dtype: torch.dtype = torch.float32,
     blocks: BlockIndex | None = None,
     q_chunk: int = 2048,
+    text: int = 0,
+    text_first: bool = False,
+    text_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention as ``spec`` defines it, computed in ``dtype``; returns (B, H, N, D) in ``dtype``.
 
     ``tile`` is the resolved tile (the spec's, or the default for the grid). ``blocks`` overrides
     the pattern's block index (tests use it to feed the Triton path's index to the reference).
+    ``text``, ``text_first``, ``text_mask``: a joint text + video sequence (module docstring).
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if spec.mode is Mode.BF16_DENSE:
-        return F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), scale=scale)
-    layout = TileLayout(grid, tile)
+        mask = None
+        if text_mask is not None:
+            mask = torch.ones(q.shape[0], q.shape[2], dtype=torch.bool, device=q.device)
+            start = 0 if text_first else q.shape[2] - text
+            mask[:, start : start + text] = text_mask.bool()
+            mask = mask[:, None, None, :]
+        qd, kd, vd = q.to(dtype), k.to(dtype), v.to(dtype)
+        return F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale)
+    layout = TileLayout(grid, tile, text, text_first)
     qt, kt, vt = (layout.to_tiles(x.to(dtype)) for x in (q, k, v))
     if spec.mode.sparse and blocks is None:
         assert spec.pattern is not None
@@ -98,7 +114,10 @@ def reference_attention(
     tile_mask = None
     if blocks is not None:
         tile_mask = blocks.dense_mask(layout.n_tiles).to(q.device)
-    out = _attend(qt, kt, vt, layout, scale, tile_mask, fp8_p=spec.mode.fp8, q_chunk=q_chunk)
+    kv_valid = layout.key_valid(text_mask, q.device)
+    out = _attend(
+        qt, kt, vt, layout, kv_valid, scale, tile_mask, fp8_p=spec.mode.fp8, q_chunk=q_chunk
+    )
     return layout.from_tiles(out)
 
 
@@ -107,20 +126,21 @@ def _attend(
     kt: torch.Tensor,
     vt: torch.Tensor,
     layout: TileLayout,
+    kv_valid: torch.Tensor,
     scale: float,
     tile_mask: torch.Tensor | None,
     *,
     fp8_p: bool,
     q_chunk: int,
 ) -> torch.Tensor:
-    kv_valid = layout.valid(qt.device)
+    """``kv_valid``: (B|1, padded_tokens) bool, the keys a query may see at all."""
     out = torch.empty_like(qt)
     tt = layout.tile_tokens
     q_chunk = max(tt, q_chunk // tt * tt)  # whole tiles per chunk
     for start in range(0, qt.shape[-2], q_chunk):
         stop = min(start + q_chunk, qt.shape[-2])
         s = (qt[..., start:stop, :] @ kt.transpose(-1, -2)) * scale
-        keep = kv_valid.view(1, 1, 1, -1)
+        keep = kv_valid[:, None, None, :]
         if tile_mask is not None:
             rows = tile_mask[..., start // tt : stop // tt, :]
             keep = keep & rows.repeat_interleave(tt, dim=-2).repeat_interleave(tt, dim=-1)

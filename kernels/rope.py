@@ -49,8 +49,30 @@ def tables(rope: Rope, tokens: int, head_dim: int, device: torch.device) -> Rope
     return out[0], out[1]
 
 
-def rotate_qk(q: torch.Tensor, k: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
+def with_identity(cos: torch.Tensor, sin: torch.Tensor, text: int, *, first: bool) -> Rope:
+    """(video, D) tables extended by ``text`` rows that leave a token as it is (cos 1, sin 0),
+    before the video rows or after them: the joint sequence's tables (text is not rotated)."""
+    ones = torch.ones(text, cos.shape[1], dtype=cos.dtype, device=cos.device)
+    zeros = torch.zeros_like(ones)
+    if first:
+        return torch.cat((ones, cos)).contiguous(), torch.cat((zeros, sin)).contiguous()
+    return torch.cat((cos, ones)).contiguous(), torch.cat((sin, zeros)).contiguous()
+
+
+def rotate_qk(
+    q: torch.Tensor, k: torch.Tensor, rope: Rope, *, text: int = 0, text_first: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(batch, heads, tokens, head_dim) ``q`` and ``k`` rotated by the model's tables, each in its
-    own dtype."""
-    cos, sin = tables(rope, q.shape[2], q.shape[3], q.device)
-    return rotary(q, cos, sin), rotary(k, cos, sin)
+    own dtype; with ``text`` tokens (after the video, or before it with ``text_first``) only the
+    video tokens are rotated."""
+    start = text if text_first else 0
+    video = q.shape[2] - text
+    cos, sin = tables(rope, video, q.shape[3], q.device)
+    if not text:
+        return rotary(q, cos, sin), rotary(k, cos, sin)
+    out = []
+    for x in (q, k):
+        y = x.clone()
+        y[:, :, start : start + video] = rotary(x[:, :, start : start + video], cos, sin)
+        out.append(y)
+    return out[0], out[1]

@@ -4,6 +4,12 @@ A grid (T, H, W) is cut into ceil(T/tt) x ceil(H/th) x ceil(W/tw) tiles of tt*th
 tiles in (t, h, w) row-major order and slots inside a tile likewise. Edge tiles that the grid does
 not fill keep their empty slots as padding: padded keys are masked out, padded queries are computed
 and dropped, so every real token attends exactly as in dense attention when nothing is pruned.
+
+Joint text + video sequences (HunyuanVideo, CogVideoX: one attention call over both): ``text``
+tokens sit after the video tokens in model order, or before them with ``text_first``. They are
+cut into text tiles of ``tile_tokens`` slots, in their own order, after the video tiles (the last
+one padded): tile ids ``0 .. video_tiles - 1`` are video, ``video_tiles .. n_tiles - 1`` text.
+So a text tile has an FP8 scale of its own, and a kv list names text tiles like any other.
 """
 
 from __future__ import annotations
@@ -22,19 +28,46 @@ Grid = tuple[int, int, int]
 class TileLayout:
     grid: Grid
     tile: Grid
+    text: int = 0  # text tokens in the same sequence (joint attention)
+    text_first: bool = False  # text before the video tokens in model order (CogVideoX)
 
     def __post_init__(self) -> None:
         # Lists (YAML, JSON) must work too: the layout is hashed for the slot-map cache.
         object.__setattr__(self, "grid", tuple(operator.index(g) for g in self.grid))
         object.__setattr__(self, "tile", tuple(operator.index(s) for s in self.tile))
+        object.__setattr__(self, "text", operator.index(self.text))
         if len(self.grid) != 3 or min(self.grid) < 1:
             raise ValueError(f"grid must be three positive sizes (T, H, W), got {self.grid}")
         if len(self.tile) != 3 or min(self.tile) < 1:
             raise ValueError(f"tile must be three positive sizes (tt, th, tw), got {self.tile}")
+        if self.text < 0:
+            raise ValueError(f"text must be >= 0 tokens, got {self.text}")
+
+    @property
+    def video(self) -> TileLayout:
+        """The same layout without the text tokens."""
+        return self if not self.text else TileLayout(self.grid, self.tile)
+
+    @property
+    def video_tokens(self) -> int:
+        return math.prod(self.grid)
 
     @property
     def tokens(self) -> int:
-        return math.prod(self.grid)
+        return self.video_tokens + self.text
+
+    @property
+    def text_start(self) -> int:
+        """Where the text tokens begin in model order."""
+        return 0 if self.text_first else self.video_tokens
+
+    @property
+    def video_tiles(self) -> int:
+        return math.prod(self.tiles_per_axis)
+
+    @property
+    def text_tiles(self) -> int:
+        return -(-self.text // self.tile_tokens)
 
     @property
     def tiles_per_axis(self) -> Grid:
@@ -43,7 +76,7 @@ class TileLayout:
 
     @property
     def n_tiles(self) -> int:
-        return math.prod(self.tiles_per_axis)
+        return self.video_tiles + self.text_tiles
 
     @property
     def tile_tokens(self) -> int:
@@ -70,9 +103,14 @@ class TileLayout:
         b = torch.arange(th).view(1, 1, 1, 1, th, 1)
         c = torch.arange(tw).view(1, 1, 1, 1, 1, tw)
         t, h, w = ti * tt + a, hi * th + b, wi * tw + c
-        src = (t * H + h) * W + w
+        src = (t * H + h) * W + w + (self.text if self.text_first else 0)
         valid = (t < T) & (h < H) & (w < W)
-        return torch.where(valid, src, torch.full_like(src, -1)).reshape(-1)
+        video = torch.where(valid, src, torch.full_like(src, -1)).reshape(-1)
+        if not self.text:
+            return video
+        text = torch.full((self.text_tiles * self.tile_tokens,), -1, dtype=video.dtype)
+        text[: self.text] = torch.arange(self.text) + self.text_start
+        return torch.cat((video, text))
 
     def slot_source(self, device: torch.device | str = "cpu") -> torch.Tensor:
         return _on_device(self, "src", torch.device(device))
@@ -89,10 +127,25 @@ class TileLayout:
         """Real tokens in each tile (int64, length `n_tiles`)."""
         return self.valid(device).view(self.n_tiles, self.tile_tokens).sum(-1)
 
+    def key_valid(
+        self, text_mask: torch.Tensor | None = None, device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
+        """Bool (B|1, padded_tokens) on ``device``: the slots a query may attend to.
+        ``text_mask`` (B, text) bool, the model's prompt mask: False text tokens are keys no
+        query sees."""
+        valid = self.valid(device).unsqueeze(0)
+        if text_mask is None:
+            return valid
+        start = self.video_tiles * self.tile_tokens
+        valid = valid.expand(text_mask.shape[0], -1).clone()
+        valid[:, start : start + self.text] &= text_mask.to(device=valid.device, dtype=torch.bool)
+        return valid
+
     def tile_coords(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """(n_tiles, 3) tile coordinates in tile units, row-major like the tile order."""
+        """(video_tiles, 3) video tile coordinates in tile units, row-major like the tile
+        order (text tiles have no place in the grid)."""
         _nt, nh, nw = self.tiles_per_axis
-        idx = torch.arange(self.n_tiles, device=device)
+        idx = torch.arange(self.video_tiles, device=device)
         return torch.stack((idx // (nh * nw), (idx // nw) % nh, idx % nw), dim=-1)
 
     def to_tiles(self, x: torch.Tensor) -> torch.Tensor:

@@ -211,7 +211,7 @@ def launch(
         dummy if prep.q_scale is None else prep.q_scale,
         dummy if prep.k_scale is None else prep.k_scale,
         dummy if prep.v_amax is None else prep.v_amax,
-        *rest, FP8=prep.spec.mode.fp8, SPARSE=prep.spec.mode.sparse, HEAD_DIM=prep.shape[3],
+        *rest, FP8=prep.spec.mode.fp8, SPARSE=prep.q_tile_major, HEAD_DIM=prep.shape[3],
         BLOCK_M=block_m, BLOCK_N=block_n, TILE_TOKENS=prep.layout.tile_tokens,
         EXACT=not prep.q.is_cuda, num_warps=num_warps, num_stages=num_stages, **(options or {}),
     )  # fmt: skip

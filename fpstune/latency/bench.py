@@ -34,12 +34,22 @@ import torch
 from fpstune.kernels.fingerprint import HardwareFingerprint, current_fingerprint
 from fpstune.latency.measure import Timing, measure
 
-#: name: (batch, heads, latent patch grid (frames, height, width), head_dim) of Wan2.1's
-#: self-attention at 81 frames: 1.3B at 480p and 720p, 14B at 720p.
+#: name: (batch, heads, latent patch grid (frames, height, width), head_dim) of a model's video
+#: self-attention: Wan2.1 at 81 frames (1.3B at 480p and 720p, 14B at 720p); HunyuanVideo 720p
+#: (129 frames); CogVideoX-5B (49 frames, 720x480); LTX-Video (161 frames, 704x480).
 SHAPES: dict[str, tuple[int, int, tuple[int, int, int], int]] = {
     "480p": (1, 12, (21, 30, 52), 128),
     "720p": (1, 12, (21, 45, 80), 128),
     "720p-14b": (1, 40, (21, 45, 80), 128),
+    "hunyuan-720p": (1, 24, (33, 45, 80), 128),
+    "cogvideox-5b": (1, 48, (13, 30, 45), 64),
+    "ltx-video": (1, 32, (21, 15, 22), 64),
+}
+#: name: (text tokens, text before the video) of the shapes whose attention call holds the
+#: prompt's tokens too (joint attention; the rest attend to the text in a separate call).
+TEXT: dict[str, tuple[int, bool]] = {
+    "hunyuan-720p": (256, False),
+    "cogvideox-5b": (226, True),
 }
 #: --kernel: the fp8 kernel config a benchmark puts on every fp8 spec (None: the runtime's
 #: default config); gluon_ws is the fastest config of the kernel space on Hopper.
@@ -62,7 +72,7 @@ TIME_CALLS_METHOD = (
 def flops(shape: str) -> float:
     """Dense-equivalent FLOPs of one attention call at ``shape``: 4·B·H·N²·D."""
     b, h, grid, d = SHAPES[shape]
-    n = grid[0] * grid[1] * grid[2]
+    n = grid[0] * grid[1] * grid[2] + TEXT.get(shape, (0, False))[0]
     return 4.0 * b * h * n * n * d
 
 
@@ -186,6 +196,7 @@ def write_result(
 __all__ = [
     "KERNELS",
     "SHAPES",
+    "TEXT",
     "TIME_CALLS_METHOD",
     "command",
     "environment",

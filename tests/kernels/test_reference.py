@@ -98,7 +98,9 @@ def test_padded_dense_path_is_sdpa(rng, grid, tile):
     layout = TileLayout(grid, tile)
     qt, kt, vt = (layout.to_tiles(x) for x in (q, k, v))
     scale = 0.2
-    out = layout.from_tiles(_attend(qt, kt, vt, layout, scale, None, fp8_p=False, q_chunk=64))
+    out = layout.from_tiles(
+        _attend(qt, kt, vt, layout, layout.key_valid(), scale, None, fp8_p=False, q_chunk=64)
+    )
     torch.testing.assert_close(out, sdpa64(q, k, v, scale), rtol=0, atol=1e-12)
 
     # Garbage in the padding slots of k and v must change nothing: padding is masked, not zero.
@@ -107,7 +109,9 @@ def test_padded_dense_path_is_sdpa(rng, grid, tile):
         kt, vt = kt.clone(), vt.clone()
         kt[..., pad, :] = 1e3
         vt[..., pad, :] = -1e3
-        out2 = layout.from_tiles(_attend(qt, kt, vt, layout, scale, None, fp8_p=False, q_chunk=64))
+        out2 = layout.from_tiles(
+            _attend(qt, kt, vt, layout, layout.key_valid(), scale, None, fp8_p=False, q_chunk=64)
+        )
         torch.testing.assert_close(out2, out, rtol=0, atol=1e-12)
 
 
@@ -414,8 +418,8 @@ def test_fp8_p_is_quantised_at_fixed_scale(rng):
     layout = TileLayout(grid, tile)
     q, k, v = qkv(rng, grid, d=32)
     qt, kt, vt = (layout.to_tiles(x) for x in (q, k, v))
-    exact = _attend(qt, kt, vt, layout, 0.2, None, fp8_p=False, q_chunk=64)
-    fp8p = _attend(qt, kt, vt, layout, 0.2, None, fp8_p=True, q_chunk=64)
+    exact = _attend(qt, kt, vt, layout, layout.key_valid(), 0.2, None, fp8_p=False, q_chunk=64)
+    fp8p = _attend(qt, kt, vt, layout, layout.key_valid(), 0.2, None, fp8_p=True, q_chunk=64)
     valid = layout.valid()
     err = rel_l2(fp8p[..., valid, :], exact[..., valid, :])
     assert 1e-3 < err < 2**-4

@@ -360,7 +360,7 @@ def test_gluon_kernel_refuses_a_cpu_tensor_with_one_line():
     x = torch.zeros(1, 128, 128, dtype=torch.float8_e4m3fn)
     one = torch.ones(1, 1, 1, dtype=torch.int32)
     prep = Prepared(x, x, x, None, None, None, None, KvList(one, one, one), layout, spec,
-                    (1, 1, 128, 128))  # fmt: skip
+                    (1, 1, 128, 128), torch.zeros(128))  # fmt: skip
     with pytest.raises(ValueError, match="impl=gluon runs on a CUDA"):
         attend(prep, **{"block_m": 64, **GLUON}, scale=128**-0.5, out_dtype=torch.bfloat16)
     # V prepared in the Gluon kernels' key order is refused by the Triton kernel, not misread.

@@ -20,6 +20,7 @@ from test_triton_interpret import (
     fa_rule_failure,
     make_qkv,
     nan_failure,
+    run_joint_case,
     wan_rope_tables,
 )
 
@@ -207,6 +208,33 @@ def test_rope_fused_into_the_prepass(mode: str, config: KernelConfig | None) -> 
     if config is not None and not (HOPPER and MODES[mode]["mode"].startswith("fp8")):
         pytest.skip("the Gluon kernels: fp8 modes on sm_90")
     _check(MODES[mode], (7, 15, 26), 128, "structured", tile=(1, 8, 16), config=config, rope=True)
+
+
+@pytest.mark.parametrize("config", [None, GLUON_256], ids=["default", "gluon_ws-256"])
+@pytest.mark.parametrize(
+    ("text", "text_first", "mask"),
+    [(256, False, "none"), (226, True, "none"), (77, False, "per_batch"), (130, False, "same")],
+    ids=["hunyuan-256", "cogvideox-226-first", "odd-77-masked", "130-one-mask"],
+)  # fmt: skip
+@pytest.mark.parametrize("mode", ["fp8_dense", "fp8_window", "fp8_topk", "bf16_window"])
+def test_joint_text_and_video(
+    mode: str, text: int, text_first: bool, mask: str, config: KernelConfig | None
+) -> None:
+    """Text tokens in the same call (HunyuanVideo after the video, CogVideoX before it), with and
+    without a prompt mask, the same rule against the joint reference, for the Triton kernel and
+    the 256-key Gluon kernel; RoPE on the video tokens only."""
+    if config is not None and not (HOPPER and MODES[mode]["mode"].startswith("fp8")):
+        pytest.skip("the Gluon kernels: fp8 modes on sm_90")
+    grid, tile = (7, 15, 26), (1, 8, 16)
+    spec_d = {**MODES[mode], "tile": tile}
+    spec = AttentionSpec.from_dict(spec_d)
+    cfg = config or default_config(tile, 128, spec.mode)
+    shape = (*SHAPE_BH, 7 * 15 * 26, 128)
+    verdict = run_joint_case(
+        spec_d, "structured", torch.bfloat16, text, text_first, mask, mask == "none",
+        grid=grid, shape=shape, config=cfg, device="cuda",
+    )  # fmt: skip
+    assert verdict == ""
 
 
 @pytest.mark.parametrize("mode", ["fp8_window", "bf16_window"])

@@ -92,14 +92,19 @@ def fa_errors(
     spec: AttentionSpec,
     tile: Grid,
     blocks: BlockIndex | None,
+    **joint: Any,
 ) -> dict[str, float]:
     """Max and mean |error| vs an fp64 truth of the Triton output and of the same-precision
-    PyTorch reference (fp8: emulated in fp32; bf16/fp16: computed in the input dtype)."""
+    PyTorch reference (fp8: emulated in fp32; bf16/fp16: computed in the input dtype).
+    ``joint``: `reference_attention`'s text, text_first and text_mask."""
     truth = reference_attention(
-        q, k, v, grid=grid, spec=truth_spec(spec), tile=tile, dtype=torch.float64, blocks=blocks
-    )
+        q, k, v, grid=grid, spec=truth_spec(spec), tile=tile, dtype=torch.float64, blocks=blocks,
+        **joint,
+    )  # fmt: skip
     low = torch.float32 if spec.mode.fp8 else q.dtype
-    ref = reference_attention(q, k, v, grid=grid, spec=spec, tile=tile, dtype=low, blocks=blocks)
+    ref = reference_attention(
+        q, k, v, grid=grid, spec=spec, tile=tile, dtype=low, blocks=blocks, **joint
+    )
     ref = ref.to(q.dtype)
     e_out = (out.double() - truth).abs()
     e_ref = (ref.double() - truth).abs()
@@ -348,6 +353,96 @@ def _run_rope_case(spec_d: dict[str, Any], dtype: torch.dtype) -> str:
     return ""
 
 
+# Joint text + video: (spec, input kind, dtype, text tokens, text first, prompt mask, rope).
+# Masks: "none"; "same" (one mask for the batch: one launch); "per_batch" (one launch each).
+JOINT_CASES: dict[str, tuple[dict[str, Any], str, torch.dtype, int, bool, str, bool]] = {
+    "joint_fp8_dense": ({"mode": "fp8_dense", "tile": (1, 4, 4)}, "structured",
+                        torch.bfloat16, 11, False, "none", False),
+    "joint_fp8_window_first_masked": (
+        {"mode": "fp8_sparse", "tile": (1, 4, 4), "pattern": {"kind": "window"},
+         "sparsity": 0.6}, "structured", torch.bfloat16, 23, True, "per_batch", False),
+    "joint_fp8_topk_masked": (
+        {"mode": "fp8_sparse", "tile": (1, 4, 4), "pattern": {"kind": "topk"}, "sparsity": 0.5},
+        "random", torch.bfloat16, 9, False, "same", False),
+    "joint_bf16_window_masked": (
+        {"mode": "bf16_sparse", "tile": (1, 4, 8), "pattern": {"kind": "window"},
+         "sparsity": 0.5}, "structured", torch.float16, 37, False, "per_batch", False),
+    "joint_fp8_window_rope": (
+        {"mode": "fp8_sparse", "tile": (1, 4, 4), "pattern": {"kind": "window"},
+         "sparsity": 0.5}, "structured", torch.bfloat16, 13, True, "none", True),
+}  # fmt: skip
+
+
+def joint_qkv(
+    shape: tuple[int, int, int, int], grid: Grid, kind: str, dtype: torch.dtype, text: int,
+    text_first: bool, gen: torch.Generator, device: str | torch.device = "cpu",
+) -> tuple[torch.Tensor, ...]:  # fmt: skip
+    """`make_qkv`'s video tokens with ``text`` random tokens before or after them (text keys
+    larger than video keys, so a text tile sharing a video tile's FP8 scale would show)."""
+    video = make_qkv(shape, grid, kind, dtype, gen)
+    b, h, _n, d = shape
+    out = []
+    for x in video:
+        t = (3.0 * torch.randn(b, h, text, d, generator=gen)).to(dtype)
+        out.append(torch.cat((t, x) if text_first else (x, t), dim=2).to(device))
+    return tuple(out)
+
+
+def prompt_mask(kind: str, batch: int, text: int) -> torch.Tensor | None:
+    """A prompt mask as HunyuanVideo builds one: the first tokens real, the rest padding."""
+    if kind == "none":
+        return None
+    real = [text - 3, text // 2] if kind == "per_batch" else [text // 2] * batch
+    return torch.arange(text).unsqueeze(0) < torch.tensor(real[:batch]).unsqueeze(1)
+
+
+def run_joint_case(
+    spec_d: dict[str, Any], kind: str, dtype: torch.dtype, text: int, text_first: bool,
+    mask_kind: str, rope: bool, *, grid: Grid = GRID, shape: tuple[int, int, int, int] = SHAPE,
+    config: KernelConfig | None = None, device: str = "cpu",
+) -> str:  # fmt: skip
+    """`dispatch.fused_attention` on a joint sequence (poisoned output) against the reference
+    of the same joint semantics, FlashAttention's rule vs fp64. ``shape``: the video's
+    (B, H, tokens, D)."""
+    from fpstune.kernels.dispatch import attend, fused_attention
+    from fpstune.kernels.prepare import prepare
+    from fpstune.kernels.rope import rotate_qk
+
+    gen = torch.Generator().manual_seed(text * 31 + len(json.dumps(spec_d)) + len(device))
+    spec = AttentionSpec.from_dict(spec_d)
+    assert spec.tile is not None
+    b, _h, n, d = shape
+    layout = TileLayout(grid, spec.tile, text, text_first)
+    q, k, v = joint_qkv(shape, grid, kind, dtype, text, text_first, gen, device)
+    mask = prompt_mask(mask_kind, b, text)
+    mask = None if mask is None else mask.to(device)
+    tables = None
+    if rope:
+        tables = tuple(t.to(device) for t in wan_rope_tables(n, d, gen))
+    cfg = config or KernelConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
+    out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=device)  # poisoned
+    blocks = None
+    if spec.pattern is not None and spec.pattern.kind != "window":
+        # One launch, so that the reference can be handed the blocks the pre-pass chose.
+        one = None if mask is None else mask[0]
+        prep = prepare(q, k, v, layout=layout, spec=spec, text_mask=one, impl=cfg.impl)
+        blocks = prep.blocks
+        attend(prep, **cfg.model_dump(), scale=d**-0.5, out_dtype=q.dtype, out=out)
+    else:
+        fused_attention(
+            q, k, v, layout=layout, spec=spec, config=cfg, scale=d**-0.5, out=out,
+            rope=tables, text_mask=mask,  # type: ignore[arg-type]
+        )  # fmt: skip
+    if tables is not None:  # the reference attends to q and k rotated first, in fp32
+        q, k = rotate_qk(q.float(), k.float(), tables, text=text, text_first=text_first)  # type: ignore[arg-type]
+        q, k = q.to(dtype), k.to(dtype)
+    err = fa_errors(
+        out, q, k, v, grid=grid, spec=spec, tile=spec.tile, blocks=blocks, text=text,
+        text_first=text_first, text_mask=mask,
+    )  # fmt: skip
+    return fa_rule_failure(err)
+
+
 def _child() -> None:
     assert os.environ.get("TRITON_INTERPRET") == "1"
     results = {}
@@ -359,6 +454,11 @@ def _child() -> None:
     for name, (spec_d, dtype) in ROPE_CASES.items():
         try:
             results[name] = _run_rope_case(spec_d, dtype)
+        except Exception as e:
+            results[name] = f"{type(e).__name__}: {e}"
+    for name, args in JOINT_CASES.items():
+        try:
+            results[name] = run_joint_case(*args)
         except Exception as e:
             results[name] = f"{type(e).__name__}: {e}"
     for name, run in (
@@ -374,7 +474,12 @@ def _child() -> None:
 
 # ---- tests (parent process) ---------------------------------------------------------------
 
-CASE_NAMES = [c[0] for c in _cases()] + [*ROPE_CASES, "nan_fp16_sparse", "wgmma_key_order"]
+CASE_NAMES = [c[0] for c in _cases()] + [
+    *ROPE_CASES,
+    *JOINT_CASES,
+    "nan_fp16_sparse",
+    "wgmma_key_order",
+]
 
 
 @pytest.fixture(scope="module")
