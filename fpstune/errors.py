@@ -9,6 +9,11 @@ class BadInput(ValueError):
     """Input the user can fix: the message is one line, ``<file>: <field>: <what is wrong>``."""
 
 
+class NoModel(ValueError):
+    """A model adapter has no model to run (``synthetic``), or cannot do what was asked of it
+    (`fpstune.models.adapters`)."""
+
+
 #: Everything the CLI reports as bad input.
 BAD_INPUT_ERRORS: tuple[type[Exception], ...] = (BadInput, SpecError)
 

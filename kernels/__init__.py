@@ -20,7 +20,7 @@ if __name__ == "fpstune.kernels":
     from .patterns import BlockIndex, block_index, keep_count
     from .policy import ModelShape, Policy, PolicyEntry, PolicyError, PolicyWarning, Provenance
     from .spec import AttentionSpec, KernelConfig, Mode, Pattern, SpecError
-    from .tiling import TileLayout
+    from .tiling import TileLayout, prompt_key_mask
 else:
     # Reached as a top-level ``kernels`` because the repository root is on sys.path (``python -c``,
     # ``python -m pytest`` or a Ray worker started there). That name belongs to Hugging Face's
@@ -54,5 +54,6 @@ __all__ = [
     "default_tile",
     "infeasibility",
     "keep_count",
+    "prompt_key_mask",
     "same_gpu_type",
 ]

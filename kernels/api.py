@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from .config import check_feasible, default_config, default_tile
 from .rope import Rope, rotate_qk
 from .spec import AttentionSpec, Mode
-from .tiling import TileLayout, tile_overhang
+from .tiling import TileLayout, prompt_key_mask, tile_overhang
 
 Backend = Literal["auto", "triton", "reference"]
 
@@ -71,7 +71,7 @@ def attention(
         rope = None
     if spec.mode is Mode.BF16_DENSE:
         if use_triton:
-            mask = None if text_mask is None else _sdpa_mask(text_mask, q, text, text_first)
+            mask = None if text_mask is None else prompt_key_mask(text_mask, q.shape[2], text_first)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
         from .reference import reference_attention
 
@@ -98,16 +98,6 @@ def attention(
         q, k, v, layout=layout, spec=spec, config=config, scale=scale, rope=rope,
         text_mask=text_mask,
     )  # fmt: skip
-
-
-def _sdpa_mask(
-    text_mask: torch.Tensor, q: torch.Tensor, text: int, text_first: bool
-) -> torch.Tensor:
-    """The prompt mask as SDPA's boolean key mask, (batch, 1, 1, tokens)."""
-    mask = torch.ones(q.shape[0], q.shape[2], dtype=torch.bool, device=q.device)
-    start = 0 if text_first else q.shape[2] - text
-    mask[:, start : start + text] = text_mask
-    return mask[:, None, None, :]
 
 
 def _check_text_mask(

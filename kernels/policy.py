@@ -5,8 +5,9 @@ both values in the error. Schema version 1, in YAML::
 
     schema_version: 1
     checksum: sha256:…         # over the content; Policy.dump writes it, delete it after hand edits
-    model: {name, heads, head_dim, layers, grid: [T, H, W], steps, cfg, task}
-                               # task: t2v (the default, omitted) or i2v
+    model: {name, heads, head_dim, layers, grid: [T, H, W], steps, cfg, task, text}
+                               # task: t2v (the default, omitted) or i2v; text: prompt tokens
+                               # inside self-attention (HunyuanVideo, CogVideoX; 0, omitted)
     hardware: {gpu, sm_count, capability: [major, minor], driver, torch, triton, fpstune}
     provenance: {study, trial, storage, objectives: {name: value}, remeasured: {name: value},
                  latency_source, created, fpstune_version, notes}   # optional
@@ -59,6 +60,7 @@ from .yaml_io import YamlInputError, read_yaml
 SCHEMA_VERSION: Final = 1
 MAX_STEPS = 1000
 MAX_LAYERS = 1000
+MAX_TEXT = 65536  # text tokens in one joint attention call
 
 _Positive = Annotated[int, Field(strict=True, ge=1)]
 _Index = Annotated[int, Field(strict=True, ge=0)]
@@ -113,6 +115,9 @@ class ModelShape(_Frozen):
     #: text to video or image to video; files without it are t2v, and t2v is not written (so
     #: their checksums stay what they were)
     task: Task = "t2v"
+    #: text tokens attended to with the video in one call (joint attention); 0 (not written)
+    #: for models whose text reaches the video through cross-attention only
+    text: Annotated[int, Field(strict=True, ge=0, le=MAX_TEXT)] = 0
 
 
 class Provenance(_Frozen):
@@ -252,7 +257,7 @@ class Policy(_Frozen):
             self._check_hardware(here, allow_other_gpu, where)
 
     def _check_model(self, model: ModelShape, where: str) -> None:
-        for name in ("heads", "head_dim", "layers", "grid", "steps", "cfg", "task"):
+        for name in ("heads", "head_dim", "layers", "grid", "steps", "cfg", "task", "text"):
             ours, theirs = getattr(self.model, name), getattr(model, name)
             if ours != theirs:
                 raise PolicyError(
@@ -325,8 +330,9 @@ class Policy(_Frozen):
 
     def _body(self) -> dict[str, Any]:
         d = self.model_dump(mode="json")
-        if d["model"]["task"] == "t2v":  # the default, as files written before the field say it
-            del d["model"]["task"]
+        for field, default in (("task", "t2v"), ("text", 0)):
+            if d["model"][field] == default:  # as files written before the field say it
+                del d["model"][field]
         if self.provenance is None:
             del d["provenance"]
         else:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from .patterns import BlockIndex, block_index, tile_means
 from .spec import AttentionSpec, Mode
-from .tiling import TileLayout
+from .tiling import TileLayout, prompt_key_mask
 
 FP8_MAX = 448.0
 P_SCALE = 448.0
@@ -87,12 +87,7 @@ def reference_attention(
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if spec.mode is Mode.BF16_DENSE:
-        mask = None
-        if text_mask is not None:
-            mask = torch.ones(q.shape[0], q.shape[2], dtype=torch.bool, device=q.device)
-            start = 0 if text_first else q.shape[2] - text
-            mask[:, start : start + text] = text_mask.bool()
-            mask = mask[:, None, None, :]
+        mask = None if text_mask is None else prompt_key_mask(text_mask, q.shape[2], text_first)
         qd, kd, vd = q.to(dtype), k.to(dtype), v.to(dtype)
         return F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, scale=scale)
     layout = TileLayout(grid, tile, text, text_first)

@@ -172,6 +172,16 @@ class TileLayout:
             )
 
 
+def prompt_key_mask(text_mask: torch.Tensor, tokens: int, text_first: bool) -> torch.Tensor:
+    """A (batch, text) prompt mask as SDPA's boolean key mask over the whole joint sequence of
+    ``tokens``: (batch, 1, 1, tokens), True for every video key."""
+    b, text = text_mask.shape
+    mask = torch.ones(b, tokens, dtype=torch.bool, device=text_mask.device)
+    start = 0 if text_first else tokens - text
+    mask[:, start : start + text] = text_mask.bool()
+    return mask[:, None, None, :]
+
+
 @lru_cache(maxsize=256)
 def _on_device(layout: TileLayout, what: str, device: torch.device) -> torch.Tensor:
     src = layout._slot_source

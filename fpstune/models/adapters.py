@@ -6,8 +6,12 @@ A study's ``model.adapter`` names a `ModelAdapter` in the registry (`get`); `fps
 - ``synthetic``: no model at all; the study file gives the attention shape and the calibration
   set is generated. Every model operation refuses in one line (`NoModel`).
 - ``mini``: the embedded mini model (`fpstune.models.mini`), the one that runs end-to-end quality.
-- ``wan-diffusers``: a user's diffusers Wan 2.1 checkpoint from a local directory
+- ``wan-diffusers``: a user's diffusers Wan 2.1 / 2.2 checkpoint from a local directory
   (`fpstune.models.wan`).
+- ``hunyuanvideo``, ``hunyuanvideo-1.5`` (`fpstune.models.hunyuan`), ``cogvideox``
+  (`fpstune.models.cogvideox`), ``ltx-video`` (`fpstune.models.ltx`): config, shape, load and
+  `fpstune.apply` on the family's diffusers pipelines; their capture, replay and denoising loop
+  are not built yet (`NoModel`).
 
 The built-ins delegate to the modules that do the work (`wan`, `mini`, `processor`, `loop`,
 `capture`, `fpstune.quality.e2e`); this module adds no model code of its own.
@@ -30,13 +34,19 @@ from typing import TYPE_CHECKING, Any, NoReturn, Protocol, runtime_checkable
 
 import torch
 
+from fpstune.errors import NoModel
 from fpstune.kernels.policy import ModelShape
+from fpstune.models.cogvideox import CogVideoXAdapter
+from fpstune.models.hunyuan import HunyuanVideo15Adapter, HunyuanVideoAdapter
+from fpstune.models.ltx import LTXVideoAdapter
+from fpstune.models.routing import unwrap
 from fpstune.plugins import load_entry_points
 
 if TYPE_CHECKING:
     from fpstune.models.capture import Capture, ReplayRecord
     from fpstune.models.loop import Conditions, Sampling
     from fpstune.models.router import AttentionRouter
+    from fpstune.models.routing import Routing
     from fpstune.quality.probe import QualityProbe
 
 ENTRY_POINT_GROUP = "fpstune.adapters"
@@ -45,10 +55,6 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 class UnknownAdapter(ValueError):
     """No registered adapter has this name; ``str(e)`` is one line listing the registered ones."""
-
-
-class NoModel(ValueError):
-    """The adapter has no model to run (``synthetic``), or cannot do what was asked of it."""
 
 
 @runtime_checkable
@@ -71,6 +77,9 @@ class ModelAdapter(Protocol):
       probe of generated videos. An adapter whose probe replays a capture (class attribute
       ``end_to_end_from_record = True``) is also handed ``record``, the replay record beside
       the study's ``calibration.source``, and ``weights`` is its checkpoint directory.
+
+    Optional: ``routing`` (a `fpstune.models.routing.Routing`), what `fpstune.apply` needs to
+    install a policy in the family's pipelines; an adapter without it is refused by `apply`.
 
     User mistakes (a bad path, a size that does not fit) raise `fpstune.errors.BadInput`; an
     operation the adapter does not offer raises `NoModel`. Every message is one line.
@@ -200,12 +209,6 @@ def for_transformer(obj: Any) -> ModelAdapter | None:
     return next((a for a in _registry.values() if a.serves(transformer)), None)
 
 
-def unwrap(obj: Any) -> Any:
-    """A pipeline's transformer, without torch.compile's wrapper."""
-    transformer = getattr(obj, "transformer", obj)
-    return getattr(transformer, "_orig_mod", transformer)
-
-
 def _load_plugins() -> None:
     global _plugins_loaded
     with _lock:  # re-entrant: a plug-in module may look adapters up while it loads
@@ -246,6 +249,12 @@ class _WanFamily:
 
     name = ""
     end_to_end = False
+
+    @property
+    def routing(self) -> Routing:
+        from fpstune.models.processor import WAN
+
+        return WAN
 
     def serves(self, transformer: Any) -> bool:
         from diffusers import WanTransformer3DModel
@@ -500,12 +509,24 @@ def _same(have: Any, want: Any) -> bool:
     return list(have) == list(want) if isinstance(want, tuple) else bool(have == want)
 
 
-for _builtin in (SyntheticAdapter(), MiniAdapter(), WanDiffusersAdapter()):
+for _builtin in (
+    SyntheticAdapter(),
+    MiniAdapter(),
+    WanDiffusersAdapter(),
+    HunyuanVideoAdapter(),
+    HunyuanVideo15Adapter(),
+    CogVideoXAdapter(),
+    LTXVideoAdapter(),
+):
     register(_builtin)
 
 
 __all__ = [
     "ENTRY_POINT_GROUP",
+    "CogVideoXAdapter",
+    "HunyuanVideo15Adapter",
+    "HunyuanVideoAdapter",
+    "LTXVideoAdapter",
     "MiniAdapter",
     "ModelAdapter",
     "NoModel",

@@ -1,5 +1,7 @@
-"""`apply(pipe, policy)`: one call that makes a diffusers Wan pipeline (or a bare transformer) run
-an fpstune policy; `remove(pipe)` undoes it.
+"""`apply(pipe, policy)`: one call that makes a diffusers video pipeline (or a bare transformer) run
+an fpstune policy; `remove(pipe)` undoes it. Which modules are routed, how the grid is read and
+what the model's heads are comes from the adapter that serves the transformer
+(`fpstune.models.adapters.for_transformer`, its ``routing``: `fpstune.models.routing.Routing`).
 
 How the step and the grid reach the kernels without user bookkeeping: diffusers' pipelines wrap
 every transformer call in ``transformer.cache_context(name, step_index=i, num_inference_steps=n)``
@@ -7,7 +9,10 @@ and hand that `CacheContext` to every *stateful* hook of the transformer's `Hook
 mechanism its own caches use). fpstune registers one such hook; before each forward it reads the
 step index and the CFG pass name from the context and the latent-patch grid from the hidden
 states, checks them against the policy (a mismatch is refused at the first call, before any
-denoising work) and sets the router the self-attention processors ask.
+denoising work) and sets the router the self-attention processors ask. Pipelines that open
+``cache_context`` without a step index (diffusers' HunyuanVideo, CogVideoX, LTX-Video and Wan
+I2V pipelines) give the step through the pipeline `apply` was handed: the index of its current
+timestep (``pipe._current_timestep``, else the call's own) in ``pipe.scheduler.timesteps``.
 
 diffusers' attention-backend registry (``attention_dispatch``, ``set_attention_backend``) cannot
 carry fpstune: its backends are a closed enum and a backend is called with q, k, v only, never
@@ -33,12 +38,12 @@ The Wan family:
 - **I2V** (`WanImageToVideoPipeline`): the conditioning reaches self-attention as extra input
   channels (the patch embedding absorbs them) and, in 2.1, as CLIP image tokens in
   cross-attention only; self-attention keeps its video tokens, so the same processor serves it.
-  The policy's ``model.task`` (``t2v``, the default, or ``i2v``) must be the pipeline's
-  (`fpstune.models.wan.task_of`: by the pipeline's class; a bare transformer only where its
-  config says image-to-video). diffusers' I2V pipeline opens ``cache_context`` without a step
-  index: when `apply` was handed the pipeline, the hook then takes the step as the index of the
-  call's timestep in the pipeline's ``scheduler.timesteps`` (Wan's schedulers never repeat one)
-  and the step count as their number.
+  The policy's ``model.task`` (``t2v``, the default, or ``i2v``) must be the pipeline's (the
+  routing's ``task``; Wan's is `fpstune.models.wan.task_of`: by the pipeline's class, a bare
+  transformer where its config says image-to-video). diffusers' I2V pipeline opens
+  ``cache_context`` without a step index: when `apply` was handed the pipeline, the hook then
+  takes the step as the index of the call's timestep in the pipeline's ``scheduler.timesteps``
+  (Wan's schedulers never repeat one) and the step count as their number.
 """
 
 from __future__ import annotations
@@ -54,16 +59,11 @@ from diffusers.hooks.hooks import BaseState, StateManager
 from fpstune.kernels.policy import Policy
 from fpstune.models import adapters
 from fpstune.models.applied import HOOK_NAME, Applied, installed, undo
-from fpstune.models.processor import install, patch_grid
-from fpstune.models.router import AttentionRouter
-from fpstune.models.wan import task_of
+from fpstune.models.router import AttentionRouter, PolicyMismatch
+from fpstune.models.routing import Routing, install
 
 #: the pipeline attributes that hold a transformer (Wan 2.2 A14B: the two experts)
 EXPERTS = ("transformer", "transformer_2")
-
-
-class PolicyMismatch(ValueError):
-    """The pipeline is not what the policy was tuned for; ``str(e)`` names both values."""
 
 
 def apply(
@@ -73,30 +73,31 @@ def apply(
     fuse_rope: bool = True,
     allow_other_gpu: bool = False,
 ) -> Any:
-    """Route every self-attention of ``target`` (a diffusers Wan pipeline, both experts of a
-    two-expert one, or a bare ``WanTransformer3DModel``) through ``policy`` (a `Policy` or a
-    policy file, loaded with the hardware check; ``allow_other_gpu`` runs a policy tuned on
-    another GPU). Returns ``target``. Refused in one line (`PolicyMismatch`): a transformer whose
-    heads, head_dim or layers differ from the policy's, a pipeline of another task (here), a
-    video grid or a step count that differs (at the first transformer call, before any
-    denoising work)."""
+    """Route every self-attention of ``target`` (a diffusers pipeline of a family an adapter
+    serves, both experts of a two-expert Wan one, or a bare transformer) through ``policy``
+    (a `Policy` or a policy file, loaded with the hardware check; ``allow_other_gpu`` runs a
+    policy tuned on another GPU). Returns ``target``. Refused in one line (`PolicyMismatch`):
+    a transformer whose heads, head_dim or layers differ from the policy's, a pipeline of
+    another task (here), a video grid, a step count or a text length that differs (at the
+    first transformer call, before any denoising work)."""
     if not isinstance(policy, Policy):
         policy = Policy.load(policy, allow_other_gpu=allow_other_gpu)
     experts = _experts(target)
+    routings = {name: _routing(transformer) for name, transformer in experts.items()}
     for name, transformer in experts.items():
-        _check_model(transformer, policy, name if len(experts) > 1 else "the transformer")
-    _check_task(target, policy)
+        which = name if len(experts) > 1 else "the transformer"
+        _check_model(routings[name], transformer, policy, which)
+    _check_task(next(iter(routings.values())), target, policy)
     remove(target)  # idempotent: a second apply replaces the first
     router = AttentionRouter(policy=policy)
     pipeline = None if _is_transformer(target) else _weak(target)
-    for transformer in experts.values():
-        processors = {
-            f"blocks.{i}.attn1": block.attn1.processor for i, block in enumerate(transformer.blocks)
-        }
-        install(transformer, router, fuse_rope=fuse_rope)
+    for name, transformer in experts.items():
+        routing = routings[name]
+        processors = {name: module.processor for name, module in routing.modules(transformer)}
+        install(routing, transformer, router, fuse_rope)
         applied = Applied(policy=policy, router=router, processors=processors)
         registry = HookRegistry.check_if_exists_or_initialize(transformer)
-        registry.register_hook(_PolicyHook(applied, pipeline), HOOK_NAME)
+        registry.register_hook(_PolicyHook(applied, routing, pipeline), HOOK_NAME)
         transformer._fpstune = applied
     return target
 
@@ -117,14 +118,18 @@ def applied(target: Any) -> Applied | None:
 
 class _PolicyHook(ModelHook):
     """A stateful diffusers hook: it receives the pipeline's `CacheContext` and steers the
-    router before each forward. ``pipeline``: the pipeline `apply` was handed (weakly), whose
-    scheduler gives the step when the context has no step index."""
+    router before each forward. ``routing`` reads the call's grid; ``pipeline``: the pipeline
+    `apply` was handed (weakly), whose scheduler gives the step when the context has no step
+    index."""
 
     _is_stateful = True
 
-    def __init__(self, applied: Applied, pipeline: weakref.ref[Any] | None = None) -> None:
+    def __init__(
+        self, applied: Applied, routing: Routing, pipeline: weakref.ref[Any] | None = None
+    ) -> None:
         super().__init__()
         self.applied = applied
+        self.routing = routing
         self.pipeline = pipeline
         # diffusers sets the CacheContext on it (typed as an instance, it takes the class)
         self.context = StateManager(BaseState)  # type: ignore[arg-type]
@@ -135,7 +140,6 @@ class _PolicyHook(ModelHook):
 
     @torch.compiler.disable
     def pre_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         model = self.applied.policy.model
         try:
             ctx = self.context.context
@@ -143,8 +147,7 @@ class _PolicyHook(ModelHook):
             ctx = None
         step, steps = (None, None) if ctx is None else (ctx.step_index, ctx.num_inference_steps)
         if ctx is not None and step is None:
-            timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
-            step, steps = self._scheduler_step(timestep)
+            step, steps = self._scheduler_step(kwargs.get("timestep"))
             if step is None and self.pipeline is not None:
                 raise RuntimeError(
                     "fpstune.apply: the pipeline's cache_context gives no step index and the "
@@ -162,7 +165,7 @@ class _PolicyHook(ModelHook):
                 f"steps: the pipeline runs {steps} denoising steps, "
                 f"the policy was tuned for {model.steps}"
             )
-        grid = patch_grid(module, hidden)
+        grid = self.routing.grid(module, args, kwargs)
         if grid != tuple(model.grid):
             raise PolicyMismatch(
                 f"grid: the pipeline's latent-patch grid is {'x'.join(map(str, grid))}, the "
@@ -174,10 +177,14 @@ class _PolicyHook(ModelHook):
         return args, kwargs
 
     def _scheduler_step(self, timestep: Any) -> tuple[int | None, int | None]:
-        """(index of ``timestep`` in the pipeline's ``scheduler.timesteps``, their number), or
-        (None, None) without a pipeline or a single match. A per-token timestep (TI2V's
+        """(index of the pipeline's current timestep in its ``scheduler.timesteps``, their
+        number), or (None, None) without a pipeline or a single match. The current timestep is
+        the pipeline's ``_current_timestep`` (the scheduler's own value; HunyuanVideo casts
+        the one it passes to bf16), else the call's ``timestep``; a per-token one (TI2V's
         ``expand_timesteps``: 0 on conditioning frames) is the step's at its largest."""
         pipe = None if self.pipeline is None else self.pipeline()
+        current = getattr(pipe, "_current_timestep", None)
+        timestep = current if isinstance(current, torch.Tensor) else timestep
         timesteps = getattr(getattr(pipe, "scheduler", None), "timesteps", None)
         if not isinstance(timesteps, torch.Tensor) or not isinstance(timestep, torch.Tensor):
             return None, None
@@ -221,12 +228,23 @@ def _experts(target: Any, *, check: bool = True) -> dict[str, Any]:
     return found
 
 
-def _check_model(transformer: Any, policy: Policy, which: str) -> None:
-    config, model = transformer.config, policy.model
+def _routing(transformer: Any) -> Routing:
+    adapter = adapters.for_transformer(transformer)
+    routing = getattr(adapter, "routing", None)
+    if not isinstance(routing, Routing):
+        raise PolicyMismatch(
+            f"{type(transformer).__name__}: adapter {getattr(adapter, 'name', '?')} has no "
+            "routing, so fpstune.apply cannot install it"
+        )
+    return routing
+
+
+def _check_model(routing: Routing, transformer: Any, policy: Policy, which: str) -> None:
+    dims, model = routing.dims(transformer), policy.model
     for name, have, want in (
-        ("heads", config.num_attention_heads, model.heads),
-        ("head_dim", config.attention_head_dim, model.head_dim),
-        ("layers", config.num_layers, model.layers),
+        ("heads", dims.heads, model.heads),
+        ("head_dim", dims.head_dim, model.head_dim),
+        ("layers", dims.layers, model.layers),
     ):
         if int(have) != want:
             raise PolicyMismatch(
@@ -234,8 +252,8 @@ def _check_model(transformer: Any, policy: Policy, which: str) -> None:
             )
 
 
-def _check_task(target: Any, policy: Policy) -> None:
-    task, model = task_of(target), policy.model
+def _check_task(routing: Routing, target: Any, policy: Policy) -> None:
+    task, model = routing.task(target), policy.model
     if task is not None and task != model.task:
         what = type(target).__name__
         raise PolicyMismatch(

@@ -11,12 +11,16 @@ separate bf16 pass. Cross-attention (``attn2``, text tokens) is left to diffuser
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
+from fpstune.kernels.policy import Task
 from fpstune.kernels.rope import rotary
+from fpstune.models import routing
 from fpstune.models.router import AttentionRouter
+from fpstune.models.routing import Dims, Grid, divided, hidden_of
 
 
 class WanSelfAttention:
@@ -72,30 +76,50 @@ def _route(
     return processor.router.run(processor.layer, q, k, v, rope=rope).transpose(1, 2).contiguous()
 
 
+class WanRouting:
+    """`fpstune.models.routing.Routing` for ``WanTransformer3DModel``: every block's ``attn1``."""
+
+    def modules(self, transformer: Any) -> list[tuple[str, Any]]:
+        blocks = getattr(transformer, "blocks", None)
+        if blocks is None:
+            raise TypeError(f"{type(transformer).__name__} has no Wan transformer blocks")
+        return [(f"blocks.{i}.attn1", block.attn1) for i, block in enumerate(blocks)]
+
+    def processor(self, router: AttentionRouter, layer: int, *, fuse_rope: bool) -> Any:
+        return WanSelfAttention(router, layer, fuse_rope)
+
+    def original(self) -> Any:
+        from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+        return WanAttnProcessor()
+
+    def grid(self, transformer: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Grid:
+        return patch_grid(transformer, hidden_of(args, kwargs))
+
+    def dims(self, transformer: Any) -> Dims:
+        c = transformer.config
+        return Dims(int(c.num_attention_heads), int(c.attention_head_dim), int(c.num_layers))
+
+    def task(self, target: Any) -> Task | None:
+        from fpstune.models.wan import task_of
+
+        return task_of(target)
+
+
+WAN = WanRouting()
+
+
 def install(transformer: Any, router: AttentionRouter, fuse_rope: bool = True) -> int:
     """Patch every block's self-attention of a diffusers ``WanTransformer3DModel``; returns the
     number of layers patched. Idempotent: re-installing replaces the router. ``fuse_rope``: see
     `WanSelfAttention`."""
-    blocks = getattr(transformer, "blocks", None)
-    if blocks is None:
-        raise TypeError(f"{type(transformer).__name__} has no Wan transformer blocks")
-    for i, block in enumerate(blocks):
-        if getattr(block.attn1, "fused_projections", False):
-            raise ValueError(f"block {i}: fused q/k/v projections are not supported")
-        block.attn1.set_processor(WanSelfAttention(router, i, fuse_rope))
-    return len(blocks)
+    return routing.install(WAN, transformer, router, fuse_rope)
 
 
-def patch_grid(transformer: Any, latents: torch.Tensor) -> tuple[int, int, int]:
+def patch_grid(transformer: Any, latents: torch.Tensor) -> Grid:
     """The (T, H, W) latent-patch grid of ``latents`` (batch, channels, frames, height, width)."""
-    p_t, p_h, p_w = transformer.config.patch_size
-    _, _, f, h, w = latents.shape
-    if f % p_t or h % p_h or w % p_w:
-        raise ValueError(
-            f"latents {tuple(latents.shape)} are not divisible by the patch size "
-            f"{tuple(transformer.config.patch_size)}"
-        )
-    return (f // p_t, h // p_h, w // p_w)
+    patch = tuple(transformer.config.patch_size)
+    return divided(tuple(latents.shape[2:]), patch, f"latents {tuple(latents.shape)}: sizes")
 
 
-__all__ = ["WanSelfAttention", "install", "patch_grid"]
+__all__ = ["WAN", "WanRouting", "WanSelfAttention", "install", "patch_grid"]

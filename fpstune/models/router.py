@@ -5,6 +5,10 @@ knows its own index and asks `spec_for(layer)`. With no policy every call runs B
 reference). With ``track_errors`` each call also runs the BF16-dense reference on the same
 q, k, v and accumulates the relative L2 of the output per (layer, step): the "local" error of
 the policy along its own trajectory, stored as trial attributes.
+
+Joint text + video calls (HunyuanVideo, CogVideoX) pass `Text`: where the prompt's tokens sit
+in the sequence and the prompt mask. A policy's ``model.text`` must be the call's text length
+(`PolicyMismatch` at the first call otherwise).
 """
 
 from __future__ import annotations
@@ -16,15 +20,30 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fpstune.kernels import AttentionSpec, Mode, attention
+from fpstune.kernels import AttentionSpec, Mode, attention, prompt_key_mask
 from fpstune.kernels.rope import Rope, rotate_qk
 
 DENSE = AttentionSpec(mode=Mode.BF16_DENSE)
 
 
+class PolicyMismatch(ValueError):
+    """The pipeline is not what the policy was tuned for; ``str(e)`` names both values."""
+
+
+@dataclass(frozen=True)
+class Text:
+    """The prompt's tokens inside a self-attention call: ``tokens`` of them after the video
+    (``first``: before it), ``mask`` (batch, tokens) bool where the model masks padding."""
+
+    tokens: int
+    first: bool = False
+    mask: torch.Tensor | None = None
+
+
 @dataclass
 class AttentionRouter:
-    """policy: a `fpstune.kernels.Policy` (or None: BF16-dense everywhere)."""
+    """policy: a `fpstune.kernels.Policy`, anything with its ``spec(layer=, step=)`` (benchmarks,
+    tests; no text-length check then), or None: BF16-dense everywhere."""
 
     policy: Any = None
     grid: tuple[int, int, int] | None = None
@@ -52,15 +71,25 @@ class AttentionRouter:
         k: torch.Tensor,
         v: torch.Tensor,
         rope: Rope | None = None,
+        text: Text | None = None,
     ) -> torch.Tensor:
         """Attention for ``layer`` at the current step; q, k, v as (batch, heads, tokens, dim).
-        ``rope`` (cos, sin): q and k are not rotated yet; `attention` rotates them (fused into
-        the pre-pass on the GPU). An observer sees them rotated."""
+        ``rope`` (cos, sin) over the video tokens: q and k are not rotated yet; `attention`
+        rotates them (fused into the pre-pass on the GPU). An observer sees them rotated.
+        ``text``: the call holds the prompt's tokens too (joint attention)."""
         if self.grid is None:
             raise RuntimeError("AttentionRouter.grid is not set: the loop sets it per video shape")
+        n_text, first = (0, False) if text is None else (text.tokens, text.first)
+        mask = None if text is None else text.mask
+        model = getattr(self.policy, "model", None)  # a stand-in with only ``spec`` says none
+        if model is not None and n_text != model.text:
+            raise PolicyMismatch(
+                f"model.text: the model attends to {n_text} text tokens with the video, the "
+                f"policy ({model.name}) was tuned for {model.text}"
+            )
         if self.observer is not None:
             if rope is not None:
-                (q, k), rope = rotate_qk(q, k, rope), None
+                (q, k), rope = rotate_qk(q, k, rope, text=n_text, text_first=first), None
             self.observer(layer, self.step, q, k, v)
         spec = self.spec_for(layer)
         key = (layer, self.step)
@@ -72,11 +101,13 @@ class AttentionRouter:
             # The model's own attention, as diffusers runs it on every device (SDPA, RoPE in
             # the input dtype): a BF16 cell reproduces the unpatched model bit for bit.
             if rope is not None:
-                q, k = rotate_qk(q, k, rope)
-            return F.scaled_dot_product_attention(q, k, v).to(dtype)
-        out = attention(q, k, v, grid=self.grid, spec=spec, rope=rope)
+                q, k = rotate_qk(q, k, rope, text=n_text, text_first=first)
+            key_mask = None if mask is None else prompt_key_mask(mask, q.shape[2], first)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask).to(dtype)
+        joint = {"text": n_text, "text_first": first, "text_mask": mask}
+        out = attention(q, k, v, grid=self.grid, spec=spec, rope=rope, **joint)
         if self.track_errors and spec.mode is not Mode.BF16_DENSE:
-            ref = attention(q, k, v, grid=self.grid, spec=DENSE, rope=rope).float()
+            ref = attention(q, k, v, grid=self.grid, spec=DENSE, rope=rope, **joint).float()
             sums = torch.stack(((out.float() - ref).square().sum(), ref.square().sum())).double()
             prev = self._err.get(key)
             self._err[key] = sums if prev is None else prev + sums
@@ -99,4 +130,4 @@ class AttentionRouter:
         ]
 
 
-__all__ = ["DENSE", "AttentionRouter"]
+__all__ = ["DENSE", "AttentionRouter", "PolicyMismatch", "Text"]

@@ -21,7 +21,6 @@ gives them) so that `model_shape` of that config gives the pipeline's grid.
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Mapping
@@ -33,6 +32,7 @@ import torch
 
 from fpstune.errors import BadInput, one_line
 from fpstune.kernels.policy import ModelShape, Task
+from fpstune.models.family import read_json
 
 TRANSFORMER = "transformer"
 SCHEDULER = "scheduler"
@@ -85,7 +85,7 @@ def transformer_config(root: Path) -> dict[str, Any]:
     tdir = root / TRANSFORMER
     if not tdir.is_dir():
         raise BadInput(f"{tdir}: no transformer subfolder (expected a diffusers Wan checkpoint)")
-    config = _read_json(tdir / "config.json", what="transformer config")
+    config = read_json(tdir / "config.json", what="transformer config")
     keys = ("patch_size", "in_channels", "num_attention_heads", "attention_head_dim")
     for key in (*keys, "num_layers", "text_dim"):
         if key not in config:
@@ -216,7 +216,7 @@ def vae_scale(root: Path) -> VaeScale:
     file = root / "vae" / "config.json"
     if not file.is_file():
         return VaeScale()
-    cfg = _read_json(file, what="VAE config")
+    cfg = read_json(file, what="VAE config")
     down = cfg.get("temperal_downsample")  # sic: diffusers' spelling
     temporal = cfg.get("scale_factor_temporal") or (2 ** sum(map(bool, down)) if down else 4)
     # Wan 2.2's VAE patchifies 2 x 2 before its downsampling stages (16 x in all)
@@ -293,7 +293,7 @@ def _is_two_expert(root: Path) -> bool:
     file = root / "model_index.json"
     if not file.is_file():
         return False
-    index = _read_json(file, what="pipeline index")
+    index = read_json(file, what="pipeline index")
     second = index.get("transformer_2")
     return isinstance(second, list) and any(x is not None for x in second)
 
@@ -301,7 +301,7 @@ def _is_two_expert(root: Path) -> bool:
 def _weight_files(tdir: Path) -> list[Path]:
     index = tdir / WEIGHTS_INDEX
     if index.is_file():
-        data = _read_json(index, what="weight index")
+        data = read_json(index, what="weight index")
         shards = data.get("weight_map")
         if not isinstance(shards, dict) or not shards:
             raise BadInput(f"{index}: weight_map: missing or empty")
@@ -332,19 +332,7 @@ def _scheduler_config(root: Path) -> tuple[Path, dict[str, Any]]:
     if not sdir.is_dir():
         raise BadInput(f"{sdir}: no scheduler subfolder (expected a diffusers Wan checkpoint)")
     file = sdir / SCHEDULER_CONFIG
-    return file, _read_json(file, what="scheduler config")
-
-
-def _read_json(file: Path, *, what: str) -> dict[str, Any]:
-    if not file.is_file():
-        raise BadInput(f"{file}: no {what}")
-    try:
-        data = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BadInput(f"{file}: not a JSON {what}: {one_line(e)}") from None
-    if not isinstance(data, dict):
-        raise BadInput(f"{file}: not a JSON {what} (expected an object)")
-    return data
+    return file, read_json(file, what="scheduler config")
 
 
 __all__ = [

@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fpstune.kernels import AttentionSpec, BlockIndex, KernelConfig, Mode, TileLayout
 from fpstune.kernels.patterns import block_index, tile_means
@@ -363,13 +364,16 @@ JOINT_CASES: dict[str, tuple[dict[str, Any], str, torch.dtype, int, bool, str, b
          "sparsity": 0.6}, "structured", torch.bfloat16, 23, True, "per_batch", False),
     "joint_fp8_topk_masked": (
         {"mode": "fp8_sparse", "tile": (1, 4, 4), "pattern": {"kind": "topk"}, "sparsity": 0.5},
-        "random", torch.bfloat16, 9, False, "same", False),
+        "random", torch.bfloat16, 9, False, "per_batch", False),
     "joint_bf16_window_masked": (
         {"mode": "bf16_sparse", "tile": (1, 4, 8), "pattern": {"kind": "window"},
          "sparsity": 0.5}, "structured", torch.float16, 37, False, "per_batch", False),
     "joint_fp8_window_rope": (
         {"mode": "fp8_sparse", "tile": (1, 4, 4), "pattern": {"kind": "window"},
          "sparsity": 0.5}, "structured", torch.bfloat16, 13, True, "none", True),
+    "joint_fp8_topk_rope": (
+        {"mode": "fp8_sparse", "tile": (1, 4, 4), "pattern": {"kind": "topk"}, "sparsity": 0.5},
+        "structured", torch.bfloat16, 19, False, "none", True),
 }  # fmt: skip
 
 
@@ -394,6 +398,14 @@ def prompt_mask(kind: str, batch: int, text: int) -> torch.Tensor | None:
         return None
     real = [text - 3, text // 2] if kind == "per_batch" else [text // 2] * batch
     return torch.arange(text).unsqueeze(0) < torch.tensor(real[:batch]).unsqueeze(1)
+
+
+def _stacked(per_element: list[BlockIndex]) -> BlockIndex:
+    """Per-batch-element block indices as one (B, H, q tiles, width) index."""
+    width = max(x.kv_index.shape[-1] for x in per_element)
+    index = [F.pad(x.kv_index, (0, width - x.kv_index.shape[-1])) for x in per_element]
+    count = [x.kv_count for x in per_element]
+    return BlockIndex(torch.cat(index), torch.cat(count))
 
 
 def run_joint_case(
@@ -423,11 +435,21 @@ def run_joint_case(
     out = torch.full(q.shape, float("nan"), dtype=q.dtype, device=device)  # poisoned
     blocks = None
     if spec.pattern is not None and spec.pattern.kind != "window":
-        # One launch, so that the reference can be handed the blocks the pre-pass chose.
-        one = None if mask is None else mask[0]
-        prep = prepare(q, k, v, layout=layout, spec=spec, text_mask=one, impl=cfg.impl)
-        blocks = prep.blocks
-        attend(prep, **cfg.model_dump(), scale=d**-0.5, out_dtype=q.dtype, out=out)
+        # Launched here, so that the reference can be handed the blocks the pre-pass chose: one
+        # launch per batch element where the prompt masks differ (as `fused_attention` does).
+        same = mask is None or bool((mask == mask[:1]).all())
+        parts = [slice(None)] if same else [slice(i, i + 1) for i in range(b)]
+        chosen = []
+        for part in parts:
+            one = None if mask is None else mask[part][0]
+            prep = prepare(
+                q[part], k[part], v[part], layout=layout, spec=spec, text_mask=one,
+                impl=cfg.impl, rope=tables,  # type: ignore[arg-type]
+            )  # fmt: skip
+            assert prep.blocks is not None
+            chosen.append(prep.blocks)
+            attend(prep, **cfg.model_dump(), scale=d**-0.5, out_dtype=q.dtype, out=out[part])
+        blocks = chosen[0] if same else _stacked(chosen)
     else:
         fused_attention(
             q, k, v, layout=layout, spec=spec, config=cfg, scale=d**-0.5, out=out,

@@ -26,7 +26,15 @@ from fpstune.models.router import AttentionRouter
 from fpstune.spec import BadInput, load_study
 
 ROOT = Path(__file__).resolve().parents[2]
-BUILTIN = ("mini", "synthetic", "wan-diffusers")
+BUILTIN = (
+    "cogvideox",
+    "hunyuanvideo",
+    "hunyuanvideo-1.5",
+    "ltx-video",
+    "mini",
+    "synthetic",
+    "wan-diffusers",
+)
 
 
 @pytest.fixture
@@ -47,7 +55,7 @@ def test_registry_round_trip(registry: None) -> None:
     toy = Toy()
     assert adapters.register(toy) is toy
     assert adapters.get("toy") is toy
-    assert adapters.names() == ("mini", "synthetic", "toy", "wan-diffusers")
+    assert adapters.names() == tuple(sorted((*BUILTIN, "toy")))
     with pytest.raises(ValueError, match=r"^adapter 'toy' is already registered \(Toy\)$"):
         adapters.register(Toy())
     again = adapters.register(Toy(), replace=True)
@@ -59,7 +67,7 @@ def test_registry_round_trip(registry: None) -> None:
 def test_unknown_name_is_one_line_listing_the_registered(registry: None) -> None:
     with pytest.raises(adapters.UnknownAdapter) as e:
         adapters.get("hf")
-    assert str(e.value) == "unknown adapter 'hf' (registered: mini, synthetic, wan-diffusers)"
+    assert str(e.value) == f"unknown adapter 'hf' (registered: {', '.join(BUILTIN)})"
 
 
 def test_synthetic_has_no_model() -> None:
@@ -107,13 +115,13 @@ def plugin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, registry: None) -> A
 
 def test_an_entry_point_plugs_in_an_adapter(plugin: Any) -> None:
     with pytest.warns(RuntimeWarning, match=r"entry point 'broken' .* skipped"):
-        assert adapters.names() == ("mini", "synthetic", "toy-video", "wan-diffusers")
+        assert adapters.names() == tuple(sorted((*BUILTIN, "toy-video")))
     toy = adapters.get("toy-video")
     assert type(toy).__name__ == "ToyAdapter"
     assert adapters.for_transformer(plugin.ToyNet()) is toy
     with pytest.raises(adapters.UnknownAdapter, match=r"its entry point failed to load: .*missing"):
         adapters.get("broken")
-    assert adapters.names() == ("mini", "synthetic", "toy-video", "wan-diffusers")  # read once
+    assert adapters.names() == tuple(sorted((*BUILTIN, "toy-video")))  # read once
 
 
 def test_a_study_names_a_plugged_in_adapter_with_end_to_end(plugin: Any, tmp_path: Path) -> None:
@@ -191,21 +199,10 @@ def test_install_and_remove_routing(checkpoint: Path) -> None:
 
 
 def test_apply_refuses_a_transformer_no_adapter_serves() -> None:
-    from diffusers import CogVideoXTransformer3DModel
+    class OtherTransformer3DModel(torch.nn.Module):
+        """A video transformer class no built-in adapter knows."""
 
-    other = CogVideoXTransformer3DModel(
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=4,
-        out_channels=4,
-        text_embed_dim=16,
-        num_layers=1,
-        time_embed_dim=16,
-        sample_width=8,
-        sample_height=8,
-        sample_frames=5,
-        patch_size=2,
-    )
+    other = OtherTransformer3DModel()
     shape = ModelShape(name="x", heads=2, head_dim=8, layers=1, grid=(2, 4, 4), steps=2, cfg=1)
     policy = Policy(
         model=shape,
@@ -215,8 +212,8 @@ def test_apply_refuses_a_transformer_no_adapter_serves() -> None:
     with pytest.raises(PolicyMismatch) as e:
         fpstune.apply(other, policy)
     assert str(e.value) == (
-        "CogVideoXTransformer3DModel: no fpstune adapter serves this model class "
-        "(registered adapters: mini, synthetic, wan-diffusers)"
+        "OtherTransformer3DModel: no fpstune adapter serves this model class "
+        f"(registered adapters: {', '.join(BUILTIN)})"
     )
     assert adapters.for_transformer(other) is None
 

@@ -106,7 +106,7 @@ def test_toy_knob_value_reaches_the_launch(
     x = torch.zeros(1, 128, 64, dtype=torch.bfloat16)
     one = torch.ones(1, 1, 1, dtype=torch.int32)
     prep = Prepared(x, x, x, None, None, None, None, KvList(one, one, one), layout, spec,
-                    (1, 1, 128, 64))  # fmt: skip
+                    (1, 1, 128, 64), torch.zeros(128))  # fmt: skip
     for value in toy.choices:
         config = KernelConfig(block_m=64, block_n=64, num_warps=4, num_stages=2, knobs={TOY: value})
         attend(prep, **config.model_dump(), scale=0.125, out_dtype=torch.bfloat16)

@@ -311,7 +311,8 @@ CORPUS: list[Case] = [
         _set("model.adapter", "hf"),
         "study",
         "model.adapter",
-        "unknown adapter 'hf' (registered: mini, synthetic, wan-diffusers)",
+        "unknown adapter 'hf' (registered: cogvideox, hunyuanvideo, hunyuanvideo-1.5, ltx-video, "
+        "mini, synthetic, wan-diffusers)",
     ),
     Case("adapter-not-a-string", _set("model.adapter", 3), "study", "model.adapter", "string"),
     Case("missing-trials", _set("trials", _DELETE), "study", "trials", "required key is missing"),
