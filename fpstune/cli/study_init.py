@@ -191,7 +191,8 @@ def study_init_cmd(
     t, h, w = shape.grid
     typer.echo(
         f"{out}: study {sname} ({chosen.name}): {shape.heads} heads x {shape.head_dim}, "
-        f"{shape.layers} layers, grid {t}x{h}x{w} ({t * h * w} tokens), {shape.steps} steps, "
+        f"{shape.layers} layers, grid {t}x{h}x{w} ({t * h * w} tokens"
+        f"{f' + {shape.text} text' if shape.text else ''}), {shape.steps} steps, "
         f"cfg {shape.cfg}; next: fpstune study run {out}"
     )
 
@@ -397,16 +398,11 @@ def _comment(
     )
 
 
-def _task_line(shape: ModelShape) -> str:
-    """``task`` when the shape has one other than t2v (the default), and studies can say it."""
-    from fpstune.spec.study import ModelSpec
-
-    task = getattr(shape, "task", "t2v")
-    if task == "t2v":
-        return ""
-    if "task" not in ModelSpec.model_fields:
-        raise BadInput(f"model: task {task}: study files cannot name a task yet (t2v only)")
-    return f"  task: {task}\n"
+def _task_and_text(shape: ModelShape) -> str:
+    """The ``task`` and ``text`` lines where they are not the defaults (t2v, no joint text)."""
+    task = "" if shape.task == "t2v" else f"  task: {shape.task}\n"
+    text = "" if not shape.text else f"  text: {shape.text}          # text tokens per joint call\n"
+    return task + text
 
 
 def render(
@@ -460,7 +456,7 @@ def render(
         f"  grid: [{t}, {h}, {w}]\n"
         f"  steps: {shape.steps}\n"
         f"  cfg: {shape.cfg}\n"
-        f"{_task_line(shape)}"
+        f"{_task_and_text(shape)}"
         "  batch: 1\n"
         f"kernel_space: {q(kernel)}\n"
         f"schedule_space: {q(schedule)}\n"

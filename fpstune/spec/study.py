@@ -35,7 +35,7 @@ from pydantic import (
 )
 
 from fpstune.errors import one_line
-from fpstune.kernels.policy import ModelShape
+from fpstune.kernels.policy import MAX_TEXT, ModelShape, Task
 from fpstune.quality import registry
 from fpstune.quality.registry import Direction
 from fpstune.spec.loading import BadInput, load_model, read_mapping, show, validate
@@ -75,7 +75,10 @@ class ModelSpec(Frozen):
     """The model whose attention is tuned: its adapter and attention shape.
 
     ``cfg`` is the number of attention passes per layer and step (2 with classifier-free
-    guidance); ``batch`` the batch size one pass runs.
+    guidance); ``batch`` the batch size one pass runs; ``task`` and ``text`` go to the exported
+    policy's model section as they are (`fpstune.kernels.policy.ModelShape`): what the pipeline
+    generates, and the text tokens each joint text + video attention call holds (0 where text
+    reaches the video by cross-attention only).
     """
 
     name: Annotated[str, Field(min_length=1, pattern=_NAME_PATTERN)]
@@ -87,6 +90,8 @@ class ModelSpec(Frozen):
     steps: Annotated[int, Strict(), Field(ge=1, le=1000)]
     cfg: Annotated[int, Strict(), Field(ge=1, le=8)]
     batch: PosInt = 1
+    task: Task = "t2v"
+    text: Annotated[int, Strict(), Field(ge=0, le=MAX_TEXT)] = 0
 
     @field_validator("adapter")
     @classmethod
@@ -111,6 +116,8 @@ class ModelSpec(Frozen):
             grid=self.grid,
             steps=self.steps,
             cfg=self.cfg,
+            task=self.task,
+            text=self.text,
         )
 
 

@@ -119,6 +119,44 @@ def test_defaults_are_the_shipped_wan_study(tmp_path: Path) -> None:
     assert load_study(written).model.cfg == 1
 
 
+#: Published transformer configs (diffusers format, the fields `study init` reads) at a native
+#: resolution: (config, WxH, frames, grid, text tokens per joint call).
+FAMILIES = {
+    "hunyuanvideo": (
+        {"_class_name": "HunyuanVideoTransformer3DModel", "num_attention_heads": 24,
+         "attention_head_dim": 128, "num_layers": 20, "num_single_layers": 40, "patch_size": 2,
+         "patch_size_t": 1, "in_channels": 16, "out_channels": 16},
+        "1280x720", 129, (33, 45, 80), 256),
+    "cogvideox": (
+        {"_class_name": "CogVideoXTransformer3DModel", "num_attention_heads": 48,
+         "attention_head_dim": 64, "num_layers": 42, "patch_size": 2, "in_channels": 16,
+         "out_channels": 16, "max_text_seq_length": 226, "use_rotary_positional_embeddings": True},
+        "720x480", 49, (13, 30, 45), 226),
+    "ltx-video": (
+        {"_class_name": "LTXVideoTransformer3DModel", "num_attention_heads": 32,
+         "attention_head_dim": 64, "num_layers": 28, "patch_size": 1, "patch_size_t": 1,
+         "in_channels": 128, "out_channels": 128},
+        "768x512", 121, (16, 16, 24), 0),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("adapter", list(FAMILIES))
+def test_init_serves_the_joint_attention_families(adapter: str, tmp_path: Path) -> None:
+    """The adapter comes from the config's class; the study's model carries the text tokens of
+    each joint call into the exported policy (`ModelSpec.shape`), as `fpstune.apply` checks."""
+    config, resolution, frames, grid, text = FAMILIES[adapter]
+    ckpt = _config_only(tmp_path / adapter, config)
+    run = fpstune(
+        "study", "init", str(ckpt), "--resolution", resolution, "--frames", str(frames),
+        "-o", "s.yaml", cwd=tmp_path,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert f"({adapter})" in run.stdout and "x".join(map(str, grid)) in run.stdout
+    spec = load_study(tmp_path / "s.yaml")
+    assert (spec.model.adapter, spec.model.grid, spec.model.text) == (adapter, grid, text)
+    assert spec.model.shape().text == text
+
+
 def test_calibration_names_the_captures_cells(pipeline64_dir: Path, tmp_path: Path) -> None:
     width, height, frames = SMALL
     calib = tmp_path / "cap" / "calib.safetensors"
