@@ -95,6 +95,27 @@ def test_wan_shapes_match_the_anchors(
     )
 
 
+@pytest.mark.parametrize(
+    ("stem", "adapter", "heads", "head_dim", "layers", "grid", "cfg", "text"),
+    [
+        ("hunyuanvideo-t2v-13b-720p", "hunyuanvideo", 24, 128, 60, (33, 45, 80), 1, 256),
+        ("cogvideox-5b-480p", "cogvideox", 48, 64, 42, (13, 30, 45), 2, 226),
+        ("ltx-video-2b-512p", "ltx-video", 32, 64, 28, (16, 16, 24), 2, 0),
+    ],
+)
+def test_joint_family_studies_match_the_published_configs(
+    stem: str, adapter: str, heads: int, head_dim: int, layers: int,
+    grid: tuple[int, int, int], cfg: int, text: int,
+) -> None:  # fmt: skip
+    """HunyuanVideo 720p x 129 frames (guidance-distilled: one pass), CogVideoX-5B 720x480 x 49,
+    LTX-Video 768x512 x 121; the text tokens each joint call holds reach the policy."""
+    m = load_study(ROOT / "studies" / f"{stem}.yaml").model
+    assert (m.adapter, m.heads, m.head_dim, m.layers, m.grid, m.steps, m.cfg, m.text) == (
+        adapter, heads, head_dim, layers, grid, 50, cfg, text,
+    )  # fmt: skip
+    assert m.shape().text == text
+
+
 def test_mini_study() -> None:
     study = load_study(ROOT / "studies" / "mini.yaml")
     m = study.model
