@@ -507,23 +507,25 @@ def _run_app() -> tuple[int, str | None]:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    from fpstune.run.controller import TooManyFailures
-    from fpstune.run.pool import WorkerStartError
-    from fpstune.storage import StorageUnavailable, db_error_line
-
     try:
         code = app(standalone_mode=False)
     except BAD_INPUT_ERRORS as e:
         return 2, str(e)
-    except StorageUnavailable as e:
-        return 1, e.naming(_storage_arg(sys.argv[1:]))
-    except (WorkerStartError, TooManyFailures) as e:
-        return 1, str(e)
     except typer.Abort:
         return 130, None
     except Exception as e:
         import click
 
+        # The run side's errors (imported here, not above: `--help` and bad input need neither
+        # Ray nor SQLAlchemy; a command that raised one has imported its module already).
+        from fpstune.run.controller import TooManyFailures
+        from fpstune.run.pool import WorkerStartError
+        from fpstune.storage import StorageUnavailable, db_error_line
+
+        if isinstance(e, StorageUnavailable):
+            return 1, e.naming(_storage_arg(sys.argv[1:]))
+        if isinstance(e, WorkerStartError | TooManyFailures):
+            return 1, str(e)
         if isinstance(e, click.exceptions.Exit | typer.Exit):
             return e.exit_code, None
         # click's errors, or those of the click that typer vendors: one line naming the option

@@ -36,12 +36,14 @@ from fpstune.latency.measure import Timing, measure
 
 #: name: (batch, heads, latent patch grid (frames, height, width), head_dim) of a model's video
 #: self-attention: Wan2.1 at 81 frames (1.3B at 480p and 720p, 14B at 720p); HunyuanVideo 720p
-#: (129 frames); CogVideoX-5B (49 frames, 720x480); LTX-Video (161 frames, 704x480).
+#: (129 frames; ``hunyuan-720p-video``: its video tokens alone, to price the text); CogVideoX-5B
+#: (49 frames, 720x480); LTX-Video (161 frames, 704x480).
 SHAPES: dict[str, tuple[int, int, tuple[int, int, int], int]] = {
     "480p": (1, 12, (21, 30, 52), 128),
     "720p": (1, 12, (21, 45, 80), 128),
     "720p-14b": (1, 40, (21, 45, 80), 128),
     "hunyuan-720p": (1, 24, (33, 45, 80), 128),
+    "hunyuan-720p-video": (1, 24, (33, 45, 80), 128),
     "cogvideox-5b": (1, 48, (13, 30, 45), 64),
     "ltx-video": (1, 32, (21, 15, 22), 64),
 }

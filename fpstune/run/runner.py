@@ -11,7 +11,6 @@ from typing import Any
 import ray
 
 from fpstune.errors import BadInput
-from fpstune.models import mini
 from fpstune.quality.calibration import CalibrationError, load_calibration
 from fpstune.run.controller import Controller, RunSummary, ensure_ray
 from fpstune.run.pool import WorkerPool
@@ -157,6 +156,8 @@ def check_weights(spec: StudySpec, study_file: Path) -> None:
         shapes = check_safetensors(weights, what="weights file", error=BadInput)
     except BadInput as e:
         raise BadInput(f"{field}: {e}") from None
+    from fpstune.models import mini  # diffusers: only for a weights file
+
     packaged = mini.packaged_weights()
     if spec.model.adapter == "mini" and packaged.is_file():
         expected = check_safetensors(packaged, what="packaged weights", error=BadInput)
