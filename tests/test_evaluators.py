@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 from pathlib import Path
@@ -229,6 +230,22 @@ def test_kernel_evaluator_flow_on_the_cpu_test_path() -> None:
         )
     with pytest.raises(CandidateError, match="kernel candidate"):
         KernelCandidate.from_attr({"stage": "schedule", "policy": {}})
+
+
+def test_kernel_evaluator_times_a_joint_text_video_call() -> None:
+    """A joint model's kernel stage times the call with its text tokens in it (HunyuanVideo,
+    CogVideoX): inputs of T*H*W + text tokens, ``attention(..., text=)``; the row keeps the text."""
+    joint = dataclasses.replace(TINY, text=13)
+    ev = KernelEvaluator(joint, device="cpu", warmup=1, reps=20, allow_cpu=True)
+    spec = {"mode": "fp8_dense", "tile": [1, 4, 8], "kernel": K32.model_dump()}
+    result = ev.evaluate(KernelCandidate.from_attr({"stage": "kernel", "spec": spec}))
+    attrs = json.loads(json.dumps(result.attrs))
+    row = LatencyTable.in_memory().record_evaluation(attrs, study="s:kernel:fp8_dense", trial=0)
+    assert row.shape == joint and row.shape.tokens == 64 + 13
+    from fpstune.spec.study import load_study
+
+    hunyuan = load_study(REPO / "studies" / "hunyuanvideo-t2v-13b-720p.yaml").model
+    assert AttentionShape.of_model(hunyuan).text == 256
 
 
 # -- from the study file --------------------------------------------------------------------------

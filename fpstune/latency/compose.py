@@ -288,7 +288,7 @@ class MeasuredLatency:
         if hit is None:
             q, k, v = self._qkv(shape)
             timing = measure(
-                lambda: attention(q, k, v, grid=shape.grid, spec=used),
+                lambda: attention(q, k, v, grid=shape.grid, spec=used, text=shape.text),
                 warmup=self.warmup,
                 reps=self.reps,
                 device=self.device,

@@ -27,7 +27,7 @@ def measure_policy_run(
         raise ValueError("an end-to-end latency run needs a GPU")
     m = policy.model
     g = torch.Generator(device=device).manual_seed(seed)
-    shape = (batch, m.heads, m.grid[0] * m.grid[1] * m.grid[2], m.head_dim)
+    shape = (batch, m.heads, m.grid[0] * m.grid[1] * m.grid[2] + m.text, m.head_dim)
     sets = [
         tuple(torch.randn(shape, device=device, dtype=torch.bfloat16, generator=g) for _ in "qkv")
         for _ in range(2)
@@ -42,7 +42,7 @@ def measure_policy_run(
     def run_once() -> None:
         for i, spec in enumerate(plan):
             q, k, v = sets[i % 2]
-            attention(q, k, v, grid=m.grid, spec=spec)
+            attention(q, k, v, grid=m.grid, spec=spec, text=m.text)
 
     run_once()  # compiles every kernel the policy uses
     torch.cuda.synchronize(device)

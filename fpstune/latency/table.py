@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import os
 import time
 from collections.abc import Iterable, Mapping
@@ -79,7 +80,7 @@ class LatencyRecord(Base):
     # the call
     batch: Mapped[int]
     heads: Mapped[int]
-    tokens: Mapped[int]
+    tokens: Mapped[int]  # T*H*W + text tokens: a joint call's text is tokens - T*H*W
     head_dim: Mapped[int]
     grid: Mapped[str] = mapped_column(sa.String(64))  # "21x45x80"
     mode: Mapped[str] = mapped_column(sa.String(16))
@@ -389,6 +390,7 @@ def _to_record(r: LatencyRow) -> LatencyRecord:
 
 
 def _from_record(rec: LatencyRecord) -> LatencyRow:
+    grid = tuple(int(x) for x in rec.grid.split("x"))
     return LatencyRow(
         fingerprint=HardwareFingerprint(
             gpu=rec.gpu,
@@ -403,7 +405,8 @@ def _from_record(rec: LatencyRecord) -> LatencyRow:
             batch=rec.batch,
             heads=rec.heads,
             head_dim=rec.head_dim,
-            grid=tuple(int(x) for x in rec.grid.split("x")),  # type: ignore[arg-type]
+            grid=grid,  # type: ignore[arg-type]
+            text=rec.tokens - math.prod(grid),
         ),
         spec=AttentionSpec.from_dict(json.loads(rec.spec)),
         median_ms=rec.median_ms,

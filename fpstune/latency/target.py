@@ -39,7 +39,11 @@ class TargetShapeLatency:
         return cls(
             inner,
             target=AttentionShape(
-                batch=model.batch, heads=target.heads, head_dim=target.head_dim, grid=target.grid
+                batch=model.batch,
+                heads=target.heads,
+                head_dim=target.head_dim,
+                grid=target.grid,
+                text=getattr(target, "text", 0) or 0,
             ),
             scale=(target.layers * target.steps) / (model.layers * model.steps),
         )

@@ -116,10 +116,10 @@ class KernelEvaluator:
             if reasons:
                 raise CandidateError("infeasible: " + "; ".join(reasons))
         sets = self._inputs()
-        grid = self.shape.grid
+        grid, text = self.shape.grid, self.shape.text
 
         def call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            return attention(q, k, v, grid=grid, spec=run)
+            return attention(q, k, v, grid=grid, spec=run, text=text)
 
         out = _run_checked(lambda: call(*sets[0]), what=run.describe())
         if not bool(torch.isfinite(out).all()):

@@ -224,6 +224,26 @@ class TestLatencyTableContract:
         assert other.rows() == table.rows(source="measured") == read_json(path)
         table.engine.dispose()
 
+    def test_joint_text_video_rows_are_their_own_shape(self, db_url: str, tmp_path: Path) -> None:
+        """A joint call's text tokens (HunyuanVideo, CogVideoX) round-trip through the database
+        and JSON, and a lookup never answers a joint shape with a video-only row or back."""
+        joint = dataclasses.replace(SHAPE, text=77)
+        table = LatencyTable.from_url(db_url)
+        table.record(fingerprint=H100, shape=SHAPE, spec=BF16, timing=gpu_timing(2.0))
+        table.record(fingerprint=H100, shape=joint, spec=BF16, timing=gpu_timing(2.5))
+        rows = LatencyTable.from_url(db_url).rows()
+        assert [(r.shape.text, r.shape.tokens) for r in rows] == [(0, 960), (77, 1037)]
+        assert table.best(joint, Mode.BF16_DENSE, gpu=H100).median_ms == 2.5
+        assert table.best(SHAPE, Mode.BF16_DENSE, gpu=H100).median_ms == 2.0
+        with pytest.raises(NoLatencyRow, match=r"1x4x1038x64 \(grid 5x12x16 \+ 78 text\)"):
+            table.best(dataclasses.replace(SHAPE, text=78), Mode.BF16_DENSE, gpu=H100)
+        path = tmp_path / "joint.json"
+        table.export_json(path)
+        assert read_json(path) == rows
+        video_only = json.loads(path.read_text())["rows"][0]["shape"]
+        assert "text" not in video_only  # rows without text read as they always did
+        table.engine.dispose()
+
     def test_concurrent_writers_keep_every_row(self, db_url: str) -> None:
         """One `LatencyTable` shared by threads (each call its own session)."""
         table = LatencyTable.from_url(db_url)
