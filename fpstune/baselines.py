@@ -173,16 +173,11 @@ def add_baselines(
     returns name -> objective values."""
     from fpstune.stages.candidates import ScheduleCandidate
 
-    stored = {
-        t.user_attrs["baseline"]: t
-        for t in study.get_trials(deepcopy=False)
-        if "baseline" in t.user_attrs
-    }
+    stored = baseline_values(study, metric_names)
     out: dict[str, dict[str, float]] = {}
     for name, policy in policies.items():
         if name in stored:
-            t = stored[name]
-            out[name] = dict(zip(metric_names, t.values or [], strict=False))
+            out[name] = stored[name]
             continue
         ev = evaluator.evaluate(ScheduleCandidate(policy))
         attrs = dict(ev.attrs)
@@ -273,18 +268,22 @@ def run_baselines(
     ) | {n: stored[n] for n in stored.keys() - policies.keys()}
 
 
+def baseline_values(study: optuna.Study, metric_names: list[str]) -> dict[str, dict[str, float]]:
+    """name -> objective values of the baselines ``study`` holds."""
+    return {
+        t.user_attrs["baseline"]: dict(zip(metric_names, t.values or [], strict=False))
+        for t in study.get_trials(deepcopy=False)
+        if "baseline" in t.user_attrs
+    }
+
+
 def _stored_baselines(
     storage: optuna.storages.BaseStorage, study_name: str, metric_names: list[str]
 ) -> dict[str, dict[str, float]]:
     """The baselines ``study_name`` holds already (none when the study does not exist yet)."""
     if study_name not in optuna.get_all_study_names(storage):
         return {}
-    study = optuna.load_study(study_name=study_name, storage=storage)
-    return {
-        t.user_attrs["baseline"]: dict(zip(metric_names, t.values or [], strict=False))
-        for t in study.get_trials(deepcopy=False)
-        if "baseline" in t.user_attrs
-    }
+    return baseline_values(optuna.load_study(study_name=study_name, storage=storage), metric_names)
 
 
 __all__ = [
@@ -293,6 +292,7 @@ __all__ = [
     "PHASES",
     "add_baselines",
     "baseline_params",
+    "baseline_values",
     "calibration_cells",
     "fixed_baselines",
     "greedy_plan",

@@ -10,6 +10,7 @@ import torch
 from fpstune.kernels import attention
 from fpstune.kernels.policy import Policy
 from fpstune.latency.measure import Timing, summarize
+from fpstune.latency.shape import AttentionShape
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,8 @@ def measure_policy_run(
         raise ValueError("an end-to-end latency run needs a GPU")
     m = policy.model
     g = torch.Generator(device=device).manual_seed(seed)
-    shape = (batch, m.heads, m.grid[0] * m.grid[1] * m.grid[2] + m.text, m.head_dim)
+    call = AttentionShape.of_model(m, batch=batch)
+    shape = (batch, m.heads, call.tokens, m.head_dim)
     sets = [
         tuple(torch.randn(shape, device=device, dtype=torch.bfloat16, generator=g) for _ in "qkv")
         for _ in range(2)

@@ -38,13 +38,7 @@ class TargetShapeLatency:
         layers, steps of the shape it stands in for (a study's ``latency.target``)."""
         return cls(
             inner,
-            target=AttentionShape(
-                batch=model.batch,
-                heads=target.heads,
-                head_dim=target.head_dim,
-                grid=target.grid,
-                text=getattr(target, "text", 0) or 0,
-            ),
+            target=AttentionShape.of_model(target, batch=model.batch),
             scale=(target.layers * target.steps) / (model.layers * model.steps),
         )
 
