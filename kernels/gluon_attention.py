@@ -50,7 +50,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 # Plain @triton.jit helpers, shared with `_attn_kernel`: Gluon calls them with its own layouts.
-from .prepare import Prepared, scale_from_bits, tile_of_rows
+from .prepare import Prepared, launch_order, scale_from_bits, tile_of_rows
 
 LOG2_448 = gl.constexpr(8.807354922057604)  # log2(448): P comes out as P·448
 # The warp-specialised kernel has 4 + 4 + 1 warps, i.e. three warpgroups (384 threads) at one
@@ -231,8 +231,8 @@ def _warpgroup_rows(WG: gl.constexpr, ptrs, dims, ring, work, SPARSE: gl.constex
     producer warp does, and the warpgroup arrives on the slot's ``empty`` barrier instead.
     """
     QC, QS, KS, VAMAX, KV_BIAS, SLOT_SRC, OUT = ptrs
-    qk_scale, H, N, N_TILES, GRID_H, GRID_W, TILES_H, TILES_W, TILE_T, TILE_H, TILE_W = dims[:11]
-    s_ob, s_oh, s_on = dims[11:]
+    qk_scale, H, N, N_TILES, TEXT_START, TEXT, GRID_H, GRID_W, TILES_H, TILES_W = dims[:10]
+    TILE_T, TILE_H, TILE_W, s_ob, s_oh, s_on = dims[10:]
     k_desc, v_desc, k_smem, v_smem, q_smem, ready, empty = ring
     pid, bh, idx_ptr, total, n_plain, N_PAD = work
     ROWS: gl.constexpr = 64
@@ -265,8 +265,9 @@ def _warpgroup_rows(WG: gl.constexpr, ptrs, dims, ring, work, SPARSE: gl.constex
         q_ptrs = QC + bh64 * N * HEAD_DIM + lrows[:, None] * HEAD_DIM + lcols[None, :]
         q = gl.load(q_ptrs, mask=(lrows < N)[:, None], other=0.0)
         tile_of_row = tile_of_rows(
-            rows, N, GRID_H, GRID_W, TILES_H, TILES_W, TILE_T, TILE_H, TILE_W
-        )
+            rows, N, N_TILES, TEXT_START, TEXT, GRID_H, GRID_W, TILES_H, TILES_W, TILE_T, TILE_H,
+            TILE_W, TILE_TOKENS,
+        )  # fmt: skip
     q_smem = q_smem.index(WG)
     q_smem.store(q)
     fence_async_shared()  # the wgmma reads Q through the async proxy
@@ -412,6 +413,9 @@ def _gl_attn_kernel(
     N,
     N_PAD,
     N_TILES,
+    FIRST,
+    TEXT_START,
+    TEXT,
     GRID_H,
     GRID_W,
     TILES_H,
@@ -441,8 +445,9 @@ def _gl_attn_kernel(
     """Grid (q blocks, batch*heads). ``WARP_SPECIALIZE=False``: one warpgroup (4 warps) of 64
     rows that refills its own ring. ``True``: 128 rows, two consumer warpgroups (the default
     partition and a 4-warp worker with ``CONSUMER_REGS`` registers) and a producer warp."""
-    pid = gl.program_id(0)
-    bh = gl.program_id(1)
+    pid, bh = launch_order(
+        gl.program_id(0), gl.program_id(1), gl.num_programs(0), gl.num_programs(1), FIRST
+    )
     idx_ptr, total, n_plain = _kv_list(
         KV_INDEX, KV_COUNT, KV_FULL, s_ib, s_ih, s_iq, s_cb, s_ch, s_cq, H, pid, bh, SPARSE,
         BLOCK_M, BLOCK_N, TILE_TOKENS,
@@ -461,8 +466,8 @@ def _gl_attn_kernel(
         mbarrier.init(empty.index(s), count=WARPGROUPS)  # each consumer warpgroup arrives once
 
     ptrs = (QC, QS, KS, VAMAX, KV_BIAS, SLOT_SRC, OUT)
-    dims = (qk_scale, H, N, N_TILES, GRID_H, GRID_W, TILES_H, TILES_W, TILE_T, TILE_H, TILE_W,
-            s_ob, s_oh, s_on)  # fmt: skip
+    dims = (qk_scale, H, N, N_TILES, TEXT_START, TEXT, GRID_H, GRID_W, TILES_H, TILES_W, TILE_T,
+            TILE_H, TILE_W, s_ob, s_oh, s_on)  # fmt: skip
     ring = (k_desc, v_desc, k_smem, v_smem, q_smem, ready, empty)
     work = (pid, bh, idx_ptr, total, n_plain, N_PAD)
     if WARP_SPECIALIZE:

@@ -9,9 +9,10 @@ the other, and `dispatch` picks which one runs.
    model order, takes the tile's amax, writes e4m3 codes (bf16 for ``bf16_sparse``), the per-tile
    Q/K scale and, for data-dependent patterns, the tile sums whose means rank the kv tiles.
    K and V are written in padded tile-major order; V transposed (channel-major) for fp8, because
-   Hopper's fp8 wgmma needs its B operand K-major. Q is tile-major for sparse modes and joint
-   text + video layouts (a program's rows must share one q tile, whose kv list and FP8 scale
-   they use) and stays in model order for dense video-only ones (no padded query rows).
+   Hopper's fp8 wgmma needs its B operand K-major. Q is tile-major for sparse modes (a program's
+   rows must share one q tile, whose kv list they use) and stays in model order for dense ones,
+   joint text + video included: no padded query rows are computed (`tile_of_rows` gives each
+   row its tile's FP8 scale).
 3. The block index (`patterns`): static patterns (dense, window) are built once per layout and
    cached on the device; topk/cdf come from the pooled tile means. Either way the kv tiles of each
    q tile are reordered full-tiles-first, so that only the few tiles with padded slots pay for
@@ -90,12 +91,37 @@ def to_e4m3(x, EXACT: tl.constexpr):
 
 
 @triton.jit
-def tile_of_rows(rows, N, GRID_H, GRID_W, TILES_H, TILES_W, TILE_T, TILE_H, TILE_W):
-    """The 3D tile of each model-order row (0 for rows past N), for its Q scale."""
-    t = rows // (GRID_H * GRID_W)
-    hh = (rows // GRID_W) % GRID_H
-    w = rows % GRID_W
+def launch_order(p0, p1, n0, n1, FIRST):
+    """(q block, batch * head) of program (``p0``, ``p1``) of an (``n0``, ``n1``) grid. The GPU
+    starts programs in the order p1 * n0 + p0; the last ``FIRST`` q blocks of every row (the
+    text tiles of a sparse joint call, whose queries attend densely, ~10x a video block at 90 %)
+    are given the first ids, so they start before the video blocks instead of finishing last.
+    ``FIRST`` 0: the grid's own order."""
+    lin = p1 * n0 + p0
+    if lin < n1 * FIRST:
+        bh = lin // FIRST
+        pid = n0 - FIRST + lin % FIRST
+    else:
+        lin -= n1 * FIRST
+        bh = lin // (n0 - FIRST)
+        pid = lin % (n0 - FIRST)
+    return pid, bh
+
+
+@triton.jit
+def tile_of_rows(rows, N, N_TILES, TEXT_START, TEXT, GRID_H, GRID_W, TILES_H, TILES_W, TILE_T,
+                 TILE_H, TILE_W, TILE_TOKENS: tl.constexpr):  # fmt: skip
+    """The tile of each model-order row, for its Q scale (0 for rows past N): a video row's 3D
+    tile; of a joint sequence's ``TEXT`` tokens from row ``TEXT_START``, a text row's text tile
+    (`TileLayout`: the text tiles follow the video tiles)."""
+    in_text = (rows >= TEXT_START) & (rows < TEXT_START + TEXT)
+    video = tl.where(rows >= TEXT_START + TEXT, rows - TEXT, rows)
+    t = video // (GRID_H * GRID_W)
+    hh = (video // GRID_W) % GRID_H
+    w = video % GRID_W
     tile = ((t // TILE_T) * TILES_H + hh // TILE_H) * TILES_W + w // TILE_W
+    text_tiles = (TEXT + TILE_TOKENS - 1) // TILE_TOKENS
+    tile = tl.where(in_text, N_TILES - text_tiles + (rows - TEXT_START) // TILE_TOKENS, tile)
     return tl.where(rows < N, tile, 0)
 
 
@@ -395,7 +421,9 @@ class Prepared:
 
 
 def q_tile_major(spec: AttentionSpec, layout: TileLayout) -> bool:
-    return spec.mode.sparse or layout.text > 0
+    """Sparse modes only: a dense call, joint or not, keeps Q in model order, so the padded
+    rows of edge tiles are never computed (`tile_of_rows` finds each row's scale)."""
+    return spec.mode.sparse
 
 
 @dataclass(frozen=True)
@@ -551,9 +579,12 @@ def launch_args(
     st = _static(layout, prep.q.device)
     n_rows = layout.padded_tokens if prep.q_tile_major else N
     grid = (triton.cdiv(n_rows, block_m), B * H)
+    # a sparse call's text q blocks attend densely: launched first (`launch_order`)
+    first = layout.text_tiles * layout.tile_tokens // block_m if prep.spec.mode.sparse else 0
     rest = (
         prep.kv_bias, kv.index, kv.count, kv.full, st.slot_source, out,
-        scale * LOG2E, H, N, layout.padded_tokens, layout.n_tiles,
+        scale * LOG2E, H, N, layout.padded_tokens, layout.n_tiles, first, layout.text_start,
+        layout.text,
         layout.grid[1], layout.grid[2], layout.tiles_per_axis[1], layout.tiles_per_axis[2],
         *layout.tile, *_list_strides(kv.index), *_list_strides(kv.count), *out.stride()[:3],
     )  # fmt: skip

@@ -18,7 +18,7 @@ from typing import Any
 import triton
 import triton.language as tl
 
-from .prepare import Prepared, scale_from_bits, tile_of_rows, to_e4m3
+from .prepare import Prepared, launch_order, scale_from_bits, tile_of_rows, to_e4m3
 
 # --------------------------------------------------------------------------------------------
 # attention kernel
@@ -107,6 +107,9 @@ def _attn_kernel(
     N,
     N_PAD,
     N_TILES,
+    FIRST,
+    TEXT_START,
+    TEXT,
     GRID_H,
     GRID_W,
     TILES_H,
@@ -133,8 +136,9 @@ def _attn_kernel(
 ):
     """Grid (q blocks, batch*heads). Sparse: q rows are padded slots of one q tile, whose kv list
     is KV_INDEX[b, h, q_tile]. Dense: q rows are model tokens and every q block shares list 0."""
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid, bh = launch_order(
+        tl.program_id(0), tl.program_id(1), tl.num_programs(0), tl.num_programs(1), FIRST
+    )
     b = bh // H
     h = bh % H
     bh64 = bh.to(tl.int64)
@@ -151,8 +155,9 @@ def _attn_kernel(
         q = tl.load(q_ptrs, mask=in_range[:, None], other=0.0)
         row = 0
         tile_of_row = tile_of_rows(
-            offs_m, N, GRID_H, GRID_W, TILES_H, TILES_W, TILE_T, TILE_H, TILE_W
-        )
+            offs_m, N, N_TILES, TEXT_START, TEXT, GRID_H, GRID_W, TILES_H, TILES_W, TILE_T,
+            TILE_H, TILE_W, TILE_TOKENS,
+        )  # fmt: skip
     if FP8:
         c_q = tl.load(QS + bh64 * N_TILES + tile_of_row) * qk_scale
     else:
