@@ -8,20 +8,17 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import torch
 
 from fpstune import __version__, trial_attrs
 from fpstune.catalog import load_study_by_ref
 from fpstune.errors import BadInput
 from fpstune.kernels.fingerprint import current_fingerprint
-from fpstune.latency.e2e import measure_policy_run
 from fpstune.latency.table import stored_latency_table
 from fpstune.outputs import check_output
 from fpstune.pinning import pin_kernels
 from fpstune.spec.study import StudySpec
 from fpstune.stages.candidates import ScheduleCandidate
 from fpstune.stages.evaluation import CandidateError
-from fpstune.stages.evaluators import build_schedule_evaluator, end_to_end_probe
 from fpstune.storage import mask_url
 from fpstune.trial_attrs import metric_names
 
@@ -117,7 +114,13 @@ def export_policy(
     names = study.metric_names or []
     stored = dict(zip(names, trial.values, strict=True))
 
-    # Re-measure the pick on this machine before shipping it.
+    # Re-measure the pick on this machine before shipping it. torch and the evaluators are
+    # imported only now: bad input above is told in about a second.
+    import torch
+
+    from fpstune.latency.e2e import measure_policy_run
+    from fpstune.stages.evaluators import build_schedule_evaluator, end_to_end_probe
+
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     evaluator = build_schedule_evaluator(
         spec, device=device, latency_table=stored_latency_table(storage_url)

@@ -9,7 +9,8 @@ rules they share), and `attend` launches it on what `prepare.prepare` wrote.
   and in its CPU interpreter.
 - ``gluon`` / ``gluon_ws`` (`gluon_attention`): the fp8 modes on Hopper (sm_90), head_dim 128.
 
-The kernel modules import Triton, so they are imported here only when a kernel runs.
+The kernel modules import Triton, and torch is imported only when a kernel runs, so that
+validating a policy or a study (`config`, `fpstune.spec`) starts no torch.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-import torch
-
 from .knobs import Scalar, launch_options
 from .spec import AttentionSpec, KernelConfig, Mode
 
 if TYPE_CHECKING:
+    import torch
+
     from .config import DeviceLimits
     from .patterns import BlockIndex
     from .prepare import Prepared
@@ -88,6 +89,8 @@ def attend(
     """Run the attention kernel ``impl`` on a `Prepared`; returns (B, H, N, D) in model order.
     Takes a `KernelConfig`'s fields (``**config.model_dump()``); ``knobs``' registered launch
     keywords go to the launch."""
+    import torch
+
     from .prepare import launch_args, wgmma_keys
 
     if impl != "triton" and not prep.q.is_cuda:
@@ -141,6 +144,8 @@ def fused_attention(
     (B, layout.text) bool: the prompt mask of a joint layout; batch elements whose masks differ
     run one launch each (the padding bias the kernels read has no batch dimension).
     """
+    import torch
+
     from .prepare import prepare
 
     if spec.mode.fp8 and not hasattr(torch, "float8_e4m3fn"):

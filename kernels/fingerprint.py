@@ -11,10 +11,12 @@ import importlib.metadata
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    import torch
 
 GPU_TYPE_FIELDS = ("gpu", "capability", "sm_count")
 SOFTWARE_FIELDS = ("driver", "torch", "triton", "fpstune")
@@ -46,6 +48,8 @@ class HardwareFingerprint(BaseModel):
 
 def current_fingerprint(device: torch.device | str | int | None = None) -> HardwareFingerprint:
     """This machine's fingerprint for ``device`` (default: the current CUDA device, else CPU)."""
+    import torch
+
     dev = _resolve(device)
     versions: dict[str, Any] = {
         "torch": torch.__version__,
@@ -69,6 +73,8 @@ def device_identity(device: torch.device | str | int | None = None) -> dict[str,
     the host numbers it (the first ``CUDA_VISIBLE_DEVICES`` entry the device maps to, as Ray
     sets it for an actor with one GPU); empty for a CPU. Two GPUs of one fingerprint differ
     here, so a measurement can be traced to the card it ran on."""
+    import torch
+
     dev = _resolve(device)
     if dev.type != "cuda":
         return {}
@@ -108,6 +114,8 @@ def format_value(field: str, value: Any) -> str:
 
 
 def _resolve(device: torch.device | str | int | None) -> torch.device:
+    import torch
+
     if device is None:
         if torch.cuda.is_available():
             return torch.device("cuda", torch.cuda.current_device())
@@ -130,6 +138,8 @@ def _version(*dists: str) -> str | None:
 
 @lru_cache(maxsize=1)
 def _driver_version() -> str | None:
+    import torch
+
     # Cheap sources only (no nvidia-smi subprocess): NVML if installed, the kernel module's
     # version file, then the CUDA version the driver supports as torch reports it.
     try:

@@ -18,8 +18,10 @@ import math
 import operator
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 Grid = tuple[int, int, int]
 
@@ -93,6 +95,8 @@ class TileLayout:
     @cached_property
     def _slot_source(self) -> torch.Tensor:
         """For each padded slot, the model token it holds, or -1 for padding (CPU, int64)."""
+        import torch
+
         (T, H, W), (tt, th, tw) = self.grid, self.tile
         nt, nh, nw = self.tiles_per_axis
         # slot -> (tile_t, tile_h, tile_w, in_t, in_h, in_w)
@@ -113,10 +117,14 @@ class TileLayout:
         return torch.cat((video, text))
 
     def slot_source(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        import torch
+
         return _on_device(self, "src", torch.device(device))
 
     def token_slot(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """For each model token, the padded slot that holds it (int64, length `tokens`)."""
+        import torch
+
         return _on_device(self, "slot", torch.device(device))
 
     def valid(self, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -133,6 +141,8 @@ class TileLayout:
         """Bool (B|1, padded_tokens) on ``device``: the slots a query may attend to.
         ``text_mask`` (B, text) bool, the model's prompt mask: False text tokens are keys no
         query sees."""
+        import torch
+
         valid = self.valid(device).unsqueeze(0)
         if text_mask is None:
             return valid
@@ -144,6 +154,8 @@ class TileLayout:
     def tile_coords(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """(video_tiles, 3) video tile coordinates in tile units, row-major like the tile
         order (text tiles have no place in the grid)."""
+        import torch
+
         _nt, nh, nw = self.tiles_per_axis
         idx = torch.arange(self.video_tiles, device=device)
         return torch.stack((idx // (nh * nw), (idx // nw) % nh, idx % nw), dim=-1)
@@ -175,6 +187,8 @@ class TileLayout:
 def prompt_key_mask(text_mask: torch.Tensor, tokens: int, text_first: bool) -> torch.Tensor:
     """A (batch, text) prompt mask as SDPA's boolean key mask over the whole joint sequence of
     ``tokens``: (batch, 1, 1, tokens), True for every video key."""
+    import torch
+
     b, text = text_mask.shape
     mask = torch.ones(b, tokens, dtype=torch.bool, device=text_mask.device)
     start = 0 if text_first else tokens - text
@@ -184,6 +198,8 @@ def prompt_key_mask(text_mask: torch.Tensor, tokens: int, text_first: bool) -> t
 
 @lru_cache(maxsize=256)
 def _on_device(layout: TileLayout, what: str, device: torch.device) -> torch.Tensor:
+    import torch
+
     src = layout._slot_source
     if what == "src":
         return src.to(device)

@@ -498,6 +498,13 @@ def _storage_arg(argv: list[str]) -> str:
     return os.environ.get("FPSTUNE_STORAGE", DEFAULT_STORAGE)
 
 
+def _raised_by(module: str, name: str) -> type | tuple[()]:
+    """The exception class ``module.name`` if the command imported ``module``, else ``()``
+    (which no exception is an instance of): checking for it imports nothing."""
+    loaded = sys.modules.get(module)
+    return getattr(loaded, name) if loaded is not None else ()
+
+
 def _run_app() -> tuple[int, str | None]:
     """Run the command: its exit status, and the one-line error to print if it failed.
 
@@ -516,15 +523,17 @@ def _run_app() -> tuple[int, str | None]:
     except Exception as e:
         import click
 
-        # The run side's errors (imported here, not above: `--help` and bad input need neither
-        # Ray nor SQLAlchemy; a command that raised one has imported its module already).
-        from fpstune.run.controller import TooManyFailures
-        from fpstune.run.pool import WorkerStartError
         from fpstune.storage import StorageUnavailable, db_error_line
 
         if isinstance(e, StorageUnavailable):
             return 1, e.naming(_storage_arg(sys.argv[1:]))
-        if isinstance(e, WorkerStartError | TooManyFailures):
+        # The run side's errors: read from the modules only if the command imported them
+        # (`--help` and bad input need no Ray and no torch).
+        run_side = (
+            _raised_by("fpstune.run.pool", "WorkerStartError"),
+            _raised_by("fpstune.run.controller", "TooManyFailures"),
+        )
+        if isinstance(e, run_side):
             return 1, str(e)
         if isinstance(e, click.exceptions.Exit | typer.Exit):
             return e.exit_code, None

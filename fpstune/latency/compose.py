@@ -25,17 +25,18 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from fpstune import trial_attrs
-from fpstune.kernels import AttentionSpec, Mode, attention
+from fpstune.kernels import AttentionSpec, Mode
 from fpstune.kernels.fingerprint import HardwareFingerprint, current_fingerprint
 from fpstune.latency.measure import MIN_SAMPLE_MS, measure, warm_gpu
 from fpstune.latency.rows import NoLatencyRow, Source
 from fpstune.latency.shape import AttentionShape, resolve_spec
 from fpstune.latency.table import LatencyTable
+
+if TYPE_CHECKING:
+    import torch
 
 _EPS = 1e-6
 
@@ -268,6 +269,8 @@ class MeasuredLatency:
         allow_cpu: bool = False,
         min_sample_ms: float = MIN_SAMPLE_MS,
     ) -> None:
+        import torch
+
         self.device = torch.device(device)
         self.min_sample_ms = min_sample_ms
         if self.device.type != "cuda" and not allow_cpu:
@@ -286,6 +289,8 @@ class MeasuredLatency:
         key = (used, shape)
         hit = self._cache.get(key)
         if hit is None:
+            from fpstune.kernels import attention  # torch: only where a call is measured
+
             q, k, v = self._qkv(shape)
             timing = measure(
                 lambda: attention(q, k, v, grid=shape.grid, spec=used, text=shape.text),
@@ -299,6 +304,8 @@ class MeasuredLatency:
         return hit
 
     def _qkv(self, shape: AttentionShape) -> tuple[torch.Tensor, ...]:
+        import torch
+
         if shape not in self._inputs:
             self._inputs.clear()  # one shape at a time: these can be GBs
             gen = torch.Generator(device=self.device).manual_seed(self.seed)

@@ -29,9 +29,11 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
+
 
 MIN_REPS = 20
 #: Seconds of sustained load before a process's first GPU measurement. Measured on the H100: from
@@ -166,6 +168,8 @@ def _cuda_samples(
     flush_l2: bool,
     min_sample_ms: float,
 ) -> tuple[list[float], int]:
+    import torch
+
     with torch.cuda.device(dev):
         buf = _flush_buffer(dev) if flush_l2 else None
         for i in range(warmup):
@@ -191,6 +195,8 @@ def _calls_per_sample(
     call: Callable[[int], Any], i: int, min_sample_ms: float, dev: torch.device
 ) -> int:
     """Back-to-back calls per sample so that a sample lasts at least ``min_sample_ms``."""
+    import torch
+
     if min_sample_ms <= 0:
         return 1
     torch.cuda.synchronize(dev)
@@ -217,6 +223,8 @@ def _cpu_samples(
 
 
 def _flush_buffer(dev: torch.device) -> torch.Tensor:
+    import torch
+
     buf = _flush_buffers.get(dev)
     if buf is None:
         buf = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device=dev)
@@ -227,6 +235,8 @@ def _flush_buffer(dev: torch.device) -> torch.Tensor:
 def warm_gpu(device: torch.device | str, *, seconds: float = GPU_WARMUP_S) -> float:
     """Run bf16 matmuls for ``seconds`` so the GPU's clocks reach their sustained state before
     the first measurement; once per process and device. Returns the seconds spent (0: done)."""
+    import torch
+
     dev = _resolve(device)
     if dev.type != "cuda" or seconds <= 0 or dev in _warmed:
         return 0.0
@@ -243,6 +253,8 @@ def warm_gpu(device: torch.device | str, *, seconds: float = GPU_WARMUP_S) -> fl
 
 
 def _resolve(device: torch.device | str | None) -> torch.device:
+    import torch
+
     if device is None:
         if torch.cuda.is_available():
             return torch.device("cuda", torch.cuda.current_device())

@@ -6,21 +6,11 @@ import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import ray
+from typing import TYPE_CHECKING, Any
 
 from fpstune.errors import BadInput
-from fpstune.quality.calibration import CalibrationError, load_calibration
-from fpstune.run.controller import Controller, RunSummary, ensure_ray
-from fpstune.run.pool import WorkerPool
-from fpstune.run.preflight import check_schedule_latency
 from fpstune.safetensors_check import check_safetensors
 from fpstune.spec.study import SYNTHETIC, StudySpec, load_study
-from fpstune.stages.base import Stage
-from fpstune.stages.kernel import KernelStage
-from fpstune.stages.kernel_space import kernel_buckets
-from fpstune.stages.schedule import ScheduleStage
 from fpstune.storage import (
     check_reachable,
     check_url,
@@ -28,6 +18,10 @@ from fpstune.storage import (
     remove_sqlite_file,
     sqlite_path,
 )
+
+if TYPE_CHECKING:
+    from fpstune.run.controller import Controller, RunSummary
+    from fpstune.stages.base import Stage
 
 
 def run_study(
@@ -50,9 +44,6 @@ def run_study(
     ``timeout_s``: no trial is started after this many seconds (from the call); trials still
     running then are stopped and re-queued for the next run."""
     deadline = time.monotonic() + (float("inf") if timeout_s is None else timeout_s)
-    kinds = (KernelStage.name, ScheduleStage.name)
-    if stage not in kinds:
-        raise BadInput(f"--stage: {stage!r} is not one of {', '.join(kinds)}")
     if max_retries < 0:
         raise BadInput(f"--max-retries: must be >= 0, got {max_retries}")
     try:
@@ -60,6 +51,20 @@ def run_study(
     except ValueError as e:
         raise BadInput(str(e)) from None
     spec = load_study(study_file)
+    # Ray, torch and the stages are imported once the arguments and the study file are known
+    # good: bad input is told in about a second.
+    import ray
+
+    from fpstune.run.controller import Controller, ensure_ray
+    from fpstune.run.pool import WorkerPool
+    from fpstune.run.preflight import check_schedule_latency
+    from fpstune.stages.kernel import KernelStage
+    from fpstune.stages.kernel_space import kernel_buckets
+    from fpstune.stages.schedule import ScheduleStage
+
+    kinds = (KernelStage.name, ScheduleStage.name)
+    if stage not in kinds:
+        raise BadInput(f"--stage: {stage!r} is not one of {', '.join(kinds)}")
     # The one place the CLI's stage name becomes stage objects (a kernel stage: one per bucket).
     stages: list[Stage[Any]]
     if stage == ScheduleStage.name:
@@ -117,6 +122,8 @@ def _new_database_removed_unless_used(storage_url: str) -> Iterator[list[Control
     if db is None or db.exists():
         yield controllers
         return
+    import ray
+
     ray_was_up = ray.is_initialized()
     try:
         yield controllers
@@ -135,6 +142,8 @@ def check_calibration(spec: StudySpec, study_file: Path) -> None:
     cal = spec.calibration
     if cal.source == SYNTHETIC:
         return
+    from fpstune.quality.calibration import CalibrationError, load_calibration
+
     try:
         loaded = load_calibration(cal.source, model=spec.model)
         loaded.select(layers=cal.layer_indices(spec.model), steps=cal.step_indices(spec.model))

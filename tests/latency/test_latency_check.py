@@ -48,12 +48,12 @@ def test_a_shape_without_rows_is_one_line_exit_2_before_ray_or_storage(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from fpstune.cli import commands as cli
-    from fpstune.run import runner
+    from fpstune.run import controller
 
     def no_ray(*args: Any) -> None:
         raise AssertionError("Ray was started")
 
-    monkeypatch.setattr(runner, "ensure_ray", no_ray)
+    monkeypatch.setattr(controller, "ensure_ray", no_ray)  # the runner imports it when it runs
     study = STUDIES / "wan2.1-t2v-14b-480p.yaml"
     db = tmp_path / "store.db"
     monkeypatch.chdir(tmp_path)

@@ -24,7 +24,7 @@ from service_helpers import DATA, TINY, fill_latency_table
 
 from fpstune.catalog import study_status
 from fpstune.cli.commands import INTERRUPTED, INTERRUPTED_RESUMABLE
-from fpstune.run import runner
+from fpstune.run import controller, pool, preflight, runner
 from fpstune.run.controller import _signals_deferred
 from fpstune.run.pool import WorkerStartError
 from fpstune.spec.study import load_study
@@ -155,10 +155,11 @@ def test_a_start_stopped_before_any_trial_removes_only_a_file_it_created(
             c.execute("CREATE TABLE IF NOT EXISTS half_written (x)")
         raise stop("stopped")
 
-    monkeypatch.setattr(runner, "ensure_ray", lambda address, workers: None)
-    monkeypatch.setattr(runner, "WorkerPool", workers_set_up_then_stopped)
+    # the runner imports these when it runs (bad input is told before Ray and torch load)
+    monkeypatch.setattr(controller, "ensure_ray", lambda address, workers: None)
+    monkeypatch.setattr(pool, "WorkerPool", workers_set_up_then_stopped)
     # without the table, the study would be refused before the start (tests/latency)
-    monkeypatch.setattr(runner, "check_schedule_latency", lambda *args: None)
+    monkeypatch.setattr(preflight, "check_schedule_latency", lambda *args: None)
     with pytest.raises(stop):
         runner.run_study(TINY, storage_url=sqlite_url, progress=False)
     assert db.exists() == existed
